@@ -1,0 +1,218 @@
+//! The `qemu-system-x86_64` command line for a [`VmSpec`]: a pure function,
+//! so every flag is visible in one place and in its tests.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::accel::Accel;
+use crate::spec::{Machine, NicBackend, VmSpec};
+
+use super::RunPaths;
+
+/// QEMU's option parser splits on `,`; a literal comma is written `,,`.
+fn escape(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// Builds the argument list (without the program name). The VM starts
+/// paused (`-S`) so the caller can attach the console before the first byte
+/// of output, then resume it with `cont`.
+pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
+
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
+    match spec.machine {
+        Machine::Pc => push(&["-machine", "pc"]),
+    }
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg"]),
+    }
+    push(&["-smp", &spec.cpus.get().to_string()]);
+    push(&["-m", &format!("{}M", spec.memory.get())]);
+
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={},server=on,wait=off", escape(&paths.qmp)),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=console,path={},server=on,wait=off",
+            escape(&paths.console)
+        ),
+        "-serial",
+        "chardev:console",
+    ]);
+
+    push(&["-kernel", &spec.boot.kernel().display().to_string()]);
+    if let Some(initrd) = spec.boot.initrd() {
+        push(&["-initrd", &initrd.display().to_string()]);
+    }
+    if !spec.boot.append.is_empty() {
+        push(&["-append", &spec.boot.append]);
+    }
+
+    for (index, disk) in spec.disks.iter().enumerate() {
+        let read_only = if disk.read_only { ",read-only=on" } else { "" };
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=file{index}{read_only}",
+                escape(&disk.path)
+            ),
+            "-blockdev",
+            &format!(
+                "driver={},file=file{index},node-name=disk{index}{read_only}",
+                disk.format.as_str()
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive=disk{index}"),
+        ]);
+    }
+
+    for (index, nic) in spec.nics.iter().enumerate() {
+        match nic.backend {
+            NicBackend::User => push(&["-netdev", &format!("user,id=net{index}")]),
+        }
+        // romfile= skips the iPXE option ROM: we boot kernels directly.
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev=net{index},mac={},romfile=", nic.mac),
+        ]);
+    }
+
+    // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
+    // then turns into a shutdown with reason guest-panic.
+    push(&["-device", "pvpanic"]);
+
+    args.into_iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::spec::{Cpus, DirectBoot, Disk, DiskFormat, Mac, MemoryMib, Nic, VmName};
+
+    fn kernel() -> tempfile::NamedTempFile {
+        let mut image = vec![0u8; 0x400];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&image).unwrap();
+        file
+    }
+
+    fn spec(kernel: &Path, accel: Accel) -> VmSpec {
+        VmSpec {
+            name: VmName::new("web-1").unwrap(),
+            cpus: Cpus::new(2).unwrap(),
+            memory: MemoryMib::new(512, 4096).unwrap(),
+            machine: Machine::Pc,
+            accel,
+            boot: DirectBoot::new(kernel, None, "console=ttyS0").unwrap(),
+            disks: vec![],
+            nics: vec![],
+        }
+    }
+
+    fn paths() -> RunPaths {
+        RunPaths::new(Path::new("/run/q/web-1"))
+    }
+
+    fn text(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn starts_paused_with_qmp_and_console_sockets() {
+        let kernel = kernel();
+
+        let args = text(&argv(&spec(kernel.path(), Accel::Tcg), &paths()));
+
+        assert!(args.contains(" -S "), "{args}");
+        assert!(args.contains("socket,id=qmp,path=/run/q/web-1/qmp.sock,server=on,wait=off"));
+        assert!(args.contains("-mon chardev=qmp,mode=control"));
+        assert!(args.contains("-serial chardev:console"));
+    }
+
+    #[test]
+    fn sets_cpus_memory_and_kernel_command_line() {
+        let kernel = kernel();
+
+        let args = argv(&spec(kernel.path(), Accel::Tcg), &paths());
+        let text = text(&args);
+
+        assert!(text.contains("-smp 2 -m 512M"), "{text}");
+        assert!(args.contains(&OsString::from("console=ttyS0")));
+    }
+
+    #[test]
+    fn uses_tcg_without_host_cpu() {
+        let kernel = kernel();
+
+        let args = text(&argv(&spec(kernel.path(), Accel::Tcg), &paths()));
+
+        assert!(args.contains("-accel tcg"));
+        assert!(!args.contains("-cpu host"));
+    }
+
+    #[test]
+    fn uses_kvm_with_host_cpu() {
+        let kernel = kernel();
+
+        let args = text(&argv(&spec(kernel.path(), Accel::Kvm), &paths()));
+
+        assert!(args.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn attaches_disks_in_order_as_virtio_blk() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        spec.disks = vec![
+            Disk {
+                path: PathBuf::from("/d/root.qcow2"),
+                format: DiskFormat::Qcow2,
+                read_only: false,
+            },
+            Disk {
+                path: PathBuf::from("/d/data,1.img"),
+                format: DiskFormat::Raw,
+                read_only: true,
+            },
+        ];
+
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(args.contains("driver=file,filename=/d/root.qcow2,node-name=file0 "));
+        assert!(args.contains("driver=qcow2,file=file0,node-name=disk0 "));
+        assert!(args.contains("filename=/d/data,,1.img,node-name=file1,read-only=on"));
+        assert!(args.contains("driver=raw,file=file1,node-name=disk1,read-only=on"));
+        assert!(args.find("drive=disk0") < args.find("drive=disk1"));
+    }
+
+    #[test]
+    fn gives_each_nic_its_mac_and_no_option_rom() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        spec.nics = vec![Nic {
+            mac: Mac::local(1),
+            backend: NicBackend::User,
+        }];
+
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(args.contains("-netdev user,id=net0"));
+        assert!(args.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="));
+    }
+}

@@ -1,0 +1,315 @@
+//! The QEMU engine: one `qemu-system-x86_64` process per VM, driven over QMP.
+
+mod argv;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+pub use argv::argv;
+pub use process::Lifetime;
+
+use crate::qmp::{self, QmpClient, QmpError, RunState, ShutdownReason};
+use crate::spec::VmSpec;
+use crate::{Engine, EngineVm, VmEvent, VmState};
+
+/// How long QEMU may take to open its QMP socket.
+const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// A Unix socket path must fit in `sun_path` (108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("QEMU is not installed: {binary} not found (install the qemu-system-x86 package)")]
+    NotInstalled { binary: PathBuf },
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the run directory {dir}: {source}")]
+    RunDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket path {0} is too long for a Unix socket; use a shorter data directory")]
+    SocketPathTooLong(PathBuf),
+    #[error("QEMU failed to start ({status}): {log}")]
+    EarlyExit { status: String, log: String },
+    #[error("QEMU did not open its QMP socket within {QMP_READY_TIMEOUT:?}")]
+    QmpNotReady,
+    #[error("cannot attach to the serial console: {0}")]
+    Console(#[source] std::io::Error),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// Where one VM's sockets and log live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    /// QEMU's stderr, kept to explain why it failed.
+    pub log: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(dir: &Path) -> Self {
+        RunPaths {
+            dir: dir.to_owned(),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.sock"),
+            log: dir.join("qemu.log"),
+        }
+    }
+}
+
+/// The QEMU engine.
+#[derive(Clone, Debug)]
+pub struct QemuEngine {
+    binary: PathBuf,
+}
+
+impl QemuEngine {
+    /// The engine using `qemu-system-x86_64` from PATH.
+    pub fn new() -> Self {
+        Self::with_binary(PathBuf::from("qemu-system-x86_64"))
+    }
+
+    pub fn with_binary(binary: PathBuf) -> Self {
+        QemuEngine { binary }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Fails with [`QemuError::NotInstalled`] unless the binary can be found.
+    pub fn check_installed(&self) -> Result<PathBuf, QemuError> {
+        process::resolve(&self.binary).ok_or_else(|| QemuError::NotInstalled {
+            binary: self.binary.clone(),
+        })
+    }
+}
+
+impl Default for QemuEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Engine for QemuEngine {
+    type Vm = QemuVm;
+    type Error = QemuError;
+
+    async fn create(
+        &self,
+        spec: &VmSpec,
+        run_dir: &Path,
+        lifetime: Lifetime,
+    ) -> Result<QemuVm, QemuError> {
+        let binary = self.check_installed()?;
+        let paths = RunPaths::new(run_dir);
+        for socket in [&paths.qmp, &paths.console] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(QemuError::SocketPathTooLong(socket.clone()));
+            }
+        }
+        prepare_run_dir(&paths)?;
+        let spawned = Instant::now();
+        let mut child = process::spawn(&binary, &argv(spec, &paths), &paths.log, lifetime)?;
+        let (qmp, events) = loop {
+            match QmpClient::connect(&paths.qmp).await {
+                Ok(connected) => break connected,
+                Err(QmpError::Connect { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+            if let Some(status) = child.try_wait().map_err(|source| QemuError::Spawn {
+                binary: binary.clone(),
+                source,
+            })? {
+                return Err(QemuError::EarlyExit {
+                    status: status.to_string(),
+                    log: process::log_tail(&paths.log),
+                });
+            }
+            if spawned.elapsed() > QMP_READY_TIMEOUT {
+                let _ = child.start_kill();
+                return Err(QemuError::QmpNotReady);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let qmp_ready = spawned.elapsed();
+        tracing::debug!(vm = %spec.name, pid = ?child.id(), ?qmp_ready, "qemu ready");
+        Ok(QemuVm {
+            pid: child.id(),
+            child,
+            qmp,
+            events,
+            paths,
+            qmp_ready,
+            last_shutdown: None,
+        })
+    }
+}
+
+fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
+    let failed = |source| QemuError::RunDir {
+        dir: paths.dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&paths.dir).map_err(failed)?;
+    for stale in [&paths.qmp, &paths.console] {
+        match std::fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(failed(err)),
+        }
+    }
+    Ok(())
+}
+
+/// One running QEMU process and its QMP session.
+#[derive(Debug)]
+pub struct QemuVm {
+    pid: Option<u32>,
+    child: tokio::process::Child,
+    qmp: QmpClient,
+    events: mpsc::UnboundedReceiver<qmp::Event>,
+    paths: RunPaths,
+    qmp_ready: Duration,
+    last_shutdown: Option<ShutdownReason>,
+}
+
+impl QemuVm {
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+
+    /// Time from spawning QEMU to a negotiated QMP session.
+    pub fn qmp_ready(&self) -> Duration {
+        self.qmp_ready
+    }
+
+    /// Kills QEMU outright (SIGKILL) and reaps it.
+    pub async fn kill(&mut self) -> Result<ExitStatus, QemuError> {
+        let _ = self.child.start_kill();
+        self.wait().await
+    }
+
+    /// Waits for the QEMU process to exit and returns its status.
+    pub async fn wait(&mut self) -> Result<ExitStatus, QemuError> {
+        self.child.wait().await.map_err(|source| QemuError::Spawn {
+            binary: PathBuf::from("qemu"),
+            source,
+        })
+    }
+
+    /// The last lines QEMU wrote to stderr.
+    pub fn log_tail(&self) -> String {
+        process::log_tail(&self.paths.log)
+    }
+
+    fn translate(&mut self, event: qmp::Event) -> Option<VmEvent> {
+        match event {
+            qmp::Event::Resume => Some(VmEvent::Running),
+            qmp::Event::Stop => Some(VmEvent::Paused),
+            qmp::Event::Powerdown => Some(VmEvent::PowerdownRequested),
+            qmp::Event::Reset { guest } => Some(VmEvent::Reset { by_guest: guest }),
+            qmp::Event::GuestPanicked { .. } => Some(VmEvent::Crashed {
+                reason: "the guest kernel panicked".to_owned(),
+            }),
+            qmp::Event::Shutdown { reason, .. } => {
+                self.last_shutdown = Some(reason);
+                match reason {
+                    ShutdownReason::GuestShutdown => Some(VmEvent::GuestPoweredOff),
+                    // The GUEST_PANICKED event already said so.
+                    ShutdownReason::GuestPanic => None,
+                    other => Some(VmEvent::ShuttingDown {
+                        reason: format!("{other:?}"),
+                    }),
+                }
+            }
+            qmp::Event::Other { .. } => None,
+        }
+    }
+}
+
+impl EngineVm for QemuVm {
+    type Error = QemuError;
+
+    async fn console(&self) -> Result<UnixStream, QemuError> {
+        UnixStream::connect(&self.paths.console)
+            .await
+            .map_err(QemuError::Console)
+    }
+
+    async fn start(&self) -> Result<(), QemuError> {
+        self.qmp.execute(qmp::Command::Cont).await?;
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<(), QemuError> {
+        self.qmp.execute(qmp::Command::Stop).await?;
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<(), QemuError> {
+        self.qmp.execute(qmp::Command::Cont).await?;
+        Ok(())
+    }
+
+    async fn powerdown(&self) -> Result<(), QemuError> {
+        self.qmp.execute(qmp::Command::SystemPowerdown).await?;
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), QemuError> {
+        Ok(self.qmp.quit().await?)
+    }
+
+    async fn state(&self) -> Result<VmState, QemuError> {
+        let status = match self.qmp.query_status().await {
+            Ok(status) => status,
+            Err(QmpError::Disconnected) => return Ok(VmState::Stopped),
+            Err(err) => return Err(err.into()),
+        };
+        Ok(match status.status {
+            RunState::Prelaunch => VmState::Created,
+            RunState::Running => VmState::Running,
+            RunState::Paused => VmState::Paused,
+            RunState::GuestPanicked | RunState::InternalError => VmState::Crashed,
+            RunState::Shutdown | RunState::Other => VmState::Stopped,
+        })
+    }
+
+    async fn next_event(&mut self) -> VmEvent {
+        loop {
+            match self.events.recv().await {
+                Some(event) => {
+                    if let Some(event) = self.translate(event) {
+                        return event;
+                    }
+                }
+                None => {
+                    let expected = matches!(
+                        self.last_shutdown,
+                        Some(ShutdownReason::GuestShutdown | ShutdownReason::HostQmpQuit)
+                    );
+                    return VmEvent::Exited { expected };
+                }
+            }
+        }
+    }
+}

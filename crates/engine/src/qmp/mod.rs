@@ -1,0 +1,214 @@
+//! A typed QMP client: one owner per QEMU monitor socket.
+//!
+//! A reader task owns the socket's read half: it routes answers to the
+//! command that waits for them (by `id`) and forwards events to one channel.
+//! When QEMU goes away the event channel closes and every waiting command
+//! fails with [`QmpError::Disconnected`], so the owner always learns of it.
+
+mod protocol;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+pub use protocol::{Command, Event, Message, RunState, ShutdownReason, Status, parse_message};
+
+/// How long a command may take before we give up on QEMU.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QEMU sent something that is not QMP ({why}): {line}")]
+    Protocol { line: String, why: String },
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Refused {
+        command: &'static str,
+        class: String,
+        desc: String,
+    },
+    #[error("QEMU did not answer {command} within {COMMAND_TIMEOUT:?}")]
+    Timeout { command: &'static str },
+    #[error("the QMP connection closed (QEMU exited)")]
+    Disconnected,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+/// A connected, negotiated QMP session.
+#[derive(Debug)]
+pub struct QmpClient {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: std::sync::atomic::AtomicU64,
+    qemu_version: String,
+}
+
+impl QmpClient {
+    /// Connects, reads the greeting and leaves negotiation mode. Events come
+    /// out of the returned receiver, which closes when QEMU goes away.
+    pub async fn connect(path: &Path) -> Result<(Self, mpsc::UnboundedReceiver<Event>), QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read);
+        let mut line = String::new();
+        if lines.read_line(&mut line).await? == 0 {
+            return Err(QmpError::Disconnected);
+        }
+        let Message::Greeting { version } = parse_message(line.trim_end())? else {
+            return Err(QmpError::Protocol {
+                line,
+                why: "expected the QMP greeting".to_owned(),
+            });
+        };
+        let pending: Pending = Arc::default();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_loop(lines, Arc::clone(&pending), events_tx));
+        let client = QmpClient {
+            writer: tokio::sync::Mutex::new(write),
+            pending,
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            qemu_version: version,
+        };
+        client.execute(Command::QmpCapabilities).await?;
+        Ok((client, events_rx))
+    }
+
+    /// QEMU's version from the greeting (`7.2.22`).
+    pub fn qemu_version(&self) -> &str {
+        &self.qemu_version
+    }
+
+    /// Sends a command and waits for its answer.
+    pub async fn execute(&self, command: Command) -> Result<Value, QmpError> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("the pending map is never left poisoned: no code panics while holding it")
+            .insert(id, tx);
+        let sent = self
+            .writer
+            .lock()
+            .await
+            .write_all(command.to_line(id).as_bytes())
+            .await;
+        if sent.is_err() {
+            self.forget(id);
+            return Err(QmpError::Disconnected);
+        }
+        let name = command.name();
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(QmpError::Refused { class, desc, .. }))) => Err(QmpError::Refused {
+                command: name,
+                class,
+                desc,
+            }),
+            Ok(Ok(Err(err))) => Err(err),
+            Ok(Err(_closed)) => Err(QmpError::Disconnected),
+            Err(_elapsed) => {
+                self.forget(id);
+                Err(QmpError::Timeout { command: name })
+            }
+        }
+    }
+
+    pub async fn query_status(&self) -> Result<Status, QmpError> {
+        let value = self.execute(Command::QueryStatus).await?;
+        serde_json::from_value(value.clone()).map_err(|err| QmpError::Protocol {
+            line: value.to_string(),
+            why: err.to_string(),
+        })
+    }
+
+    /// Sends `quit`. QEMU may close the socket before it answers; both mean
+    /// it is going away.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute(Command::Quit).await {
+            Ok(_) | Err(QmpError::Disconnected) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.pending
+            .lock()
+            .expect("the pending map is never left poisoned: no code panics while holding it")
+            .remove(&id);
+    }
+}
+
+async fn read_loop(
+    mut lines: BufReader<OwnedReadHalf>,
+    pending: Pending,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let answer = match parse_message(line.trim_end()) {
+            Ok(Message::Event(event)) => {
+                tracing::debug!(?event, "qmp event");
+                // The owner may have stopped listening; the VM still ends.
+                let _ = events.send(event);
+                continue;
+            }
+            Ok(Message::Return { id, value }) => (id, Ok(value)),
+            Ok(Message::Error { id, error }) => (
+                id,
+                Err(QmpError::Refused {
+                    command: "",
+                    class: error.class,
+                    desc: error.desc,
+                }),
+            ),
+            Ok(Message::Greeting { .. }) => continue,
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring a QMP line");
+                continue;
+            }
+        };
+        let (Some(id), result) = answer else {
+            continue;
+        };
+        let waiter = pending
+            .lock()
+            .expect("the pending map is never left poisoned: no code panics while holding it")
+            .remove(&id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(result);
+        }
+    }
+    // Dropping the senders fails every waiting command with Disconnected;
+    // dropping `events` closes the owner's receiver.
+    pending
+        .lock()
+        .expect("the pending map is never left poisoned: no code panics while holding it")
+        .clear();
+}

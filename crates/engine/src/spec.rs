@@ -1,0 +1,360 @@
+//! The typed VM spec an engine boots. Every field is validated when it is
+//! built, so an engine never sees zero CPUs or a kernel that is not a kernel.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::accel::Accel;
+
+/// Most vCPUs QEMU's `pc` machine takes without an IOMMU for x2APIC.
+pub const MAX_CPUS: u32 = 255;
+/// Least memory a Linux guest can boot in.
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("--cpus must be between 1 and {MAX_CPUS}, not {0}")]
+    Cpus(u32),
+    #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, not {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("--memory {requested} MiB is more than this host has ({host} MiB)")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("cannot read {what} {path}: {source}")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a Linux kernel (no bzImage header and not ELF)")]
+    NotAKernel { path: PathBuf },
+    #[error("invalid VM name '{0}': use 1-63 letters, digits, '-' or '_', starting with a letter or digit")]
+    Name(String),
+    #[error("invalid MAC address '{0}'")]
+    Mac(String),
+}
+
+/// A VM name: safe as a file name and in QEMU's `-name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmName(String);
+
+impl VmName {
+    pub fn new(name: &str) -> Result<Self, SpecError> {
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if valid {
+            Ok(VmName(name.to_owned()))
+        } else {
+            Err(SpecError::Name(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A vCPU count in `1..=MAX_CPUS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpus(u32);
+
+impl Cpus {
+    pub fn new(count: u32) -> Result<Self, SpecError> {
+        if (1..=MAX_CPUS).contains(&count) {
+            Ok(Cpus(count))
+        } else {
+            Err(SpecError::Cpus(count))
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Guest memory in MiB, at least [`MIN_MEMORY_MIB`] and at most the host's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryMib(u64);
+
+impl MemoryMib {
+    pub fn new(mib: u64, host_mib: u64) -> Result<Self, SpecError> {
+        if mib < MIN_MEMORY_MIB {
+            Err(SpecError::MemoryTooSmall(mib))
+        } else if mib > host_mib {
+            Err(SpecError::MemoryTooLarge {
+                requested: mib,
+                host: host_mib,
+            })
+        } else {
+            Ok(MemoryMib(mib))
+        }
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// The kind of virtual machine board.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// The i440FX PC: SeaBIOS, ACPI, ISA serial. Boots reliably under TCG.
+    #[default]
+    Pc,
+}
+
+/// A kernel booted directly, without firmware looking for a boot disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectBoot {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    pub append: String,
+}
+
+impl DirectBoot {
+    /// Checks that the kernel is readable and is a kernel, and that the initrd
+    /// is readable.
+    pub fn new(kernel: &Path, initrd: Option<&Path>, append: &str) -> Result<Self, SpecError> {
+        let mut header = [0u8; 0x206];
+        let mut file = File::open(kernel).map_err(|source| SpecError::Unreadable {
+            what: "kernel",
+            path: kernel.to_owned(),
+            source,
+        })?;
+        let read = read_up_to(&mut file, &mut header).map_err(|source| SpecError::Unreadable {
+            what: "kernel",
+            path: kernel.to_owned(),
+            source,
+        })?;
+        if !is_kernel(&header[..read]) {
+            return Err(SpecError::NotAKernel {
+                path: kernel.to_owned(),
+            });
+        }
+        if let Some(initrd) = initrd {
+            check_readable("initrd", initrd)?;
+        }
+        Ok(DirectBoot {
+            kernel: kernel.to_owned(),
+            initrd: initrd.map(Path::to_owned),
+            append: append.to_owned(),
+        })
+    }
+
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    pub fn initrd(&self) -> Option<&Path> {
+        self.initrd.as_deref()
+    }
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// A Linux bzImage has `HdrS` at offset 0x202; an ELF kernel starts with
+/// `\x7fELF` (QEMU boots both).
+fn is_kernel(header: &[u8]) -> bool {
+    header.get(0x202..0x206) == Some(b"HdrS") || header.starts_with(b"\x7fELF")
+}
+
+/// Opens a file for reading to turn "missing" or "unreadable" into a clear
+/// error before QEMU sees it.
+pub fn check_readable(what: &'static str, path: &Path) -> Result<(), SpecError> {
+    let unreadable = |source| SpecError::Unreadable {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(unreadable)?;
+    if file.metadata().map_err(unreadable)?.is_dir() {
+        return Err(unreadable(std::io::Error::other("it is a directory")));
+    }
+    Ok(())
+}
+
+/// A disk image format QEMU opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// A disk attached as virtio-blk, in the order given (the first is `vda`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub read_only: bool,
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mac([u8; 6]);
+
+impl Mac {
+    /// A locally administered unicast address in QEMU's 52:54:00 range,
+    /// with the last three bytes from `seed`.
+    pub fn local(seed: u32) -> Self {
+        let [_, a, b, c] = seed.to_be_bytes();
+        Mac([0x52, 0x54, 0x00, a, b, c])
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes: Vec<u8> = s
+            .split(':')
+            .map(|part| {
+                (part.len() == 2)
+                    .then(|| u8::from_str_radix(part, 16).ok())
+                    .flatten()
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| SpecError::Mac(s.to_owned()))?;
+        let bytes: [u8; 6] = bytes.try_into().map_err(|_| SpecError::Mac(s.to_owned()))?;
+        Ok(Mac(bytes))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// Where a NIC's packets go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NicBackend {
+    /// QEMU's user-mode network (slirp): NAT and DHCP inside QEMU, no host
+    /// setup, no inbound connections.
+    User,
+}
+
+/// A virtio-net NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub mac: Mac,
+    pub backend: NicBackend,
+}
+
+/// Everything an engine needs to boot one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: VmName,
+    pub cpus: Cpus,
+    pub memory: MemoryMib,
+    pub machine: Machine,
+    pub accel: Accel,
+    pub boot: DirectBoot,
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn rejects_zero_and_too_many_cpus() {
+        assert!(Cpus::new(0).is_err());
+        assert!(Cpus::new(MAX_CPUS + 1).is_err());
+        assert_eq!(Cpus::new(2).unwrap().get(), 2);
+    }
+
+    #[test]
+    fn rejects_memory_beyond_the_host() {
+        assert!(matches!(
+            MemoryMib::new(0, 1024),
+            Err(SpecError::MemoryTooSmall(0))
+        ));
+        assert!(matches!(
+            MemoryMib::new(2048, 1024),
+            Err(SpecError::MemoryTooLarge { .. })
+        ));
+        assert_eq!(MemoryMib::new(1024, 1024).unwrap().get(), 1024);
+    }
+
+    #[test]
+    fn rejects_names_with_path_characters() {
+        assert!(VmName::new("web-1").is_ok());
+        assert!(VmName::new("").is_err());
+        assert!(VmName::new("../etc").is_err());
+        assert!(VmName::new("a/b").is_err());
+        assert!(VmName::new(&"x".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn rejects_a_text_file_as_kernel() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"not a kernel at all").unwrap();
+
+        let result = DirectBoot::new(file.path(), None, "");
+
+        assert!(matches!(result, Err(SpecError::NotAKernel { .. })));
+    }
+
+    #[test]
+    fn accepts_a_bzimage_header() {
+        let mut image = vec![0u8; 0x400];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&image).unwrap();
+
+        assert!(DirectBoot::new(file.path(), None, "console=ttyS0").is_ok());
+    }
+
+    #[test]
+    fn reports_a_missing_kernel_as_unreadable() {
+        let result = DirectBoot::new(Path::new("/nonexistent/vmlinuz"), None, "");
+
+        assert!(matches!(
+            result,
+            Err(SpecError::Unreadable { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn formats_and_parses_mac_addresses() {
+        let mac = Mac::local(0x00ab_cdef);
+
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:ef");
+        assert_eq!("52:54:00:ab:cd:ef".parse::<Mac>().unwrap(), mac);
+        assert!("52:54:00:ab:cd".parse::<Mac>().is_err());
+    }
+}
