@@ -236,7 +236,11 @@ mod tests {
         let choice = choose(&probe(Some(VirtFlag::Vmx), KvmDevice::Missing));
 
         assert_eq!(choice.accel, Accel::Tcg);
-        assert!(choice.reason.contains("does not exist"), "{}", choice.reason);
+        assert!(
+            choice.reason.contains("does not exist"),
+            "{}",
+            choice.reason
+        );
     }
 
     #[test]
@@ -246,7 +250,11 @@ mod tests {
         let choice = choose(&probe(Some(VirtFlag::Svm), device));
 
         assert_eq!(choice.accel, Accel::Tcg);
-        assert!(choice.reason.contains("Permission denied"), "{}", choice.reason);
+        assert!(
+            choice.reason.contains("Permission denied"),
+            "{}",
+            choice.reason
+        );
     }
 
     #[test]
@@ -258,9 +266,11 @@ mod tests {
 
     #[test]
     fn accepts_tcg_override_on_a_kvm_host() {
-        let choice =
-            choose_with_override(&probe(Some(VirtFlag::Vmx), KvmDevice::Usable), Some(Accel::Tcg))
-                .unwrap();
+        let choice = choose_with_override(
+            &probe(Some(VirtFlag::Vmx), KvmDevice::Usable),
+            Some(Accel::Tcg),
+        )
+        .unwrap();
 
         assert_eq!(choice.accel, Accel::Tcg);
     }

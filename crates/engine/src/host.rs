@@ -115,7 +115,8 @@ mod tests {
 
     #[test]
     fn counts_processors_and_reads_model() {
-        let cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n";
+        let cpuinfo =
+            "processor\t: 0\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n";
 
         assert_eq!(cpu_count(cpuinfo), 2);
         assert_eq!(cpu_model(cpuinfo).as_deref(), Some("AMD EPYC"));

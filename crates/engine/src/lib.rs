@@ -5,9 +5,10 @@
 //! - [`accel`] and [`host`]: what the host can do, and KVM-or-TCG.
 //! - [`spec`]: the validated [`VmSpec`].
 //! - [`qmp`]: the typed QMP client.
-//! - [`qemu`]: the QEMU engine.
+//! - [`qemu`]: the QEMU engine; [`disk`]: qcow2 overlays through qemu-img.
 
 pub mod accel;
+pub mod disk;
 pub mod host;
 pub mod qemu;
 pub mod qmp;

@@ -30,7 +30,9 @@ pub enum SpecError {
     },
     #[error("{path} is not a Linux kernel (no bzImage header and not ELF)")]
     NotAKernel { path: PathBuf },
-    #[error("invalid VM name '{0}': use 1-63 letters, digits, '-' or '_', starting with a letter or digit")]
+    #[error(
+        "invalid VM name '{0}': use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+    )]
     Name(String),
     #[error("invalid MAC address '{0}'")]
     Mac(String),

@@ -35,7 +35,10 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
 
     push(&[
         "-chardev",
-        &format!("socket,id=qmp,path={},server=on,wait=off", escape(&paths.qmp)),
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            escape(&paths.qmp)
+        ),
         "-mon",
         "chardev=qmp,mode=control",
     ]);

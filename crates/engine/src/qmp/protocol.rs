@@ -105,10 +105,7 @@ pub enum Event {
     /// vCPUs running again.
     Resume,
     /// The VM is shutting down; QEMU exits next unless `-no-shutdown`.
-    Shutdown {
-        guest: bool,
-        reason: ShutdownReason,
-    },
+    Shutdown { guest: bool, reason: ShutdownReason },
     /// The power button was pressed (`system_powerdown`).
     Powerdown,
     /// The VM reset (a reboot).
@@ -208,7 +205,8 @@ mod tests {
 
     // Lines recorded from qemu-system-x86_64 7.2 (Debian 12).
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
-    const STATUS: &str = r#"{"return": {"status": "prelaunch", "singlestep": false, "running": false}, "id": 2}"#;
+    const STATUS: &str =
+        r#"{"return": {"status": "prelaunch", "singlestep": false, "running": false}, "id": 2}"#;
     const SHUTDOWN: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 12345}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#;
     const PANIC: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 1}, "event": "GUEST_PANICKED", "data": {"action": "poweroff", "info": {"core": 0, "arg1": 0}}}"#;
     const ERROR: &str = r#"{"id": 7, "error": {"class": "CommandNotFound", "desc": "The command frobnicate has not been found"}}"#;
@@ -249,7 +247,9 @@ mod tests {
     fn parses_a_guest_panic_event() {
         let message = parse_message(PANIC).unwrap();
 
-        assert!(matches!(message, Message::Event(Event::GuestPanicked { action }) if action == "poweroff"));
+        assert!(
+            matches!(message, Message::Event(Event::GuestPanicked { action }) if action == "poweroff")
+        );
     }
 
     #[test]
@@ -268,12 +268,15 @@ mod tests {
 
         let message = parse_message(line).unwrap();
 
-        assert!(matches!(message, Message::Event(Event::Other { name }) if name == "NIC_RX_FILTER_CHANGED"));
+        assert!(
+            matches!(message, Message::Event(Event::Other { name }) if name == "NIC_RX_FILTER_CHANGED")
+        );
     }
 
     #[test]
     fn maps_unknown_shutdown_reasons_to_other() {
-        let line = r#"{"event": "SHUTDOWN", "data": {"guest": false, "reason": "subsystem-reset"}}"#;
+        let line =
+            r#"{"event": "SHUTDOWN", "data": {"guest": false, "reason": "subsystem-reset"}}"#;
 
         let message = parse_message(line).unwrap();
 

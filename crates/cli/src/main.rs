@@ -1,0 +1,129 @@
+//! `quetzal`: the command line of the Quetzal virtualization platform.
+
+mod console;
+mod host;
+mod image;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "quetzal", version, about = "Run virtual machines with Quetzal")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// What this host offers to VMs.
+    #[command(subcommand)]
+    Host(host::HostCommand),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Boot a VM in the foreground with its serial console on this terminal.
+    Run(run::RunArgs),
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text for people.
+    #[default]
+    Human,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Where Quetzal keeps images and VMs: `$QUETZAL_DATA_DIR`, else
+/// `/var/lib/quetzal` for root, else `~/.local/share/quetzal`.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QUETZAL_DATA_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/quetzal");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/share/quetzal")
+}
+
+/// An error and its causes on one line, each cause once (our errors often
+/// repeat their source in their own message).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let rendered = err.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("quetzal: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUETZAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Host(command) => host::run(command),
+        Command::Image(command) => image::run(command),
+        Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("quetzal: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read kernel /x: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn prints_a_cause_already_in_the_message_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(Outer(io));
+
+        assert_eq!(one_line(&err), "cannot read kernel /x: No such file");
+    }
+
+    #[test]
+    fn joins_distinct_causes() {
+        let err = anyhow::anyhow!("inner").context("outer");
+
+        assert_eq!(one_line(&err), "outer: inner");
+    }
+}

@@ -1,0 +1,115 @@
+//! Disk images through `qemu-img`: probing a format, creating a qcow2
+//! overlay on a base image so the base is never written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use crate::spec::{DiskFormat, SpecError, check_readable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("qemu-img is not installed (install the qemu-utils package)")]
+    NoQemuImg,
+    #[error(transparent)]
+    Unreadable(#[from] SpecError),
+    #[error("{path}: qemu-img cannot open it: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("{path}: unsupported disk format '{format}' (use qcow2 or raw)")]
+    Format { path: PathBuf, format: String },
+    #[error("cannot create overlay {path}: {message}")]
+    Overlay { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+struct Info {
+    format: String,
+    #[serde(rename = "full-backing-filename")]
+    backing: Option<String>,
+}
+
+fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<std::process::Output, DiskError> {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => DiskError::NoQemuImg,
+            _ => DiskError::Open {
+                path: PathBuf::new(),
+                message: err.to_string(),
+            },
+        })
+}
+
+fn last_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("failed")
+        .trim()
+        .to_owned()
+}
+
+/// The format of an existing image, and its backing file if any.
+pub fn probe(path: &Path) -> Result<(DiskFormat, Option<PathBuf>), DiskError> {
+    check_readable("disk", path)?;
+    let output = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        path.as_os_str(),
+    ])?;
+    if !output.status.success() {
+        return Err(DiskError::Open {
+            path: path.to_owned(),
+            message: last_line(&output.stderr),
+        });
+    }
+    let info: Info = serde_json::from_slice(&output.stdout).map_err(|err| DiskError::Open {
+        path: path.to_owned(),
+        message: err.to_string(),
+    })?;
+    let format = match info.format.as_str() {
+        "qcow2" => DiskFormat::Qcow2,
+        "raw" => DiskFormat::Raw,
+        other => {
+            return Err(DiskError::Format {
+                path: path.to_owned(),
+                format: other.to_owned(),
+            });
+        }
+    };
+    Ok((format, info.backing.map(PathBuf::from)))
+}
+
+/// Creates a qcow2 overlay at `overlay` whose backing file is `base`
+/// (absolute), of the base's size. Writes go to the overlay only.
+pub fn create_overlay(
+    base: &Path,
+    base_format: DiskFormat,
+    overlay: &Path,
+) -> Result<(), DiskError> {
+    let failed = |message: String| DiskError::Overlay {
+        path: overlay.to_owned(),
+        message,
+    };
+    let base = std::fs::canonicalize(base).map_err(|err| failed(err.to_string()))?;
+    let output = qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        base.as_os_str(),
+        "-F".as_ref(),
+        base_format.as_str().as_ref(),
+        overlay.as_os_str(),
+    ])?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(overlay);
+        Err(failed(last_line(&output.stderr)))
+    }
+}

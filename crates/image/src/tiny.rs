@@ -1,0 +1,232 @@
+//! The `tiny` image: Debian's cloud kernel, and a busybox userland used both
+//! as the initramfs and as the root disk.
+//!
+//! Boot: the initramfs `/init` loads the virtio drivers, mounts the first
+//! virtio disk (if any) and `switch_root`s into it; either way busybox init
+//! runs `/etc/init.d/rcS` (mounts, DHCP on eth0 if there is one, the power
+//! button) and a root shell on the serial console.
+
+use crate::tree::Tree;
+
+/// Bumped whenever what this file produces changes, so cached images are
+/// rebuilt.
+pub const RECIPE: u32 = 1;
+
+pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// The drivers `/init` loads; their dependencies come along.
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    // The ACPI power button, as an input device acpid can read.
+    "button",
+    "evdev",
+    // Reports a guest kernel panic to QEMU.
+    "pvpanic_mmio",
+];
+
+/// The kernel command line (the console is the first serial port).
+pub const APPEND: &str = "console=ttyS0 quiet";
+
+/// The size of the root disk the guest sees.
+pub const ROOT_DISK_MIB: u32 = 256;
+
+const INIT: &str = r#"#!/bin/sh
+# Quetzal tiny initramfs: load the virtio drivers, then boot from the first
+# virtio disk if there is one, else run from this initramfs.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+while read -r module; do
+    insmod "/lib/modules/$module.ko" || echo "tiny: cannot load $module"
+done < /etc/quetzal/modules
+has_disk=
+for id in /sys/bus/virtio/devices/*/device; do
+    [ "$(cat "$id" 2>/dev/null)" = 0x0002 ] && has_disk=1
+done
+if [ -n "$has_disk" ]; then
+    tries=0
+    while [ ! -b /dev/vda ] && [ "$tries" -lt 500 ]; do
+        usleep 10000
+        tries=$((tries + 1))
+    done
+    if mount -t ext4 /dev/vda /newroot 2>/dev/null; then
+        umount /proc /sys
+        mount --move /dev /newroot/dev
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "tiny: /dev/vda has no ext4 root; running from the initramfs"
+fi
+umount /proc /sys
+exec /sbin/init
+"#;
+
+const RCS: &str = r#"#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -e /sys/kernel ] || mount -t sysfs sysfs /sys
+[ -e /dev/null ] || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+hostname -F /etc/hostname
+ip link set lo up
+acpid
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up
+    udhcpc -i eth0 -s /etc/udhcpc.script -x "hostname:$(hostname)" >/dev/null 2>&1 &
+fi
+root=$(awk '$2 == "/" { dev = $1 } END { print dev }' /proc/mounts)
+echo "tiny: up, root on $root"
+"#;
+
+const INITTAB: &str = "::sysinit:/etc/init.d/rcS
+::respawn:/bin/cttyhack /bin/sh -l
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/umount -a -r
+";
+
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+# Called by udhcpc with the lease in the environment.
+case "$1" in
+    deconfig)
+        ip addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}"
+        if [ -n "$router" ]; then
+            ip route replace default via "${router%% *}" dev "$interface"
+        fi
+        : > /etc/resolv.conf
+        for server in $dns; do
+            echo "nameserver $server" >> /etc/resolv.conf
+        done
+        ;;
+esac
+"#;
+
+const POWER_BUTTON: &str = "#!/bin/sh\nexec poweroff\n";
+
+const PROFILE: &str = "export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+export PS1='\\h:\\w\\$ '
+";
+
+/// The userland shared by the initramfs and the root disk: busybox, its
+/// applet links, init's configuration.
+///
+/// `applets` are busybox's own paths (`bin/sh`, `sbin/init`), from
+/// `busybox --list-full`.
+pub fn userland(busybox: Vec<u8>, applets: &[String]) -> Tree {
+    let mut tree = Tree::default();
+    for dir in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "etc/init.d",
+        "etc/acpi",
+        "etc/acpi/PWRF",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "mnt",
+        "newroot",
+    ] {
+        tree.dir(dir);
+    }
+    tree.file("bin/busybox", 0o755, busybox);
+    for applet in applets {
+        if applet == "bin/busybox" || applet.is_empty() {
+            continue;
+        }
+        let depth = applet.matches('/').count();
+        let target = format!("{}bin/busybox", "../".repeat(depth));
+        tree.symlink(applet, &target);
+    }
+    tree.file("etc/init.d/rcS", 0o755, RCS);
+    tree.file("etc/inittab", 0o644, INITTAB);
+    tree.file("etc/udhcpc.script", 0o755, UDHCPC_SCRIPT);
+    // busybox acpid runs /etc/acpi/PWRF/00000080 for the power button.
+    tree.file("etc/acpi/PWRF/00000080", 0o755, POWER_BUTTON);
+    tree.file("etc/profile", 0o644, PROFILE);
+    tree.file("etc/hostname", 0o644, "tiny\n");
+    tree.file("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n");
+    tree.file("etc/group", 0o644, "root:x:0:\n");
+    tree.file("etc/resolv.conf", 0o644, "");
+    tree
+}
+
+/// The initramfs: the userland, `/init`, `/dev/console` and the modules
+/// (`(name, bytes)` in load order).
+pub fn initramfs(mut userland: Tree, modules: Vec<(String, Vec<u8>)>) -> Tree {
+    userland.char_device("dev/console", 5, 1);
+    userland.file("init", 0o755, INIT);
+    userland.dir("lib");
+    userland.dir("lib/modules");
+    userland.dir("etc/quetzal");
+    let mut order = String::new();
+    for (name, bytes) in modules {
+        userland.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
+        order.push_str(&name);
+        order.push('\n');
+    }
+    userland.file("etc/quetzal/modules", 0o644, order);
+    userland
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::Node;
+
+    fn find<'a>(tree: &'a Tree, path: &str) -> Option<&'a Node> {
+        tree.entries.iter().find(|(p, _)| p == path).map(|(_, n)| n)
+    }
+
+    #[test]
+    fn links_applets_relative_to_busybox() {
+        let tree = userland(b"elf".to_vec(), &["bin/sh".into(), "usr/bin/awk".into()]);
+
+        assert_eq!(
+            find(&tree, "bin/sh"),
+            Some(&Node::Symlink {
+                target: "../bin/busybox".into()
+            })
+        );
+        assert_eq!(
+            find(&tree, "usr/bin/awk"),
+            Some(&Node::Symlink {
+                target: "../../bin/busybox".into()
+            })
+        );
+    }
+
+    #[test]
+    fn initramfs_lists_modules_in_load_order() {
+        let tree = initramfs(
+            userland(b"elf".to_vec(), &[]),
+            vec![("virtio".into(), vec![1]), ("virtio_pci".into(), vec![2])],
+        );
+
+        assert_eq!(
+            find(&tree, "etc/quetzal/modules"),
+            Some(&Node::File {
+                mode: 0o644,
+                data: b"virtio\nvirtio_pci\n".to_vec()
+            })
+        );
+        assert!(find(&tree, "dev/console").is_some());
+        assert!(find(&tree, "init").is_some());
+    }
+}
