@@ -68,6 +68,18 @@ fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
+/// clap's error without its usage and help hints, on one line.
+fn clap_error_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned()
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -77,9 +89,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            let rendered = err.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("quetzal: {}", first.trim_start_matches("error: "));
+            eprintln!("quetzal: {}", clap_error_line(&err.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -118,6 +128,16 @@ mod tests {
         let err = anyhow::Error::new(Outer(io));
 
         assert_eq!(one_line(&err), "cannot read kernel /x: No such file");
+    }
+
+    #[test]
+    fn puts_a_multi_line_clap_error_on_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  --kernel <KERNEL>\n\nUsage: quetzal run --kernel <KERNEL>\n\nFor more information, try '--help'.\n";
+
+        assert_eq!(
+            clap_error_line(rendered),
+            "the following required arguments were not provided: --kernel <KERNEL>"
+        );
     }
 
     #[test]

@@ -243,10 +243,12 @@ async fn attach(vm: &mut QemuVm) -> anyhow::Result<Outcome> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut outcome: Option<Outcome> = None;
     let mut exited = false;
-    loop {
+    let mut console_open = true;
+    // Ends when QEMU has exited and the console has said all it had to.
+    while console_open || !exited {
         tokio::select! {
-            read = from_guest.read(&mut buf) => match read {
-                Ok(0) | Err(_) => break,
+            read = from_guest.read(&mut buf), if console_open => match read {
+                Ok(0) | Err(_) => console_open = false,
                 Ok(n) => {
                     stdout.write_all(&buf[..n]).await?;
                     stdout.flush().await?;
@@ -276,7 +278,6 @@ async fn attach(vm: &mut QemuVm) -> anyhow::Result<Outcome> {
                         let status = vm.wait().await?;
                         outcome = Some(Outcome::QemuDied(format!("{status}: {}", vm.log_tail())));
                     }
-                    // Read what the guest printed last, up to QEMU's exit.
                 }
                 _ => {}
             },
@@ -284,6 +285,7 @@ async fn attach(vm: &mut QemuVm) -> anyhow::Result<Outcome> {
                 outcome = Some(Outcome::Signal(number));
                 vm.stop().await?;
             }
+            // The console normally closes with QEMU; do not wait on it forever.
             () = tokio::time::sleep(Duration::from_secs(2)), if exited => break,
         }
     }

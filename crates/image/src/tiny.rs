@@ -10,7 +10,7 @@ use crate::tree::Tree;
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 1;
+pub const RECIPE: u32 = 3;
 
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -142,6 +142,10 @@ pub fn userland(busybox: Vec<u8>, applets: &[String]) -> Tree {
         "root",
         "mnt",
         "newroot",
+        // acpid logs to /var/log/acpid.log and does not start without it.
+        "var",
+        "var/log",
+        "var/run",
     ] {
         tree.dir(dir);
     }

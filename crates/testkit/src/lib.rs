@@ -1,0 +1,308 @@
+//! What every end-to-end test needs: the shared `tiny` image (built once,
+//! by the real builder), a temporary data directory, and a reader that
+//! collects what a guest prints so a test can wait for a line.
+//!
+//! Everything lives under `target/quetzal-tests/`, so `scripts/test` can
+//! check afterwards that no process is left running from there.
+
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use quetzal_image::{Image, ImageStore};
+
+/// How long a guest may take to do something under TCG on a busy host.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `target/quetzal-tests` in the workspace.
+pub fn tests_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/quetzal-tests");
+    std::fs::create_dir_all(&root).expect("target/ is writable");
+    root
+}
+
+/// The data directory whose `images/` every test shares.
+pub fn shared_data_dir() -> PathBuf {
+    tests_root().join("shared")
+}
+
+/// The `tiny` image, built by the real builder the first time a test needs
+/// it (`scripts/test` builds it up front, so a new recipe is picked up).
+pub fn tiny() -> Image {
+    let store = ImageStore::new(&shared_data_dir());
+    if let Ok(image) = store.get("tiny") {
+        return image;
+    }
+    store
+        .build("tiny", &mut |line| eprintln!("testkit: {line}"))
+        .expect("the tiny image builds");
+    store.get("tiny").expect("the tiny image was just built")
+}
+
+/// A temporary data directory that sees the shared images.
+#[derive(Debug)]
+pub struct DataDir {
+    dir: tempfile::TempDir,
+}
+
+impl DataDir {
+    pub fn new() -> Self {
+        tiny();
+        let dir = tempfile::Builder::new()
+            .prefix("data-")
+            .tempdir_in(tests_root())
+            .expect("a temp dir under target/");
+        std::os::unix::fs::symlink(shared_data_dir().join("images"), dir.path().join("images"))
+            .expect("a symlink in a fresh temp dir");
+        DataDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for DataDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a [`Transcript`] read so far, and whether the stream ended.
+#[derive(Debug, Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    ended: bool,
+}
+
+/// Collects everything read from a stream on a background thread.
+#[derive(Clone, Debug, Default)]
+pub struct Transcript {
+    inner: Arc<(Mutex<Buffer>, Condvar)>,
+}
+
+impl Transcript {
+    /// Starts reading `source` until it ends.
+    pub fn read_from(mut source: impl Read + Send + 'static) -> Self {
+        let transcript = Transcript::default();
+        let inner = Arc::clone(&transcript.inner);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let read = source.read(&mut buf);
+                let (lock, changed) = &*inner;
+                let mut state = lock.lock().expect("no panics while holding the lock");
+                match read {
+                    Ok(0) | Err(_) => {
+                        state.ended = true;
+                        changed.notify_all();
+                        return;
+                    }
+                    Ok(n) => state.bytes.extend_from_slice(&buf[..n]),
+                }
+                changed.notify_all();
+            }
+        });
+        transcript
+    }
+
+    /// All text so far.
+    pub fn text(&self) -> String {
+        let state = self
+            .inner
+            .0
+            .lock()
+            .expect("no panics while holding the lock");
+        String::from_utf8_lossy(&state.bytes).into_owned()
+    }
+
+    /// Waits until `needle` appears after byte `from` and returns the offset
+    /// just past it. Panics with the transcript on timeout or end of stream.
+    pub fn wait_for_after(&self, from: usize, needle: &str, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.inner;
+        let mut state = lock.lock().expect("no panics while holding the lock");
+        loop {
+            let start = from.min(state.bytes.len());
+            if let Some(at) = find(&state.bytes[start..], needle.as_bytes()) {
+                return start + at + needle.len();
+            }
+            let now = Instant::now();
+            assert!(
+                !state.ended && now < deadline,
+                "waited for {needle:?} ({}); got:\n{}",
+                if state.ended {
+                    "stream ended"
+                } else {
+                    "timed out"
+                },
+                String::from_utf8_lossy(&state.bytes)
+            );
+            state = changed
+                .wait_timeout(state, deadline - now)
+                .expect("no panics while holding the lock")
+                .0;
+        }
+    }
+
+    /// Waits for `needle` anywhere.
+    pub fn wait_for(&self, needle: &str) -> usize {
+        self.wait_for_after(0, needle, GUEST_TIMEOUT)
+    }
+
+    /// The current length, to wait for something printed from now on.
+    pub fn len(&self) -> usize {
+        self.inner
+            .0
+            .lock()
+            .expect("no panics while holding the lock")
+            .bytes
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// A `quetzal` process with piped stdio, killed (with everything it owns)
+/// if the test ends early.
+#[derive(Debug)]
+pub struct Quetzal {
+    child: Child,
+    pub stdout: Transcript,
+    pub stderr: Transcript,
+}
+
+impl Quetzal {
+    /// Starts `binary args` with `QUETZAL_DATA_DIR=data`.
+    pub fn spawn(binary: &Path, data: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("QUETZAL_DATA_DIR", data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("quetzal starts");
+        let stdout = Transcript::read_from(child.stdout.take().expect("piped"));
+        let stderr = Transcript::read_from(child.stderr.take().expect("piped"));
+        Quetzal {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Types a line on the console.
+    pub fn send_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("quetzal reads its stdin");
+        stdin.flush().expect("quetzal reads its stdin");
+    }
+
+    /// Waits for the shell prompt printed after byte `from`.
+    pub fn wait_prompt_after(&self, from: usize) -> usize {
+        self.stdout.wait_for_after(from, "tiny:/# ", GUEST_TIMEOUT)
+    }
+
+    /// Types `command` and returns its output, with carriage returns
+    /// removed. The output is framed by markers the shell computes
+    /// (`$((0))`), so the echo of the typed line, however the line editor
+    /// wraps it, never matches them.
+    pub fn command(&mut self, command: &str) -> String {
+        let from = self.stdout.len();
+        self.send_line(&format!(
+            "echo '<<'$((0))'>>'; {command}; echo '<<'$((1))'>>'"
+        ));
+        let start = self.stdout.wait_for_after(from, "<<0>>", GUEST_TIMEOUT);
+        let end = self.stdout.wait_for_after(start, "<<1>>", GUEST_TIMEOUT);
+        self.wait_prompt_after(end);
+        let text = self.stdout.text();
+        text[start..end - "<<1>>".len()]
+            .replace('\r', "")
+            .trim_matches('\n')
+            .to_owned()
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid works") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "quetzal did not exit; stdout:\n{}\nstderr:\n{}",
+                self.stdout.text(),
+                self.stderr.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to the quetzal process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pids fit in i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("quetzal is ours");
+    }
+}
+
+impl Drop for Quetzal {
+    fn drop(&mut self) {
+        // A foreground VM dies with its quetzal (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pids of processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = state
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            !zombie && find(&cmdline, needle.as_bytes()).is_some()
+        })
+        .collect()
+}
+
+/// Waits until no live process mentions `needle` (an orphan may take a
+/// moment to die), then asserts so.
+pub fn assert_no_process_mentions(needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !processes_mentioning(needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_mentioning(needle),
+        Vec::<u32>::new(),
+        "processes still running for {needle}"
+    );
+}
