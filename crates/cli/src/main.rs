@@ -5,7 +5,6 @@ mod host;
 mod image;
 mod run;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -39,18 +38,7 @@ pub enum Output {
     Json,
 }
 
-/// Where Quetzal keeps images and VMs: `$QUETZAL_DATA_DIR`, else
-/// `/var/lib/quetzal` for root, else `~/.local/share/quetzal`.
-pub fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("QUETZAL_DATA_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/quetzal");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".local/share/quetzal")
-}
+pub use quetzal_image::data_dir;
 
 /// An error and its causes on one line, each cause once (our errors often
 /// repeat their source in their own message).

@@ -247,3 +247,25 @@ fn qemu_killed_under_a_running_vm_ends_the_run_with_an_error() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn on_a_terminal_ctrl_right_bracket_stops_the_vm() {
+    let data = DataDir::new();
+    // script(1) gives quetzal a real pseudo-terminal and forwards our bytes.
+    let command = format!("{QUETZAL} run");
+    let mut vm = Quetzal::spawn(
+        Path::new("script"),
+        data.path(),
+        &["-qfec", &command, "/dev/null"],
+    );
+    vm.stdout.wait_for("Ctrl-] stops the VM");
+    vm.wait_prompt_after(0);
+    let output = vm.command("echo typed-on-a-$((1 + 1))-terminal");
+    assert_eq!(output, "typed-on-a-2-terminal");
+
+    vm.send_raw(&[0x1d]);
+
+    assert_eq!(vm.wait(), 0);
+    vm.stdout.wait_for("VM stopped (Ctrl-])");
+    assert_no_process_mentions(&data.path().display().to_string());
+}

@@ -23,6 +23,19 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// Where Quetzal keeps images and VMs: `$QUETZAL_DATA_DIR`, else
+/// `/var/lib/quetzal` for root, else `~/.local/share/quetzal`.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QUETZAL_DATA_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/quetzal");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/share/quetzal")
+}
+
 /// The images Quetzal knows how to build.
 pub const IMAGES: &[&str] = &["tiny"];
 /// The image used when none is named.

@@ -210,11 +210,14 @@ impl Quetzal {
 
     /// Types a line on the console.
     pub fn send_line(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes());
+    }
+
+    /// Sends bytes to the process's stdin as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
         use std::io::Write;
         let stdin = self.child.stdin.as_mut().expect("stdin is piped");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .expect("quetzal reads its stdin");
+        stdin.write_all(bytes).expect("quetzal reads its stdin");
         stdin.flush().expect("quetzal reads its stdin");
     }
 
