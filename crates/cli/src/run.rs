@@ -275,7 +275,7 @@ async fn attach(vm: &mut QemuVm) -> anyhow::Result<Outcome> {
                 VmEvent::Exited { expected } => {
                     exited = true;
                     if !expected && outcome.is_none() {
-                        let status = vm.wait().await?;
+                        let status = vm.wait().await?.map_or_else(|| "exited".to_owned(), |s| s.to_string());
                         outcome = Some(Outcome::QemuDied(format!("{status}: {}", vm.log_tail())));
                     }
                 }

@@ -25,6 +25,8 @@ pub enum DiskError {
 #[derive(Deserialize)]
 struct Info {
     format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
     #[serde(rename = "full-backing-filename")]
     backing: Option<String>,
 }
@@ -53,23 +55,7 @@ fn last_line(bytes: &[u8]) -> String {
 
 /// The format of an existing image, and its backing file if any.
 pub fn probe(path: &Path) -> Result<(DiskFormat, Option<PathBuf>), DiskError> {
-    check_readable("disk", path)?;
-    let output = qemu_img(&[
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--output=json".as_ref(),
-        path.as_os_str(),
-    ])?;
-    if !output.status.success() {
-        return Err(DiskError::Open {
-            path: path.to_owned(),
-            message: last_line(&output.stderr),
-        });
-    }
-    let info: Info = serde_json::from_slice(&output.stdout).map_err(|err| DiskError::Open {
-        path: path.to_owned(),
-        message: err.to_string(),
-    })?;
+    let info = info(path)?;
     let format = match info.format.as_str() {
         "qcow2" => DiskFormat::Qcow2,
         "raw" => DiskFormat::Raw,
@@ -83,19 +69,52 @@ pub fn probe(path: &Path) -> Result<(DiskFormat, Option<PathBuf>), DiskError> {
     Ok((format, info.backing.map(PathBuf::from)))
 }
 
+/// The size the guest sees, in bytes.
+pub fn virtual_size(path: &Path) -> Result<u64, DiskError> {
+    Ok(info(path)?.virtual_size)
+}
+
+fn info(path: &Path) -> Result<Info, DiskError> {
+    check_readable("disk", path)?;
+    let output = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        path.as_os_str(),
+    ])?;
+    if !output.status.success() {
+        return Err(DiskError::Open {
+            path: path.to_owned(),
+            message: last_line(&output.stderr),
+        });
+    }
+    serde_json::from_slice(&output.stdout).map_err(|err| DiskError::Open {
+        path: path.to_owned(),
+        message: err.to_string(),
+    })
+}
+
 /// Creates a qcow2 overlay at `overlay` whose backing file is `base`
 /// (absolute), of the base's size. Writes go to the overlay only.
-pub fn create_overlay(
+pub fn create_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Result<(), DiskError> {
+    create_overlay_sized(base, base_format, overlay, None)
+}
+
+/// Like [`create_overlay`], with the guest seeing `size_mib` (not smaller
+/// than the base) when given.
+pub fn create_overlay_sized(
     base: &Path,
     base_format: DiskFormat,
     overlay: &Path,
+    size_mib: Option<u64>,
 ) -> Result<(), DiskError> {
     let failed = |message: String| DiskError::Overlay {
         path: overlay.to_owned(),
         message,
     };
     let base = std::fs::canonicalize(base).map_err(|err| failed(err.to_string()))?;
-    let output = qemu_img(&[
+    let size = size_mib.map(|mib| format!("{mib}M"));
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "create".as_ref(),
         "-q".as_ref(),
         "-f".as_ref(),
@@ -105,7 +124,11 @@ pub fn create_overlay(
         "-F".as_ref(),
         base_format.as_str().as_ref(),
         overlay.as_os_str(),
-    ])?;
+    ];
+    if let Some(size) = &size {
+        args.push(size.as_ref());
+    }
+    let output = qemu_img(&args)?;
     if output.status.success() {
         Ok(())
     } else {

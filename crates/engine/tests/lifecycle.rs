@@ -131,7 +131,7 @@ async fn powerdown_makes_the_guest_shut_itself_down() {
     assert_eq!(events.first(), Some(&VmEvent::PowerdownRequested));
     assert!(events.contains(&VmEvent::GuestPoweredOff), "{events:?}");
     assert_eq!(events.last(), Some(&VmEvent::Exited { expected: true }));
-    assert!(booted.vm.wait().await.unwrap().success());
+    assert!(booted.vm.wait().await.unwrap().unwrap().success());
     assert_eq!(booted.vm.state().await.unwrap(), VmState::Stopped);
 }
 
@@ -150,7 +150,7 @@ async fn stop_ends_qemu_at_once() {
         "{events:?}"
     );
     assert_eq!(events.last(), Some(&VmEvent::Exited { expected: true }));
-    assert!(booted.vm.wait().await.unwrap().success());
+    assert!(booted.vm.wait().await.unwrap().unwrap().success());
     assert_eq!(booted.vm.state().await.unwrap(), VmState::Stopped);
     assert_no_process_mentions(&data.path().display().to_string());
 }
@@ -175,7 +175,7 @@ async fn a_killed_qemu_is_reported_as_an_unexpected_exit() {
         next_event(&mut booted.vm).await,
         VmEvent::Exited { expected: false }
     );
-    assert!(!booted.vm.wait().await.unwrap().success());
+    assert!(!booted.vm.wait().await.unwrap().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

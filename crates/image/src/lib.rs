@@ -121,6 +121,20 @@ pub struct Image {
 }
 
 impl Image {
+    /// The build in `dir` (a directory with a `manifest.json`).
+    pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|err| ImageError::io(&path, err))?;
+        let manifest = serde_json::from_str(&text).map_err(|err| ImageError::Manifest {
+            path: path.clone(),
+            message: err.to_string(),
+        })?;
+        Ok(Image {
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+
     pub fn kernel(&self) -> PathBuf {
         self.dir.join(&self.manifest.kernel.path)
     }

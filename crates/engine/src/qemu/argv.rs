@@ -45,8 +45,9 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     push(&[
         "-chardev",
         &format!(
-            "socket,id=console,path={},server=on,wait=off",
-            escape(&paths.console)
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            escape(&paths.console),
+            escape(&paths.console_log)
         ),
         "-serial",
         "chardev:console",
@@ -146,6 +147,7 @@ mod tests {
         assert!(args.contains("socket,id=qmp,path=/run/q/web-1/qmp.sock,server=on,wait=off"));
         assert!(args.contains("-mon chardev=qmp,mode=control"));
         assert!(args.contains("-serial chardev:console"));
+        assert!(args.contains("logfile=/run/q/web-1/console.log,logappend=on"));
     }
 
     #[test]

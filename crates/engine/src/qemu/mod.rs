@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 pub use argv::argv;
-pub use process::Lifetime;
+pub use process::{Lifetime, Usage};
 
 use crate::qmp::{self, QmpClient, QmpError, RunState, ShutdownReason};
 use crate::spec::VmSpec;
@@ -44,6 +44,8 @@ pub enum QemuError {
     EarlyExit { status: String, log: String },
     #[error("QEMU did not open its QMP socket within {QMP_READY_TIMEOUT:?}")]
     QmpNotReady,
+    #[error("QEMU process {pid} is gone")]
+    Gone { pid: u32 },
     #[error("cannot attach to the serial console: {0}")]
     Console(#[source] std::io::Error),
     #[error(transparent)]
@@ -56,6 +58,9 @@ pub struct RunPaths {
     pub dir: PathBuf,
     pub qmp: PathBuf,
     pub console: PathBuf,
+    /// Everything the guest printed on its console, written by QEMU itself
+    /// (so it survives the death of whoever was attached).
+    pub console_log: PathBuf,
     /// QEMU's stderr, kept to explain why it failed.
     pub log: PathBuf,
 }
@@ -66,6 +71,7 @@ impl RunPaths {
             dir: dir.to_owned(),
             qmp: dir.join("qmp.sock"),
             console: dir.join("console.sock"),
+            console_log: dir.join("console.log"),
             log: dir.join("qemu.log"),
         }
     }
@@ -150,11 +156,39 @@ impl Engine for QemuEngine {
         tracing::debug!(vm = %spec.name, pid = ?child.id(), ?qmp_ready, "qemu ready");
         Ok(QemuVm {
             pid: child.id(),
-            child,
+            process: Process::Child(child),
             qmp,
             events,
             paths,
             qmp_ready,
+            last_shutdown: None,
+        })
+    }
+}
+
+impl QemuEngine {
+    /// Takes over a QEMU that a previous owner started in `run_dir` with
+    /// process id `pid` (a daemon restarting): connects to its QMP socket.
+    /// Fails with [`QemuError::Gone`] when that QEMU is no longer there.
+    pub async fn attach(&self, run_dir: &Path, pid: u32) -> Result<QemuVm, QemuError> {
+        let paths = RunPaths::new(run_dir);
+        if !process::runs_with(pid, &paths.qmp) {
+            return Err(QemuError::Gone { pid });
+        }
+        let (qmp, events) = match QmpClient::connect(&paths.qmp).await {
+            Ok(connected) => connected,
+            Err(QmpError::Connect { .. } | QmpError::Disconnected) => {
+                return Err(QemuError::Gone { pid });
+            }
+            Err(err) => return Err(err.into()),
+        };
+        Ok(QemuVm {
+            pid: Some(pid),
+            process: Process::Adopted(pid),
+            qmp,
+            events,
+            paths,
+            qmp_ready: Duration::ZERO,
             last_shutdown: None,
         })
     }
@@ -176,11 +210,20 @@ fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
     Ok(())
 }
 
+/// How we know the QEMU process.
+#[derive(Debug)]
+enum Process {
+    /// We started it: we can reap it and read its exit status.
+    Child(tokio::process::Child),
+    /// A previous owner started it (a daemon before its restart).
+    Adopted(u32),
+}
+
 /// One running QEMU process and its QMP session.
 #[derive(Debug)]
 pub struct QemuVm {
     pid: Option<u32>,
-    child: tokio::process::Child,
+    process: Process,
     qmp: QmpClient,
     events: mpsc::UnboundedReceiver<qmp::Event>,
     paths: RunPaths,
@@ -202,18 +245,48 @@ impl QemuVm {
         self.qmp_ready
     }
 
-    /// Kills QEMU outright (SIGKILL) and reaps it.
-    pub async fn kill(&mut self) -> Result<ExitStatus, QemuError> {
-        let _ = self.child.start_kill();
+    /// Kills QEMU outright (SIGKILL) and waits for it to be gone.
+    pub async fn kill(&mut self) -> Result<Option<ExitStatus>, QemuError> {
+        match &mut self.process {
+            Process::Child(child) => {
+                let _ = child.start_kill();
+            }
+            Process::Adopted(pid) => process::kill(*pid),
+        }
         self.wait().await
     }
 
-    /// Waits for the QEMU process to exit and returns its status.
-    pub async fn wait(&mut self) -> Result<ExitStatus, QemuError> {
-        self.child.wait().await.map_err(|source| QemuError::Spawn {
-            binary: PathBuf::from("qemu"),
-            source,
-        })
+    /// Waits for the QEMU process to exit; its status when we started it,
+    /// `None` for an adopted process (only its parent can read that).
+    pub async fn wait(&mut self) -> Result<Option<ExitStatus>, QemuError> {
+        match &mut self.process {
+            Process::Child(child) => {
+                child
+                    .wait()
+                    .await
+                    .map(Some)
+                    .map_err(|source| QemuError::Spawn {
+                        binary: PathBuf::from("qemu"),
+                        source,
+                    })
+            }
+            Process::Adopted(pid) => {
+                while process::is_alive(*pid) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// CPU time and resident memory of the QEMU process, from /proc.
+    pub fn usage(&self) -> Option<process::Usage> {
+        process::usage(self.pid?)
+    }
+
+    /// Bytes read and written by the guest's disks since QEMU started.
+    pub async fn disk_bytes(&self) -> Result<(u64, u64), QemuError> {
+        Ok(self.qmp.block_bytes().await?)
     }
 
     /// The last lines QEMU wrote to stderr.

@@ -83,3 +83,102 @@ pub fn log_tail(log: &Path) -> String {
         tail
     }
 }
+
+/// CPU time and memory of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// User plus system time, in clock ticks converted to milliseconds.
+    pub cpu_millis: u64,
+    pub resident_bytes: u64,
+}
+
+impl Usage {
+    /// This process's own use.
+    pub fn of_this_process() -> Option<Usage> {
+        usage(std::process::id())
+    }
+}
+
+/// Reads `/proc/PID/stat`: utime and stime (fields 14, 15) and rss (24).
+pub fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat, page_size(), ticks_per_second())
+}
+
+fn parse_stat(stat: &str, page_size: u64, ticks: u64) -> Option<Usage> {
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'. Field 3 (state) is index 0 here.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss: u64 = fields.get(21)?.parse().ok()?;
+    Some(Usage {
+        cpu_millis: (utime + stime) * 1000 / ticks.max(1),
+        resident_bytes: rss * page_size,
+    })
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(4096)
+}
+
+fn ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(100)
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `pid` is a live process whose command line names `socket`: a
+/// guard against a recycled pid before we signal or adopt it.
+pub fn runs_with(pid: u32, socket: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = socket.as_os_str().as_encoded_bytes();
+    is_alive(pid) && cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// SIGKILL to a process we did not start (checked with [`runs_with`] first
+/// by the caller).
+pub fn kill(pid: u32) {
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cpu_time_and_rss_from_proc_stat() {
+        let stat = "1234 (qemu-system-x86) S 1 1234 1234 0 -1 4194560 5000 0 0 0 250 50 0 0 20 0 3 0 100 1000000 2560 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+
+        let usage = parse_stat(stat, 4096, 100).unwrap();
+
+        assert_eq!(usage.cpu_millis, 3000);
+        assert_eq!(usage.resident_bytes, 2560 * 4096);
+    }
+
+    #[test]
+    fn copes_with_parentheses_in_the_command_name() {
+        let stat = "7 (a) b) R 1 1 1 0 -1 0 0 0 0 0 1 1 0 0 20 0 1 0 1 1 1 0";
+
+        assert_eq!(parse_stat(stat, 4096, 100).unwrap().cpu_millis, 20);
+    }
+}

@@ -143,6 +143,19 @@ impl QmpClient {
         })
     }
 
+    /// Bytes read and written, summed over all block devices.
+    pub async fn block_bytes(&self) -> Result<(u64, u64), QmpError> {
+        let value = self.execute(Command::QueryBlockstats).await?;
+        let devices = value.as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| {
+            devices
+                .iter()
+                .filter_map(|device| device["stats"][key].as_u64())
+                .sum()
+        };
+        Ok((sum("rd_bytes"), sum("wr_bytes")))
+    }
+
     /// Sends `quit`. QEMU may close the socket before it answers; both mean
     /// it is going away.
     pub async fn quit(&self) -> Result<(), QmpError> {

@@ -22,6 +22,8 @@ pub enum Command {
     SystemPowerdown,
     /// Ends QEMU at once.
     Quit,
+    /// I/O counters of every block device.
+    QueryBlockstats,
 }
 
 impl Command {
@@ -33,6 +35,7 @@ impl Command {
             Command::Cont => "cont",
             Command::SystemPowerdown => "system_powerdown",
             Command::Quit => "quit",
+            Command::QueryBlockstats => "query-blockstats",
         }
     }
 

@@ -1,0 +1,195 @@
+//! The REST API's types: what clients send and what quetzald answers.
+//! Requests reject unknown fields.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A VM's state as the node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Not running (never started, stopped, or powered off by its guest).
+    Stopped,
+    /// QEMU is starting.
+    Starting,
+    Running,
+    Paused,
+    /// Shutting down.
+    Stopping,
+    /// Its QEMU died or its guest panicked, and it was not restarted.
+    Crashed,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 6] = [
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Crashed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
+    }
+}
+
+/// What the node does when a VM's QEMU ends without being asked to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it stopped or crashed.
+    #[default]
+    Never,
+    /// Restart it (with back-off) when QEMU dies or the guest panics.
+    OnFailure,
+    /// Restart it whenever it ends, even when the guest powers off.
+    Always,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Never, Self::OnFailure, Self::Always]
+            .into_iter()
+            .find(|policy| policy.as_str() == text)
+    }
+}
+
+/// `POST /api/v1/vms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// 1-63 letters, digits, `-` or `_`, starting with a letter or digit.
+    pub name: String,
+    /// A built image (`tiny`).
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// The root disk's size; defaults to the image's.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+fn default_image() -> String {
+    "tiny".to_owned()
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> u64 {
+    256
+}
+
+/// A VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub name: String,
+    pub state: VmState,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub labels: BTreeMap<String, String>,
+    pub restart_policy: RestartPolicy,
+    /// QEMU's process id while it runs.
+    pub pid: Option<u32>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds of the last start, while it runs.
+    pub started_at: Option<i64>,
+    /// Automatic restarts since the last start by a user.
+    pub restarts: u32,
+}
+
+/// One lifecycle change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Increasing; page with `?after=ID`.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub vm: String,
+    /// `created`, `started`, `stopped`, `paused`, `resumed`, `crashed`,
+    /// `restarting`, `deleted`, `reattached`...
+    pub kind: String,
+    /// The VM's state after the change.
+    pub state: Option<VmState>,
+    /// Why, in words.
+    pub cause: String,
+}
+
+/// A page of events, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// Pass as `after` for the next page; null when this was the last one.
+    pub next_after: Option<i64>,
+}
+
+/// Every error answer: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `not_found`, `conflict`, `invalid_request`,
+    /// `unauthorized`, `insufficient_storage`, `internal`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// What the node runs on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub cpu_model: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub hardware_virtualization: bool,
+    pub qemu_version: Option<String>,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub accel_reason: String,
+    pub vms_by_state: BTreeMap<String, u64>,
+}

@@ -1,0 +1,59 @@
+//! `quetzald`: the Quetzal node daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "quetzald", version, about = "The Quetzal node daemon")]
+struct Args {
+    /// Where VMs, images and the store live [default: $QUETZAL_DATA_DIR,
+    /// else /var/lib/quetzal as root, else ~/.local/share/quetzal].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also serve the API on this TCP address (a bearer token is required).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let rendered = err.to_string();
+            eprintln!("quetzald: {}", rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUETZAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = quetzal_node::Config {
+        data_dir: args.data_dir.unwrap_or_else(quetzal_image::data_dir),
+        listen: args.listen,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("quetzald: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(quetzal_node::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("quetzald: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The REST API: thin handlers that parse, call one domain function and map
+//! its result. Errors are always `{"error": {"code", "message"}}`.
+
+mod console;
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use quetzal_api::{CreateVm, ErrorBody, ErrorDetail, Event, EventPage, Host, Vm, VmState};
+use serde::Deserialize;
+use tokio_stream::{Stream, StreamExt};
+use utoipa::OpenApi;
+
+use crate::node::{DEFAULT_STOP_TIMEOUT, Node, NodeError};
+
+/// What every handler can reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub host: Arc<quetzal_engine::host::HostInfo>,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(err: NodeError) -> Self {
+        let (status, code) = match &err {
+            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            NodeError::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, err.to_string())
+    }
+}
+
+/// A JSON body whose rejections (bad JSON, unknown fields, wrong content
+/// type) are our JSON errors.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(value)| Body(value))
+            .map_err(|rejection: JsonRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", rejection.body_text())
+            })
+    }
+}
+
+/// A query string, rejected the same way.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|rejection: QueryRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", rejection.body_text())
+            })
+    }
+}
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Quetzal API", description = "quetzald's REST API"),
+    paths(list_vms, create_vm, get_vm, delete_vm, vm_action, list_events, host),
+    components(schemas(Vm, CreateVm, VmState, Event, EventPage, ErrorBody, ErrorDetail, Host, quetzal_api::RestartPolicy))
+)]
+pub struct ApiDoc;
+
+/// The API. With `token`, every request must carry `Authorization: Bearer
+/// <token>` (the TCP listener); without, the Unix socket's file mode is the
+/// access control.
+pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/vms/{name}/console", get(console::console))
+        .route("/api/v1/vms/{name}/{action}", post(vm_action))
+        .route("/api/v1/events", get(list_events))
+        .route("/api/v1/events/stream", get(stream_events))
+        .route("/api/v1/host", get(host))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics::metrics))
+        .fallback(not_found)
+        .with_state(state);
+    match token {
+        Some(token) => api.layer(middleware::from_fn(move |req: Request, next: Next| {
+            let token = Arc::clone(&token);
+            async move { require_token(&token, req, next).await }
+        })),
+        None => api,
+    }
+}
+
+async fn require_token(token: &str, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(presented) if crate::token::matches(presented, token) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this listener needs Authorization: Bearer <token> (see `quetzal token`)",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only VMs in this state.
+    state: Option<String>,
+    /// Only VMs with this label, as `key=value`.
+    label: Option<String>,
+}
+
+/// List VMs.
+#[utoipa::path(get, path = "/api/v1/vms", params(ListQuery),
+    responses((status = 200, body = Vec<Vm>), (status = 400, body = ErrorBody)))]
+async fn list_vms(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Vec<Vm>>, ApiError> {
+    let state = match query.state.as_deref() {
+        None => None,
+        Some(text) => Some(VmState::parse(text).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("unknown state '{text}'"))
+        })?),
+    };
+    let labels = match query.label.as_deref() {
+        None => vec![],
+        Some(pair) => {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "label must be key=value")
+            })?;
+            vec![(key.to_owned(), value.to_owned())]
+        }
+    };
+    Ok(Json(app.node.list(state, &labels)?))
+}
+
+/// Create a VM (stopped).
+#[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVm,
+    responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 507, body = ErrorBody)))]
+async fn create_vm(State(app): State<AppState>, Body(request): Body<CreateVm>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    Ok((StatusCode::CREATED, Json(app.node.create(request).await?)))
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/api/v1/vms/{name}",
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
+async fn get_vm(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(app.node.get(&name)?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    /// Keep the VM's disk files.
+    #[serde(default)]
+    keep_disks: bool,
+}
+
+/// Delete a stopped VM (and its disks unless `keep_disks`).
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", params(DeleteQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_vm(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    app.node.delete(&name, query.keep_disks).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ActionQuery {
+    /// For stop and restart: seconds to wait for the guest before forcing it off.
+    timeout_secs: Option<u64>,
+}
+
+/// Run a lifecycle action: `start`, `stop`, `force-stop`, `restart`, `pause`, `resume`.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/{action}", params(ActionQuery),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn vm_action(
+    State(app): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+    Query(query): Query<ActionQuery>,
+) -> Result<Json<Vm>, ApiError> {
+    let timeout = query.timeout_secs.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let node = &app.node;
+    let vm = match action.as_str() {
+        "start" => node.start(&name).await?,
+        "stop" => node.stop(&name, timeout).await?,
+        "force-stop" => node.force_stop(&name).await?,
+        "restart" => node.restart(&name, timeout).await?,
+        "pause" => node.pause(&name).await?,
+        "resume" => node.resume(&name).await?,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no action '{other}' (start, stop, force-stop, restart, pause, resume)"),
+            ));
+        }
+    };
+    Ok(Json(vm))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only events after this id.
+    #[serde(default)]
+    after: i64,
+    /// At most this many (1-1000, default 100).
+    limit: Option<u32>,
+    /// Only this VM's events.
+    vm: Option<String>,
+}
+
+/// The event log, oldest first, paged.
+#[utoipa::path(get, path = "/api/v1/events", params(EventsQuery),
+    responses((status = 200, body = EventPage), (status = 400, body = ErrorBody)))]
+async fn list_events(State(app): State<AppState>, Query(query): Query<EventsQuery>) -> Result<Json<EventPage>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "limit must be between 1 and 1000"));
+    }
+    let events = app.node.events(query.after, limit, query.vm.as_deref())?;
+    let full = events.len() == usize::try_from(limit).unwrap_or(usize::MAX);
+    let next_after = full.then(|| events.last().map(|e| e.id)).flatten();
+    Ok(Json(EventPage { events, next_after }))
+}
+
+/// Events as they happen (server-sent events, one JSON `Event` each).
+async fn stream_events(State(app): State<AppState>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let events = tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(|event| {
+        let event = event.ok()?;
+        SseEvent::default().id(event.id.to_string()).json_data(&event).ok().map(Ok)
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// The host and its VM counts.
+#[utoipa::path(get, path = "/api/v1/host", responses((status = 200, body = Host)))]
+async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
+    let mut by_state: BTreeMap<String, u64> =
+        VmState::ALL.iter().map(|state| (state.as_str().to_owned(), 0)).collect();
+    for vm in app.node.list(None, &[])? {
+        *by_state.entry(vm.state.as_str().to_owned()).or_default() += 1;
+    }
+    let info = &app.host;
+    Ok(Json(Host {
+        cpu_model: info.cpu_model.clone(),
+        cpus: info.cpus,
+        memory_mib: info.memory_mib,
+        hardware_virtualization: info.hardware_virtualization,
+        qemu_version: info.qemu_version.clone(),
+        accel: info.accel.to_string(),
+        accel_reason: info.accel_reason.clone(),
+        vms_by_state: by_state,
+    }))
+}

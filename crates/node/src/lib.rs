@@ -1,0 +1,92 @@
+//! quetzald, the node daemon: keeps VMs in a SQLite store, runs each under
+//! a supervisor over the QEMU engine, and serves the REST API on a Unix
+//! socket (and, with a token, on TCP).
+//!
+//! - [`node`]: the domain (VM lifecycle, restart policy, recovery).
+//! - [`lifecycle`]: which action is legal in which state.
+//! - [`supervisor`]: one task per running VM.
+//! - [`store`]: SQLite.
+//! - [`http`]: the REST API, events stream, metrics, consoles.
+
+pub mod http;
+pub mod lifecycle;
+pub mod node;
+pub mod store;
+pub mod supervisor;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The Unix socket quetzald serves in its data directory.
+pub fn socket_path(data: &Path) -> PathBuf {
+    data.join("quetzald.sock")
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// Also serve on this TCP address, with the token required.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Running VMs are left running:
+/// the next start re-attaches to them.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let lock_path = data.join("quetzald.lock");
+    let lock_file = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("another quetzald is already serving {}", data.display()))?;
+
+    let node = node::Node::open(data).await?;
+    let token = Arc::new(token::ensure(data).context("cannot create the API token")?);
+    let host = quetzal_engine::host::HostInfo::probe(std::path::Path::new("qemu-system-x86_64"), None)?;
+    let state = http::AppState {
+        node,
+        host: Arc::new(host),
+    };
+
+    let socket = socket_path(data);
+    let _ = std::fs::remove_file(&socket);
+    let unix = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    tracing::info!(socket = %socket.display(), "quetzald serving");
+    let unix_server = axum::serve(unix, http::router(state.clone(), None));
+
+    let tcp_server = match config.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, "quetzald serving on TCP (token required)");
+            Some(axum::serve(listener, http::router(state, Some(token))))
+        }
+        None => None,
+    };
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let result = tokio::select! {
+        result = unix_server.into_future() => result.map_err(anyhow::Error::from),
+        result = async {
+            match tcp_server {
+                Some(server) => server.await.map_err(anyhow::Error::from),
+                None => std::future::pending().await,
+            }
+        } => result,
+        _ = terminate.recv() => Ok(()),
+        _ = interrupt.recv() => Ok(()),
+    };
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("quetzald stopped; VMs keep running");
+    result
+}

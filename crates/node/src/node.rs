@@ -1,0 +1,718 @@
+//! The node's domain: VMs, their lifecycle and restart policy, over the
+//! store and the engine. HTTP handlers call these functions and nothing
+//! else; every rule lives here (or in [`crate::lifecycle`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quetzal_api::{CreateVm, Event, RestartPolicy, Vm, VmState};
+use quetzal_engine::accel::{self, AccelProbe};
+use quetzal_engine::spec::{
+    Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+};
+use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, disk};
+use quetzal_image::{Image, ImageError, ImageStore};
+use tokio::sync::broadcast;
+
+use crate::lifecycle::{self, Action};
+use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
+use crate::supervisor::{self, Command, Exit, Live, Stats};
+
+/// How long a graceful stop waits for the guest before forcing it off.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU gets to quit before it is killed.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest root disk a VM may ask for (16 TiB).
+const MAX_DISK_MIB: u64 = 16 << 20;
+/// Free space a new VM needs at least, for its overlay to start.
+const MIN_FREE_MIB: u64 = 64;
+
+/// A domain error; the API maps each kind to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for NodeError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Exists(name) => NodeError::Conflict(format!("a VM named {name} already exists")),
+            other => NodeError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Per-VM state kept in memory: the lock that serializes operations on it
+/// and, while it runs, its supervisor.
+#[derive(Debug, Default)]
+struct Slot {
+    op: tokio::sync::Mutex<()>,
+    live: Mutex<Option<Arc<Live>>>,
+}
+
+impl Slot {
+    fn live(&self) -> Option<Arc<Live>> {
+        self.live.lock().expect("never poisoned: no panics while held").clone()
+    }
+
+    fn set_live(&self, live: Option<Arc<Live>>) {
+        *self.live.lock().expect("never poisoned: no panics while held") = live;
+    }
+}
+
+#[derive(Debug)]
+pub struct Node {
+    data: PathBuf,
+    store: Mutex<Store>,
+    engine: QemuEngine,
+    images: ImageStore,
+    events: broadcast::Sender<Event>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    generation: std::sync::atomic::AtomicU64,
+    host_memory_mib: u64,
+    accel: Accel,
+}
+
+impl Node {
+    /// Opens the store in `data` and re-attaches to the VMs that were
+    /// running before this daemon started.
+    pub async fn open(data: &Path) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(data.join("vms"))?;
+        let store = Store::open(&data.join("quetzal.db"))?;
+        let (events, _) = broadcast::channel(1024);
+        let node = Arc::new(Node {
+            data: data.to_owned(),
+            store: Mutex::new(store),
+            engine: QemuEngine::new(),
+            images: ImageStore::new(data),
+            events,
+            slots: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
+            accel: accel::choose(&AccelProbe::of_this_host()).accel,
+        });
+        node.engine.check_installed()?;
+        node.recover().await?;
+        Ok(node)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().expect("never poisoned: no panics while held")
+    }
+
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().expect("never poisoned: no panics while held");
+        Arc::clone(slots.entry(name.to_owned()).or_default())
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.data.join("vms").join(name)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, event: Event) {
+        tracing::info!(vm = %event.vm, kind = %event.kind, cause = %event.cause, "vm event");
+        let _ = self.events.send(event);
+    }
+
+    fn record(&self, name: &str) -> Result<VmRecord, NodeError> {
+        self.store()
+            .get(name)?
+            .ok_or_else(|| NodeError::NotFound(format!("no VM named {name}")))
+    }
+
+    fn change(&self, name: &str, change: &Change<'_>) -> Result<(), NodeError> {
+        let event = self.store().change(name, change)?;
+        self.publish(event);
+        Ok(())
+    }
+
+    /// Records an event that changes no state.
+    pub fn note(&self, name: &str, kind: &str, cause: &str) {
+        match self.store().note(name, kind, cause) {
+            Ok(event) => self.publish(event),
+            Err(err) => tracing::warn!(vm = %name, error = %err, "cannot record event"),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Vm, NodeError> {
+        Ok(self.record(name)?.vm)
+    }
+
+    /// VMs, filtered by state and by labels (`key=value`, all must match).
+    pub fn list(&self, state: Option<VmState>, labels: &[(String, String)]) -> Result<Vec<Vm>, NodeError> {
+        Ok(self
+            .store()
+            .list()?
+            .into_iter()
+            .map(|record| record.vm)
+            .filter(|vm| state.is_none_or(|state| vm.state == state))
+            .filter(|vm| labels.iter().all(|(k, v)| vm.labels.get(k) == Some(v)))
+            .collect())
+    }
+
+    pub fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, NodeError> {
+        Ok(self.store().events(after, limit, vm)?)
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Resource use of every running VM.
+    pub async fn stats(&self) -> Vec<(String, Stats)> {
+        let lives: Vec<(String, Arc<Live>)> = {
+            let slots = self.slots.lock().expect("never poisoned: no panics while held");
+            slots
+                .iter()
+                .filter_map(|(name, slot)| Some((name.clone(), slot.live()?)))
+                .collect()
+        };
+        let mut stats = Vec::new();
+        for (name, live) in lives {
+            if let Some(s) = live.stats().await {
+                stats.push((name, s));
+            }
+        }
+        stats
+    }
+
+    /// The console of a running VM: its live output and its input.
+    pub fn console(&self, name: &str) -> Result<(PathBuf, Option<Arc<Live>>), NodeError> {
+        self.record(name)?;
+        Ok((self.vm_dir(name).join("console.log"), self.slot(name).live()))
+    }
+
+    /// Creates a stopped VM with a qcow2 overlay on its image's base disk.
+    pub async fn create(&self, request: CreateVm) -> Result<Vm, NodeError> {
+        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
+        MemoryMib::new(request.memory_mib, self.host_memory_mib)
+            .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
+        let image = self.images.get(&request.image).map_err(|err| match err {
+            ImageError::Unknown { .. } | ImageError::NotBuilt { .. } => NodeError::Invalid(err.to_string()),
+            other => NodeError::Internal(other.to_string()),
+        })?;
+        let base_mib = image_disk_mib(&image)?;
+        let disk_mib = request.disk_mib.unwrap_or(base_mib);
+        if disk_mib < base_mib || disk_mib > MAX_DISK_MIB {
+            return Err(NodeError::Invalid(format!(
+                "disk_mib must be between the image's {base_mib} and {MAX_DISK_MIB}, not {disk_mib}"
+            )));
+        }
+        let free = free_mib(&self.data.join("vms"))?;
+        if free < MIN_FREE_MIB {
+            return Err(NodeError::InsufficientStorage(format!(
+                "only {free} MiB free in {}; a VM needs at least {MIN_FREE_MIB} MiB",
+                self.data.display()
+            )));
+        }
+        let slot = self.slot(name.as_str());
+        let _op = slot.op.lock().await;
+        if self.store().get(name.as_str())?.is_some() {
+            return Err(NodeError::Conflict(format!("a VM named {name} already exists")));
+        }
+        let dir = self.vm_dir(name.as_str());
+        // A directory without a VM is left from a create cut short.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+        let made = disk::create_overlay_sized(
+            &image.root_disk(),
+            DiskFormat::Qcow2,
+            &dir.join("root.qcow2"),
+            Some(disk_mib),
+        )
+        .map_err(|e| disk_error(&e.to_string()));
+        let record = VmRecord {
+            vm: Vm {
+                name: name.to_string(),
+                state: VmState::Stopped,
+                image: request.image,
+                cpus: request.cpus,
+                memory_mib: request.memory_mib,
+                disk_mib,
+                labels: request.labels,
+                restart_policy: request.restart_policy,
+                pid: None,
+                created_at: now_millis(),
+                started_at: None,
+                restarts: 0,
+            },
+            image_dir: image.dir.clone(),
+        };
+        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, "created by request")?));
+        match inserted {
+            Ok(event) => {
+                self.publish(event);
+                Ok(record.vm)
+            }
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, Action::Start).map_err(NodeError::Conflict)?;
+        self.launch(&slot, &record, 0, "started", "start requested").await?;
+        self.get(name)
+    }
+
+    pub async fn stop(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, Action::Stop).map_err(NodeError::Conflict)?;
+        self.shut_down(&slot, &record, Some(timeout)).await?;
+        self.get(name)
+    }
+
+    pub async fn force_stop(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, Action::ForceStop).map_err(NodeError::Conflict)?;
+        self.shut_down(&slot, &record, None).await?;
+        self.get(name)
+    }
+
+    pub async fn restart(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, Action::Restart).map_err(NodeError::Conflict)?;
+        self.shut_down(&slot, &record, Some(timeout)).await?;
+        let record = self.record(name)?;
+        self.launch(&slot, &record, 0, "started", "restart requested").await?;
+        self.get(name)
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<Vm, NodeError> {
+        self.pause_or_resume(name, Action::Pause).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<Vm, NodeError> {
+        self.pause_or_resume(name, Action::Resume).await
+    }
+
+    async fn pause_or_resume(&self, name: &str, action: Action) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, action).map_err(NodeError::Conflict)?;
+        let live = slot
+            .live()
+            .ok_or_else(|| NodeError::Conflict(format!("VM {name} is not running")))?;
+        let (command, state, kind, cause) = match action {
+            Action::Pause => (Command::Pause, VmState::Paused, "paused", "pause requested"),
+            _ => (Command::Resume, VmState::Running, "resumed", "resume requested"),
+        };
+        live.call(command).await.map_err(NodeError::Internal)?;
+        self.change(
+            name,
+            &Change {
+                state,
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind,
+                cause,
+            },
+        )?;
+        self.get(name)
+    }
+
+    /// Deletes a stopped VM and, unless `keep_disks`, its directory.
+    pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let record = self.record(name)?;
+        lifecycle::check(record.vm.state, Action::Delete).map_err(NodeError::Conflict)?;
+        let cause = if keep_disks {
+            "deleted by request; disks kept"
+        } else {
+            "deleted by request"
+        };
+        let event = self.store().delete_vm(name, cause)?;
+        if !keep_disks {
+            let dir = self.vm_dir(name);
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
+            }
+        }
+        self.publish(event);
+        self.slots
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .remove(name);
+        Ok(())
+    }
+
+    /// Boots a VM's QEMU and starts supervising it. Called with the VM's
+    /// operation lock held.
+    async fn launch(
+        self: &Arc<Self>,
+        slot: &Slot,
+        record: &VmRecord,
+        restarts: u32,
+        kind: &str,
+        cause: &str,
+    ) -> Result<(), NodeError> {
+        let name = record.vm.name.as_str();
+        self.change(
+            name,
+            &Change {
+                state: VmState::Starting,
+                pid: None,
+                started_at: None,
+                restarts,
+                kind: "starting",
+                cause,
+            },
+        )?;
+        match self.boot(record).await {
+            Ok((vm, console)) => {
+                let generation = self
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let pid = vm.pid();
+                let live = supervisor::spawn(Arc::clone(self), name.to_owned(), generation, vm, console);
+                slot.set_live(Some(Arc::new(live)));
+                self.change(
+                    name,
+                    &Change {
+                        state: VmState::Running,
+                        pid,
+                        started_at: Some(now_millis()),
+                        restarts,
+                        kind,
+                        cause,
+                    },
+                )
+            }
+            Err(err) => {
+                let reason = format!("start failed: {err}");
+                self.change(
+                    name,
+                    &Change {
+                        state: VmState::Crashed,
+                        pid: None,
+                        started_at: None,
+                        restarts,
+                        kind: "start-failed",
+                        cause: &reason,
+                    },
+                )?;
+                Err(NodeError::Internal(reason))
+            }
+        }
+    }
+
+    async fn boot(&self, record: &VmRecord) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
+        let vm = &record.vm;
+        let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
+        let dir = self.vm_dir(&vm.name);
+        let spec = VmSpec {
+            name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
+            cpus: Cpus::new(vm.cpus).map_err(|e| e.to_string())?,
+            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib).map_err(|e| e.to_string())?,
+            machine: Machine::Pc,
+            accel: self.accel,
+            boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &image.manifest.append)
+                .map_err(|e| e.to_string())?,
+            disks: vec![Disk {
+                path: dir.join("root.qcow2"),
+                format: DiskFormat::Qcow2,
+                read_only: false,
+            }],
+            nics: vec![Nic {
+                mac: Mac::local(name_hash(&vm.name)),
+                backend: NicBackend::User,
+            }],
+        };
+        let qemu = self
+            .engine
+            .create(&spec, &dir, Lifetime::Detached)
+            .await
+            .map_err(|e| e.to_string())?;
+        let console = qemu.console().await.map_err(|e| e.to_string())?;
+        qemu.start().await.map_err(|e| e.to_string())?;
+        Ok((qemu, console))
+    }
+
+    /// Stops a running VM: the power button, up to `graceful` for the guest
+    /// to shut down, then quit, then kill. `None` skips the power button.
+    async fn shut_down(&self, slot: &Slot, record: &VmRecord, graceful: Option<Duration>) -> Result<(), NodeError> {
+        let name = record.vm.name.as_str();
+        let Some(live) = slot.live() else {
+            return self.change(name, &stopped("stopped", "it was not running"));
+        };
+        self.change(
+            name,
+            &Change {
+                state: VmState::Stopping,
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind: "stopping",
+                cause: if graceful.is_some() {
+                    "stop requested"
+                } else {
+                    "force stop requested"
+                },
+            },
+        )?;
+        let mut cause = "stopped by request".to_owned();
+        let mut exit = None;
+        if let Some(timeout) = graceful {
+            if record.vm.state == VmState::Paused {
+                let _ = live.call(Command::Resume).await;
+            }
+            if live.call(Command::Powerdown).await.is_ok() {
+                exit = live.wait_exit(timeout).await;
+            }
+            if exit.is_none() {
+                cause = format!(
+                    "forced off: the guest did not shut down within {}s",
+                    timeout.as_secs()
+                );
+            }
+        } else {
+            cause = "forced off by request".to_owned();
+        }
+        if exit.is_none() {
+            let _ = live.call(Command::Quit).await;
+            exit = live.wait_exit(QUIT_TIMEOUT).await;
+        }
+        if exit.is_none() {
+            let _ = live.call(Command::Kill).await;
+            live.wait_exit(QUIT_TIMEOUT).await;
+        }
+        slot.set_live(None);
+        self.change(name, &stopped("stopped", &cause))
+    }
+
+    /// Called by a VM's supervisor when its QEMU is gone. Records how it
+    /// ended unless an operation already did, and applies the restart
+    /// policy.
+    pub async fn vm_exited(self: &Arc<Self>, name: &str, generation: u64, exit: Exit) {
+        let slot = self.slot(name);
+        let _op = slot.op.lock().await;
+        let current = slot.live().is_some_and(|live| live.generation == generation);
+        if !current {
+            return;
+        }
+        slot.set_live(None);
+        let Ok(record) = self.record(name) else {
+            return;
+        };
+        if !matches!(record.vm.state, VmState::Running | VmState::Paused) {
+            return;
+        }
+        let (state, kind, cause) = match &exit {
+            Exit::PoweredOff => (VmState::Stopped, "stopped", "the guest powered off".to_owned()),
+            Exit::Quit => (VmState::Stopped, "stopped", "QEMU was told to quit".to_owned()),
+            Exit::Crashed(reason) => (VmState::Crashed, "crashed", reason.clone()),
+            Exit::Died(log) => (
+                VmState::Crashed,
+                "crashed",
+                format!("QEMU exited unexpectedly ({log})"),
+            ),
+        };
+        if let Err(err) = self.change(name, &Change { state, ..stopped(kind, &cause) }) {
+            tracing::warn!(vm = %name, error = %err, "cannot record the VM's exit");
+            return;
+        }
+        self.apply_policy(&record, state, &cause);
+    }
+
+    fn apply_policy(self: &Arc<Self>, record: &VmRecord, state: VmState, cause: &str) {
+        let restart = match record.vm.restart_policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => state == VmState::Crashed,
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            return;
+        }
+        let restarts = record.vm.restarts.saturating_add(1);
+        let delay = backoff(record.vm.restarts);
+        let why = format!(
+            "restart policy {}: {cause}; restart {restarts} after {}s",
+            record.vm.restart_policy.as_str(),
+            delay.as_secs()
+        );
+        self.note(&record.vm.name, "restarting", &why);
+        let node = Arc::clone(self);
+        let name = record.vm.name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let slot = node.slot(&name);
+            let _op = slot.op.lock().await;
+            let Ok(record) = node.record(&name) else {
+                return;
+            };
+            // Someone may have started or deleted it meanwhile.
+            if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
+                return;
+            }
+            if let Err(err) = node.launch(&slot, &record, restarts, "restarted", &why).await {
+                tracing::warn!(vm = %name, error = %err, "restart failed");
+            }
+        });
+    }
+
+    /// After a daemon start: re-attach to every VM whose QEMU still runs,
+    /// and mark (and handle per policy) those that died meanwhile.
+    async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
+        let records = self.store().list()?;
+        for record in records {
+            let name = record.vm.name.clone();
+            let was_up = matches!(
+                record.vm.state,
+                VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
+            );
+            if !was_up {
+                continue;
+            }
+            let slot = self.slot(&name);
+            let _op = slot.op.lock().await;
+            let attached = match record.vm.pid {
+                Some(pid) => self.engine.attach(&self.vm_dir(&name), pid).await.map_err(|e| e.to_string()),
+                None => Err("it had no QEMU process".to_owned()),
+            };
+            let attached = match attached {
+                Ok(qemu) => {
+                    let state = qemu.state().await.map_err(|e| e.to_string());
+                    match qemu.console().await {
+                        Ok(console) => state.map(|state| (qemu, console, state)),
+                        Err(err) => Err(err.to_string()),
+                    }
+                }
+                Err(err) => Err(err),
+            };
+            match attached {
+                Ok((qemu, console, state)) => {
+                    let generation = self
+                        .generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let live = supervisor::spawn(Arc::clone(self), name.clone(), generation, qemu, console);
+                    slot.set_live(Some(Arc::new(live)));
+                    let state = match state {
+                        quetzal_engine::VmState::Paused => VmState::Paused,
+                        _ => VmState::Running,
+                    };
+                    self.change(
+                        &name,
+                        &Change {
+                            state,
+                            pid: record.vm.pid,
+                            started_at: record.vm.started_at,
+                            restarts: record.vm.restarts,
+                            kind: "reattached",
+                            cause: "quetzald restarted; the VM kept running",
+                        },
+                    )?;
+                }
+                Err(err) => {
+                    let cause = format!("its QEMU ended while quetzald was down ({err})");
+                    self.change(&name, &Change { state: VmState::Crashed, ..stopped("crashed", &cause) })?;
+                    self.apply_policy(&record, VmState::Crashed, &cause);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn stopped<'a>(kind: &'a str, cause: &'a str) -> Change<'a> {
+    Change {
+        state: VmState::Stopped,
+        pid: None,
+        started_at: None,
+        restarts: 0,
+        kind,
+        cause,
+    }
+}
+
+/// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(1 << restarts.min(5))
+}
+
+/// A stable 24-bit number from a VM name, for its MAC address.
+fn name_hash(name: &str) -> u32 {
+    name.bytes()
+        .fold(2_166_136_261u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(16_777_619))
+        & 0x00ff_ffff
+}
+
+fn image_disk_mib(image: &Image) -> Result<u64, NodeError> {
+    disk::virtual_size(&image.root_disk())
+        .map(|bytes| bytes.div_ceil(1 << 20))
+        .map_err(|e| NodeError::Internal(e.to_string()))
+}
+
+fn free_mib(dir: &Path) -> Result<u64, NodeError> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+    Ok(stat.blocks_available() * stat.fragment_size() / (1 << 20))
+}
+
+fn disk_error(message: &str) -> NodeError {
+    if message.contains("No space left") {
+        NodeError::InsufficientStorage(message.to_owned())
+    } else {
+        NodeError::Internal(message.to_owned())
+    }
+}
+
+/// The CLI's wording (`--cpus`) becomes the API's (`cpus`).
+fn cpus_message(message: &str) -> String {
+    message.replace("--cpus", "cpus")
+}
+
+fn memory_message(message: &str) -> String {
+    message.replace("--memory", "memory_mib")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backs_off_exponentially_up_to_half_a_minute() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(40), Duration::from_secs(32));
+    }
+
+    #[test]
+    fn gives_each_name_its_own_stable_mac_suffix() {
+        assert_eq!(name_hash("web-1"), name_hash("web-1"));
+        assert_ne!(name_hash("web-1"), name_hash("web-2"));
+        assert!(name_hash("web-1") <= 0x00ff_ffff);
+    }
+}

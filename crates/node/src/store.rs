@@ -1,0 +1,429 @@
+//! The node's state in SQLite: VMs and their event log.
+//!
+//! Every state change and its event are written in one transaction, in WAL
+//! mode: a `kill -9` at any moment leaves a store that opens and holds
+//! either the change with its event or neither.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use quetzal_api::{Event, RestartPolicy, Vm, VmState};
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("VM {0} already exists")]
+    Exists(String),
+    #[error("the store holds a value it cannot read: {0}")]
+    Corrupt(String),
+}
+
+/// Each migration moves the schema one version up; `user_version` says
+/// how many have run.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE vms (
+        name TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        image_dir TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        restart_policy TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        restarts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        vm TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT,
+        cause TEXT NOT NULL
+    );
+    CREATE INDEX events_by_vm ON events (vm, id);",
+];
+
+/// A VM as stored: the API's view plus what only the node needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRecord {
+    pub vm: Vm,
+    /// The image build whose base disk the VM's overlay sits on.
+    pub image_dir: PathBuf,
+}
+
+/// A change of a VM's runtime fields, with the event that tells it.
+#[derive(Clone, Debug)]
+pub struct Change<'a> {
+    pub state: VmState,
+    pub pid: Option<u32>,
+    pub started_at: Option<i64>,
+    pub restarts: u32,
+    pub kind: &'a str,
+    pub cause: &'a str,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(|e| self.sql(e))?;
+        let version: usize = self
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| self.sql(e))?;
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })?;
+            tx.execute_batch(migration)
+                .and_then(|()| tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)))
+                .and_then(|()| tx.commit())
+                .map_err(|source| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a new VM and its `created` event.
+    pub fn insert_vm(&mut self, record: &VmRecord, cause: &str) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let vm = &record.vm;
+        let tx = self.conn.transaction().map_err(sql)?;
+        let inserted = tx.execute(
+            "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
+                restart_policy, state, pid, created_at, started_at, restarts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0)",
+            params![
+                vm.name,
+                vm.image,
+                record.image_dir.display().to_string(),
+                vm.cpus,
+                vm.memory_mib,
+                vm.disk_mib,
+                serde_json::to_string(&vm.labels).expect("a string map serializes"),
+                vm.restart_policy.as_str(),
+                vm.state.as_str(),
+                vm.created_at,
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(err, _))
+                if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Exists(vm.name.clone()));
+            }
+            Err(err) => return Err(sql(err)),
+        }
+        let event = insert_event(&tx, &vm.name, "created", Some(vm.state), cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    /// Applies a change and records its event, atomically.
+    pub fn change(&mut self, name: &str, change: &Change<'_>) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "UPDATE vms SET state = ?2, pid = ?3, started_at = ?4, restarts = ?5 WHERE name = ?1",
+            params![
+                name,
+                change.state.as_str(),
+                change.pid,
+                change.started_at,
+                change.restarts
+            ],
+        )
+        .map_err(sql)?;
+        let event = insert_event(&tx, name, change.kind, Some(change.state), change.cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    /// Records an event that changes nothing stored (a guest reset).
+    pub fn note(&mut self, name: &str, kind: &str, cause: &str) -> Result<Event, StoreError> {
+        let state = self.get(name)?.map(|r| r.vm.state);
+        insert_event(&self.conn, name, kind, state, cause).map_err(|e| self.sql(e))
+    }
+
+    /// Deletes a VM and records its `deleted` event.
+    pub fn delete_vm(&mut self, name: &str, cause: &str) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
+            .map_err(sql)?;
+        let event = insert_event(&tx, name, "deleted", None, cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        self.conn
+            .query_row(&format!("{SELECT_VM} WHERE name = ?1"), params![name], read_vm)
+            .optional()
+            .map_err(|e| self.sql(e))?
+            .transpose()
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!("{SELECT_VM} ORDER BY name"))
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map([], read_vm)
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter().collect()
+    }
+
+    /// Events after `after`, oldest first, at most `limit`, for one VM or all.
+    pub fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at, vm, kind, state, cause FROM events
+                 WHERE id > ?1 AND (?2 IS NULL OR vm = ?2) ORDER BY id LIMIT ?3",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![after, vm, limit], |row| {
+                let state: Option<String> = row.get(4)?;
+                Ok(Event {
+                    id: row.get(0)?,
+                    at: row.get(1)?,
+                    vm: row.get(2)?,
+                    kind: row.get(3)?,
+                    state: state.as_deref().and_then(VmState::parse),
+                    cause: row.get(5)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+}
+
+const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
+    restart_policy, state, pid, created_at, started_at, restarts FROM vms";
+
+fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
+    let labels: String = row.get(6)?;
+    let policy: String = row.get(7)?;
+    let state: String = row.get(8)?;
+    let image_dir: String = row.get(2)?;
+    let name: String = row.get(0)?;
+    let parsed = (|| {
+        let labels: BTreeMap<String, String> = serde_json::from_str(&labels)
+            .map_err(|e| StoreError::Corrupt(format!("labels of {name}: {e}")))?;
+        let restart_policy = RestartPolicy::parse(&policy)
+            .ok_or_else(|| StoreError::Corrupt(format!("restart policy of {name}: {policy}")))?;
+        let state = VmState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("state of {name}: {state}")))?;
+        Ok((labels, restart_policy, state))
+    })();
+    let (labels, restart_policy, state) = match parsed {
+        Ok(parsed) => parsed,
+        Err(err) => return Ok(Err(err)),
+    };
+    Ok(Ok(VmRecord {
+        vm: Vm {
+            name,
+            state,
+            image: row.get(1)?,
+            cpus: row.get(3)?,
+            memory_mib: row.get(4)?,
+            disk_mib: row.get(5)?,
+            labels,
+            restart_policy,
+            pid: row.get(9)?,
+            created_at: row.get(10)?,
+            started_at: row.get(11)?,
+            restarts: row.get(12)?,
+        },
+        image_dir: PathBuf::from(image_dir),
+    }))
+}
+
+fn insert_event(
+    conn: &Connection,
+    vm: &str,
+    kind: &str,
+    state: Option<VmState>,
+    cause: &str,
+) -> rusqlite::Result<Event> {
+    let at = now_millis();
+    conn.execute(
+        "INSERT INTO events (at, vm, kind, state, cause) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![at, vm, kind, state.map(VmState::as_str), cause],
+    )?;
+    Ok(Event {
+        id: conn.last_insert_rowid(),
+        at,
+        vm: vm.to_owned(),
+        kind: kind.to_owned(),
+        state,
+        cause: cause.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> VmRecord {
+        VmRecord {
+            vm: Vm {
+                name: name.to_owned(),
+                state: VmState::Stopped,
+                image: "tiny".to_owned(),
+                cpus: 1,
+                memory_mib: 256,
+                disk_mib: 256,
+                labels: BTreeMap::from([("team".to_owned(), "web".to_owned())]),
+                restart_policy: RestartPolicy::OnFailure,
+                pid: None,
+                created_at: 1,
+                started_at: None,
+                restarts: 0,
+            },
+            image_dir: PathBuf::from("/images/tiny/x"),
+        }
+    }
+
+    #[test]
+    fn stores_and_reads_back_a_vm_with_its_created_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+
+        let event = store.insert_vm(&record("web"), "created by test").unwrap();
+
+        assert_eq!(store.get("web").unwrap(), Some(record("web")));
+        assert_eq!(event.kind, "created");
+        assert_eq!(store.events(0, 10, None).unwrap(), vec![event]);
+    }
+
+    #[test]
+    fn refuses_a_second_vm_with_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store.insert_vm(&record("web"), "x").unwrap();
+
+        let result = store.insert_vm(&record("web"), "x");
+
+        assert!(matches!(result, Err(StoreError::Exists(name)) if name == "web"));
+    }
+
+    #[test]
+    fn a_change_updates_state_and_logs_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store.insert_vm(&record("web"), "x").unwrap();
+
+        store
+            .change(
+                "web",
+                &Change {
+                    state: VmState::Running,
+                    pid: Some(42),
+                    started_at: Some(5),
+                    restarts: 0,
+                    kind: "started",
+                    cause: "start requested",
+                },
+            )
+            .unwrap();
+
+        let vm = store.get("web").unwrap().unwrap().vm;
+        assert_eq!((vm.state, vm.pid), (VmState::Running, Some(42)));
+        let events = store.events(1, 10, Some("web")).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].cause, "start requested");
+    }
+
+    #[test]
+    fn reopening_keeps_everything_and_does_not_rerun_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        Store::open(&path).unwrap().insert_vm(&record("web"), "x").unwrap();
+
+        let store = Store::open(&path).unwrap();
+
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn pages_events_after_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        for name in ["a", "b", "c"] {
+            store.insert_vm(&record(name), "x").unwrap();
+        }
+
+        let first = store.events(0, 2, None).unwrap();
+        let rest = store.events(first[1].id, 2, None).unwrap();
+
+        assert_eq!(first.len(), 2);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].vm, "c");
+    }
+}

@@ -1,0 +1,192 @@
+//! One task per running VM: it owns the engine's VM handle and its console
+//! connection, runs the commands the node sends it one at a time, fans the
+//! console out to every viewer, and reports how the VM ended.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quetzal_engine::{EngineVm, QemuVm, VmEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::node::Node;
+
+/// What the node asks of a running VM.
+#[derive(Debug)]
+pub enum Command {
+    Pause,
+    Resume,
+    /// The ACPI power button.
+    Powerdown,
+    /// End QEMU now.
+    Quit,
+    Kill,
+}
+
+/// How a VM's QEMU ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest powered itself off.
+    PoweredOff,
+    /// The guest kernel panicked.
+    Crashed(String),
+    /// QEMU died (killed, crashed).
+    Died(String),
+    /// QEMU was told to quit.
+    Quit,
+}
+
+/// Resource use of a running VM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub cpu_millis: u64,
+    pub resident_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+}
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// The node's side of a running VM.
+#[derive(Debug)]
+pub struct Live {
+    pub generation: u64,
+    pub pid: Option<u32>,
+    commands: mpsc::Sender<(Command, Reply)>,
+    stats: mpsc::Sender<oneshot::Sender<Stats>>,
+    pub console_out: broadcast::Sender<Vec<u8>>,
+    pub console_in: mpsc::Sender<Vec<u8>>,
+    exited: watch::Receiver<Option<Exit>>,
+}
+
+impl Live {
+    /// Runs one command on the VM.
+    pub async fn call(&self, command: Command) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send((command, tx))
+            .await
+            .map_err(|_| "the VM has exited".to_owned())?;
+        rx.await.unwrap_or_else(|_| Err("the VM has exited".to_owned()))
+    }
+
+    pub async fn stats(&self) -> Option<Stats> {
+        let (tx, rx) = oneshot::channel();
+        self.stats.send(tx).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(2), rx).await.ok()?.ok()
+    }
+
+    /// Waits up to `timeout` for QEMU to be gone.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<Exit> {
+        let mut exited = self.exited.clone();
+        let result = tokio::time::timeout(timeout, exited.wait_for(Option::is_some)).await;
+        match result {
+            Ok(Ok(exit)) => exit.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Starts supervising `vm`, whose console is `console`. `generation` tells
+/// this run of the VM from later ones.
+pub fn spawn(node: Arc<Node>, name: String, generation: u64, vm: QemuVm, console: UnixStream) -> Live {
+    let (commands_tx, commands) = mpsc::channel(8);
+    let (stats_tx, stats) = mpsc::channel(8);
+    let (console_out, _) = broadcast::channel(256);
+    let (console_in_tx, console_in) = mpsc::channel(64);
+    let (exited_tx, exited) = watch::channel(None);
+    let live = Live {
+        generation,
+        pid: vm.pid(),
+        commands: commands_tx,
+        stats: stats_tx,
+        console_out: console_out.clone(),
+        console_in: console_in_tx,
+        exited,
+    };
+    let task = Task {
+        vm,
+        console,
+        commands,
+        stats,
+        console_out,
+        console_in,
+    };
+    tokio::spawn(async move {
+        let exit = task.run(&node, &name).await;
+        let _ = exited_tx.send(Some(exit.clone()));
+        node.vm_exited(&name, generation, exit).await;
+    });
+    live
+}
+
+struct Task {
+    vm: QemuVm,
+    console: UnixStream,
+    commands: mpsc::Receiver<(Command, Reply)>,
+    stats: mpsc::Receiver<oneshot::Sender<Stats>>,
+    console_out: broadcast::Sender<Vec<u8>>,
+    console_in: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Task {
+    async fn run(mut self, node: &Node, name: &str) -> Exit {
+        let (mut from_guest, mut to_guest) = self.console.into_split();
+        let mut buf = vec![0u8; 8192];
+        let mut console_open = true;
+        let mut ending: Option<Exit> = None;
+        loop {
+            tokio::select! {
+                event = self.vm.next_event() => match event {
+                    VmEvent::GuestPoweredOff => { ending.get_or_insert(Exit::PoweredOff); }
+                    VmEvent::Crashed { reason } => { ending.get_or_insert(Exit::Crashed(reason)); }
+                    VmEvent::ShuttingDown { .. } => { ending.get_or_insert(Exit::Quit); }
+                    VmEvent::Reset { by_guest } => {
+                        let cause = if by_guest { "the guest rebooted" } else { "reset by the host" };
+                        node.note(name, "reset", cause);
+                    }
+                    VmEvent::Exited { expected } => {
+                        let _ = self.vm.wait().await;
+                        return match ending {
+                            Some(exit) => exit,
+                            None if expected => Exit::Quit,
+                            None => Exit::Died(self.vm.log_tail()),
+                        };
+                    }
+                    VmEvent::Running | VmEvent::Paused | VmEvent::PowerdownRequested => {}
+                },
+                Some((command, reply)) = self.commands.recv() => {
+                    let result = match command {
+                        Command::Pause => self.vm.pause().await,
+                        Command::Resume => self.vm.resume().await,
+                        Command::Powerdown => self.vm.powerdown().await,
+                        Command::Quit => self.vm.stop().await,
+                        Command::Kill => self.vm.kill().await.map(drop),
+                    };
+                    let _ = reply.send(result.map_err(|err| err.to_string()));
+                }
+                Some(reply) = self.stats.recv() => {
+                    let usage = self.vm.usage();
+                    let (read, written) = self.vm.disk_bytes().await.unwrap_or_default();
+                    let _ = reply.send(Stats {
+                        cpu_millis: usage.map_or(0, |u| u.cpu_millis),
+                        resident_bytes: usage.map_or(0, |u| u.resident_bytes),
+                        disk_read_bytes: read,
+                        disk_written_bytes: written,
+                    });
+                }
+                read = from_guest.read(&mut buf), if console_open => match read {
+                    Ok(0) | Err(_) => console_open = false,
+                    // Nobody watching is fine: QEMU's console.log keeps it.
+                    Ok(n) => { let _ = self.console_out.send(buf[..n].to_vec()); }
+                },
+                Some(input) = self.console_in.recv() => {
+                    if to_guest.write_all(&input).await.is_err() {
+                        console_open = false;
+                    }
+                }
+            }
+        }
+    }
+}
