@@ -1,9 +1,12 @@
 //! `quetzal`: the command line of the Quetzal virtualization platform.
 
+mod client;
 mod console;
 mod host;
 mod image;
 mod run;
+mod up;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -24,8 +27,18 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Boot a VM in the foreground with its serial console on this terminal.
+    /// Boot a VM in the foreground with its serial console on this terminal
+    /// (no daemon needed).
     Run(run::RunArgs),
+    /// VMs managed by quetzald.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// quetzald's event log (--follow to keep watching).
+    Events(vm::EventsArgs),
+    /// Print the API token for quetzald's TCP listener.
+    Token,
+    /// A working node in one command: image, daemon, demo VM.
+    Up,
 }
 
 /// How results are printed.
@@ -92,6 +105,10 @@ fn main() -> ExitCode {
         Command::Host(command) => host::run(command),
         Command::Image(command) => image::run(command),
         Command::Run(args) => run::run(args),
+        Command::Vm(command) => vm::run(command),
+        Command::Events(args) => vm::events(args),
+        Command::Token => vm::token(),
+        Command::Up => up::run(),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,7 @@
 //! `quetzal run`: one VM in the foreground, its first serial port on this
 //! terminal, ended by the guest powering off.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::console::{ESCAPE, ESCAPE_NAME, RawTerminal};
+use crate::console::{ESCAPE, ESCAPE_NAME, RawTerminal, stdin_reader};
 use crate::data_dir;
 
 #[derive(Debug, Args)]
@@ -46,7 +46,7 @@ pub struct RunArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
-    /// Keep this VM's root disk overlay under the data directory, so what
+    /// Keep this VM's root disk overlay under DATA/run/NAME, so what
     /// the guest writes is there at its next run. Without a name the
     /// overlay is thrown away at exit.
     #[arg(long)]
@@ -130,7 +130,8 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
     let (name, run_dir, lock, scratch) = match &args.name {
         Some(name) => {
             let name = VmName::new(name)?;
-            let dir = data.join("vms").join(name.as_str());
+            // Not vms/: that is quetzald's.
+            let dir = data.join("run").join(name.as_str());
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let lock_file = std::fs::File::create(dir.join("lock"))
@@ -144,7 +145,8 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
             std::fs::create_dir_all(&runs)
                 .with_context(|| format!("cannot create {}", runs.display()))?;
             let scratch = tempfile::Builder::new()
-                .prefix("vm-")
+                // A VM name cannot start with '.': no clash with --name.
+                .prefix(".vm-")
                 .tempdir_in(&runs)
                 .with_context(|| format!("cannot create a directory in {}", runs.display()))?;
             let name = VmName::new(&format!("run-{}", std::process::id()))?;
@@ -306,25 +308,4 @@ async fn next_signal(
         got = terminate.recv() => got.map(|()| 15),
         got = hangup.recv() => got.map(|()| 1),
     }
-}
-
-/// Reads stdin on a plain thread (a blocking read must not hold up the
-/// runtime); the channel closes at end of input.
-fn stdin_reader() -> mpsc::UnboundedReceiver<Vec<u8>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }

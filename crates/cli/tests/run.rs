@@ -96,7 +96,7 @@ fn named_vm_keeps_its_files_across_boots_and_never_writes_the_base() {
     assert_eq!(root.trim(), "/dev/vda ext4");
     assert_eq!(note.trim(), "kept-across-boots");
     assert_eq!(quetzal_image::sha256_file(&base).unwrap(), before);
-    assert!(data.path().join("vms/keeper/root.qcow2").exists());
+    assert!(data.path().join("run/keeper/root.qcow2").exists());
 }
 
 #[test]

@@ -96,7 +96,11 @@ fn info(path: &Path) -> Result<Info, DiskError> {
 
 /// Creates a qcow2 overlay at `overlay` whose backing file is `base`
 /// (absolute), of the base's size. Writes go to the overlay only.
-pub fn create_overlay(base: &Path, base_format: DiskFormat, overlay: &Path) -> Result<(), DiskError> {
+pub fn create_overlay(
+    base: &Path,
+    base_format: DiskFormat,
+    overlay: &Path,
+) -> Result<(), DiskError> {
     create_overlay_sized(base, base_format, overlay, None)
 }
 

@@ -49,7 +49,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let node = node::Node::open(data).await?;
     let token = Arc::new(token::ensure(data).context("cannot create the API token")?);
-    let host = quetzal_engine::host::HostInfo::probe(std::path::Path::new("qemu-system-x86_64"), None)?;
+    let host =
+        quetzal_engine::host::HostInfo::probe(std::path::Path::new("qemu-system-x86_64"), None)?;
     let state = http::AppState {
         node,
         host: Arc::new(host),

@@ -47,7 +47,9 @@ pub enum NodeError {
 impl From<StoreError> for NodeError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Exists(name) => NodeError::Conflict(format!("a VM named {name} already exists")),
+            StoreError::Exists(name) => {
+                NodeError::Conflict(format!("a VM named {name} already exists"))
+            }
             other => NodeError::Internal(other.to_string()),
         }
     }
@@ -63,11 +65,17 @@ struct Slot {
 
 impl Slot {
     fn live(&self) -> Option<Arc<Live>> {
-        self.live.lock().expect("never poisoned: no panics while held").clone()
+        self.live
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .clone()
     }
 
     fn set_live(&self, live: Option<Arc<Live>>) {
-        *self.live.lock().expect("never poisoned: no panics while held") = live;
+        *self
+            .live
+            .lock()
+            .expect("never poisoned: no panics while held") = live;
     }
 }
 
@@ -112,11 +120,16 @@ impl Node {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().expect("never poisoned: no panics while held")
+        self.store
+            .lock()
+            .expect("never poisoned: no panics while held")
     }
 
     fn slot(&self, name: &str) -> Arc<Slot> {
-        let mut slots = self.slots.lock().expect("never poisoned: no panics while held");
+        let mut slots = self
+            .slots
+            .lock()
+            .expect("never poisoned: no panics while held");
         Arc::clone(slots.entry(name.to_owned()).or_default())
     }
 
@@ -158,7 +171,11 @@ impl Node {
     }
 
     /// VMs, filtered by state and by labels (`key=value`, all must match).
-    pub fn list(&self, state: Option<VmState>, labels: &[(String, String)]) -> Result<Vec<Vm>, NodeError> {
+    pub fn list(
+        &self,
+        state: Option<VmState>,
+        labels: &[(String, String)],
+    ) -> Result<Vec<Vm>, NodeError> {
         Ok(self
             .store()
             .list()?
@@ -169,7 +186,12 @@ impl Node {
             .collect())
     }
 
-    pub fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, NodeError> {
+    pub fn events(
+        &self,
+        after: i64,
+        limit: u32,
+        vm: Option<&str>,
+    ) -> Result<Vec<Event>, NodeError> {
         Ok(self.store().events(after, limit, vm)?)
     }
 
@@ -180,7 +202,10 @@ impl Node {
     /// Resource use of every running VM.
     pub async fn stats(&self) -> Vec<(String, Stats)> {
         let lives: Vec<(String, Arc<Live>)> = {
-            let slots = self.slots.lock().expect("never poisoned: no panics while held");
+            let slots = self
+                .slots
+                .lock()
+                .expect("never poisoned: no panics while held");
             slots
                 .iter()
                 .filter_map(|(name, slot)| Some((name.clone(), slot.live()?)))
@@ -198,7 +223,10 @@ impl Node {
     /// The console of a running VM: its live output and its input.
     pub fn console(&self, name: &str) -> Result<(PathBuf, Option<Arc<Live>>), NodeError> {
         self.record(name)?;
-        Ok((self.vm_dir(name).join("console.log"), self.slot(name).live()))
+        Ok((
+            self.vm_dir(name).join("console.log"),
+            self.slot(name).live(),
+        ))
     }
 
     /// Creates a stopped VM with a qcow2 overlay on its image's base disk.
@@ -208,7 +236,9 @@ impl Node {
         MemoryMib::new(request.memory_mib, self.host_memory_mib)
             .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
         let image = self.images.get(&request.image).map_err(|err| match err {
-            ImageError::Unknown { .. } | ImageError::NotBuilt { .. } => NodeError::Invalid(err.to_string()),
+            ImageError::Unknown { .. } | ImageError::NotBuilt { .. } => {
+                NodeError::Invalid(err.to_string())
+            }
             other => NodeError::Internal(other.to_string()),
         })?;
         let base_mib = image_disk_mib(&image)?;
@@ -228,12 +258,15 @@ impl Node {
         let slot = self.slot(name.as_str());
         let _op = slot.op.lock().await;
         if self.store().get(name.as_str())?.is_some() {
-            return Err(NodeError::Conflict(format!("a VM named {name} already exists")));
+            return Err(NodeError::Conflict(format!(
+                "a VM named {name} already exists"
+            )));
         }
         let dir = self.vm_dir(name.as_str());
         // A directory without a VM is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
         let made = disk::create_overlay_sized(
             &image.root_disk(),
             DiskFormat::Qcow2,
@@ -258,7 +291,8 @@ impl Node {
             },
             image_dir: image.dir.clone(),
         };
-        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, "created by request")?));
+        let inserted =
+            made.and_then(|()| Ok(self.store().insert_vm(&record, "created by request")?));
         match inserted {
             Ok(event) => {
                 self.publish(event);
@@ -276,7 +310,8 @@ impl Node {
         let _op = slot.op.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Start).map_err(NodeError::Conflict)?;
-        self.launch(&slot, &record, 0, "started", "start requested").await?;
+        self.launch(&slot, &record, 0, "started", "start requested")
+            .await?;
         self.get(name)
     }
 
@@ -305,7 +340,8 @@ impl Node {
         lifecycle::check(record.vm.state, Action::Restart).map_err(NodeError::Conflict)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
         let record = self.record(name)?;
-        self.launch(&slot, &record, 0, "started", "restart requested").await?;
+        self.launch(&slot, &record, 0, "started", "restart requested")
+            .await?;
         self.get(name)
     }
 
@@ -327,7 +363,12 @@ impl Node {
             .ok_or_else(|| NodeError::Conflict(format!("VM {name} is not running")))?;
         let (command, state, kind, cause) = match action {
             Action::Pause => (Command::Pause, VmState::Paused, "paused", "pause requested"),
-            _ => (Command::Resume, VmState::Running, "resumed", "resume requested"),
+            _ => (
+                Command::Resume,
+                VmState::Running,
+                "resumed",
+                "resume requested",
+            ),
         };
         live.call(command).await.map_err(NodeError::Internal)?;
         self.change(
@@ -398,7 +439,8 @@ impl Node {
                     .generation
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let pid = vm.pid();
-                let live = supervisor::spawn(Arc::clone(self), name.to_owned(), generation, vm, console);
+                let live =
+                    supervisor::spawn(Arc::clone(self), name.to_owned(), generation, vm, console);
                 slot.set_live(Some(Arc::new(live)));
                 self.change(
                     name,
@@ -430,18 +472,26 @@ impl Node {
         }
     }
 
-    async fn boot(&self, record: &VmRecord) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
+    async fn boot(
+        &self,
+        record: &VmRecord,
+    ) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
         let vm = &record.vm;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
         let dir = self.vm_dir(&vm.name);
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
             cpus: Cpus::new(vm.cpus).map_err(|e| e.to_string())?,
-            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib).map_err(|e| e.to_string())?,
+            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib)
+                .map_err(|e| e.to_string())?,
             machine: Machine::Pc,
             accel: self.accel,
-            boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &image.manifest.append)
-                .map_err(|e| e.to_string())?,
+            boot: DirectBoot::new(
+                &image.kernel(),
+                Some(&image.initrd()),
+                &image.manifest.append,
+            )
+            .map_err(|e| e.to_string())?,
             disks: vec![Disk {
                 path: dir.join("root.qcow2"),
                 format: DiskFormat::Qcow2,
@@ -464,7 +514,12 @@ impl Node {
 
     /// Stops a running VM: the power button, up to `graceful` for the guest
     /// to shut down, then quit, then kill. `None` skips the power button.
-    async fn shut_down(&self, slot: &Slot, record: &VmRecord, graceful: Option<Duration>) -> Result<(), NodeError> {
+    async fn shut_down(
+        &self,
+        slot: &Slot,
+        record: &VmRecord,
+        graceful: Option<Duration>,
+    ) -> Result<(), NodeError> {
         let name = record.vm.name.as_str();
         let Some(live) = slot.live() else {
             return self.change(name, &stopped("stopped", "it was not running"));
@@ -520,7 +575,9 @@ impl Node {
     pub async fn vm_exited(self: &Arc<Self>, name: &str, generation: u64, exit: Exit) {
         let slot = self.slot(name);
         let _op = slot.op.lock().await;
-        let current = slot.live().is_some_and(|live| live.generation == generation);
+        let current = slot
+            .live()
+            .is_some_and(|live| live.generation == generation);
         if !current {
             return;
         }
@@ -532,16 +589,30 @@ impl Node {
             return;
         }
         let (state, kind, cause) = match &exit {
-            Exit::PoweredOff => (VmState::Stopped, "stopped", "the guest powered off".to_owned()),
-            Exit::Quit => (VmState::Stopped, "stopped", "QEMU was told to quit".to_owned()),
+            Exit::PoweredOff => (
+                VmState::Stopped,
+                "stopped",
+                "the guest powered off".to_owned(),
+            ),
+            Exit::Quit => (
+                VmState::Stopped,
+                "stopped",
+                "QEMU was told to quit".to_owned(),
+            ),
             Exit::Crashed(reason) => (VmState::Crashed, "crashed", reason.clone()),
             Exit::Died(log) => (
                 VmState::Crashed,
                 "crashed",
-                format!("QEMU exited unexpectedly ({log})"),
+                format!("QEMU ended without a shutdown (killed or crashed); its log: {log}"),
             ),
         };
-        if let Err(err) = self.change(name, &Change { state, ..stopped(kind, &cause) }) {
+        if let Err(err) = self.change(
+            name,
+            &Change {
+                state,
+                ..stopped(kind, &cause)
+            },
+        ) {
             tracing::warn!(vm = %name, error = %err, "cannot record the VM's exit");
             return;
         }
@@ -578,7 +649,10 @@ impl Node {
             if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
                 return;
             }
-            if let Err(err) = node.launch(&slot, &record, restarts, "restarted", &why).await {
+            if let Err(err) = node
+                .launch(&slot, &record, restarts, "restarted", &why)
+                .await
+            {
                 tracing::warn!(vm = %name, error = %err, "restart failed");
             }
         });
@@ -600,7 +674,11 @@ impl Node {
             let slot = self.slot(&name);
             let _op = slot.op.lock().await;
             let attached = match record.vm.pid {
-                Some(pid) => self.engine.attach(&self.vm_dir(&name), pid).await.map_err(|e| e.to_string()),
+                Some(pid) => self
+                    .engine
+                    .attach(&self.vm_dir(&name), pid)
+                    .await
+                    .map_err(|e| e.to_string()),
                 None => Err("it had no QEMU process".to_owned()),
             };
             let attached = match attached {
@@ -618,7 +696,13 @@ impl Node {
                     let generation = self
                         .generation
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let live = supervisor::spawn(Arc::clone(self), name.clone(), generation, qemu, console);
+                    let live = supervisor::spawn(
+                        Arc::clone(self),
+                        name.clone(),
+                        generation,
+                        qemu,
+                        console,
+                    );
                     slot.set_live(Some(Arc::new(live)));
                     let state = match state {
                         quetzal_engine::VmState::Paused => VmState::Paused,
@@ -638,7 +722,13 @@ impl Node {
                 }
                 Err(err) => {
                     let cause = format!("its QEMU ended while quetzald was down ({err})");
-                    self.change(&name, &Change { state: VmState::Crashed, ..stopped("crashed", &cause) })?;
+                    self.change(
+                        &name,
+                        &Change {
+                            state: VmState::Crashed,
+                            ..stopped("crashed", &cause)
+                        },
+                    )?;
                     self.apply_policy(&record, VmState::Crashed, &cause);
                 }
             }
@@ -665,9 +755,9 @@ fn backoff(restarts: u32) -> Duration {
 
 /// A stable 24-bit number from a VM name, for its MAC address.
 fn name_hash(name: &str) -> u32 {
-    name.bytes()
-        .fold(2_166_136_261u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(16_777_619))
-        & 0x00ff_ffff
+    name.bytes().fold(2_166_136_261u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(16_777_619)
+    }) & 0x00ff_ffff
 }
 
 fn image_disk_mib(image: &Image) -> Result<u64, NodeError> {
@@ -677,7 +767,8 @@ fn image_disk_mib(image: &Image) -> Result<u64, NodeError> {
 }
 
 fn free_mib(dir: &Path) -> Result<u64, NodeError> {
-    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+    let stat = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
     Ok(stat.blocks_available() * stat.fragment_size() / (1 << 20))
 }
 

@@ -26,8 +26,7 @@ pub enum StoreError {
 
 /// Each migration moves the schema one version up; `user_version` says
 /// how many have run.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE vms (
+const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
         name TEXT PRIMARY KEY,
         image TEXT NOT NULL,
         image_dir TEXT NOT NULL,
@@ -50,8 +49,7 @@ const MIGRATIONS: &[&str] = &[
         state TEXT,
         cause TEXT NOT NULL
     );
-    CREATE INDEX events_by_vm ON events (vm, id);",
-];
+    CREATE INDEX events_by_vm ON events (vm, id);"];
 
 /// A VM as stored: the API's view plus what only the node needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,17 +106,22 @@ impl Store {
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         self.conn
-            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
             .map_err(|e| self.sql(e))?;
         let version: usize = self
             .conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|e| self.sql(e))?;
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite {
-                path: self.path.clone(),
-                source,
-            })?;
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(|source| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
             tx.execute_batch(migration)
                 .and_then(|()| tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)))
                 .and_then(|()| tx.commit())
@@ -189,7 +192,8 @@ impl Store {
             ],
         )
         .map_err(sql)?;
-        let event = insert_event(&tx, name, change.kind, Some(change.state), change.cause).map_err(sql)?;
+        let event =
+            insert_event(&tx, name, change.kind, Some(change.state), change.cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -217,7 +221,11 @@ impl Store {
 
     pub fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
         self.conn
-            .query_row(&format!("{SELECT_VM} WHERE name = ?1"), params![name], read_vm)
+            .query_row(
+                &format!("{SELECT_VM} WHERE name = ?1"),
+                params![name],
+                read_vm,
+            )
             .optional()
             .map_err(|e| self.sql(e))?
             .transpose()
@@ -238,7 +246,12 @@ impl Store {
     }
 
     /// Events after `after`, oldest first, at most `limit`, for one VM or all.
-    pub fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, StoreError> {
+    pub fn events(
+        &self,
+        after: i64,
+        limit: u32,
+        vm: Option<&str>,
+    ) -> Result<Vec<Event>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(
@@ -404,7 +417,10 @@ mod tests {
     fn reopening_keeps_everything_and_does_not_rerun_migrations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
-        Store::open(&path).unwrap().insert_vm(&record("web"), "x").unwrap();
+        Store::open(&path)
+            .unwrap()
+            .insert_vm(&record("web"), "x")
+            .unwrap();
 
         let store = Store::open(&path).unwrap();
 

@@ -68,13 +68,17 @@ impl Live {
             .send((command, tx))
             .await
             .map_err(|_| "the VM has exited".to_owned())?;
-        rx.await.unwrap_or_else(|_| Err("the VM has exited".to_owned()))
+        rx.await
+            .unwrap_or_else(|_| Err("the VM has exited".to_owned()))
     }
 
     pub async fn stats(&self) -> Option<Stats> {
         let (tx, rx) = oneshot::channel();
         self.stats.send(tx).await.ok()?;
-        tokio::time::timeout(Duration::from_secs(2), rx).await.ok()?.ok()
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Waits up to `timeout` for QEMU to be gone.
@@ -90,7 +94,13 @@ impl Live {
 
 /// Starts supervising `vm`, whose console is `console`. `generation` tells
 /// this run of the VM from later ones.
-pub fn spawn(node: Arc<Node>, name: String, generation: u64, vm: QemuVm, console: UnixStream) -> Live {
+pub fn spawn(
+    node: Arc<Node>,
+    name: String,
+    generation: u64,
+    vm: QemuVm,
+    console: UnixStream,
+) -> Live {
     let (commands_tx, commands) = mpsc::channel(8);
     let (stats_tx, stats) = mpsc::channel(8);
     let (console_out, _) = broadcast::channel(256);

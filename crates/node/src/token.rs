@@ -55,7 +55,10 @@ mod tests {
 
         assert_eq!(first, second);
         assert_eq!(first.len(), 64);
-        let mode = std::fs::metadata(path(dir.path())).unwrap().permissions().mode();
+        let mode = std::fs::metadata(path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

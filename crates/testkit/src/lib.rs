@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -215,7 +215,6 @@ impl Quetzal {
 
     /// Sends bytes to the process's stdin as they are.
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        use std::io::Write;
         let stdin = self.child.stdin.as_mut().expect("stdin is piped");
         stdin.write_all(bytes).expect("quetzal reads its stdin");
         stdin.flush().expect("quetzal reads its stdin");
@@ -308,4 +307,154 @@ pub fn assert_no_process_mentions(needle: &str) {
         Vec::<u32>::new(),
         "processes still running for {needle}"
     );
+}
+
+/// A real quetzald on a temporary data directory. Dropping it kills the
+/// daemon and every QEMU it left running (VMs outlive their daemon by
+/// design).
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pub data: DataDir,
+    pub stderr: Transcript,
+    listen: Option<String>,
+}
+
+impl Daemon {
+    /// Starts `quetzald` (the binary at `binary`) on a new data directory.
+    pub fn start(binary: &Path) -> Self {
+        Self::start_in(binary, DataDir::new(), None)
+    }
+
+    /// Starts `quetzald` on `data`, also on TCP `listen` when given.
+    pub fn start_in(binary: &Path, data: DataDir, listen: Option<&str>) -> Self {
+        let mut command = Command::new(binary);
+        command
+            .env("QUETZAL_DATA_DIR", data.path())
+            .env("QUETZAL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(listen) = listen {
+            command.args(["--listen", listen]);
+        }
+        let mut child = command.spawn().expect("quetzald starts");
+        let stderr = Transcript::read_from(child.stderr.take().expect("piped"));
+        stderr.wait_for_after(0, "quetzald serving", Duration::from_secs(30));
+        Daemon {
+            child,
+            data,
+            stderr,
+            listen: listen.map(str::to_owned),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data.path().join("quetzald.sock")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9` the daemon (its VMs keep running).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills this daemon and starts a new one on the same data directory.
+    pub fn restart(mut self, binary: &Path) -> Self {
+        self.kill();
+        let data = std::mem::replace(&mut self.data, DataDir::new());
+        let listen = self.listen.clone();
+        drop(self);
+        Self::start_in(binary, data, listen.as_deref())
+    }
+
+    /// One HTTP/1.1 request on the Unix socket: (status, body).
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let stream =
+            std::os::unix::net::UnixStream::connect(self.socket()).expect("quetzald listens");
+        http(stream, method, path, body, &[])
+    }
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole
+/// answer: (status, body). Chunked bodies are decoded.
+pub fn http(
+    mut stream: impl Read + std::io::Write,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or(""));
+    stream
+        .write_all(request.as_bytes())
+        .expect("the daemon reads requests");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("the daemon answers");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .expect("an HTTP answer has a head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut text: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        text = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        for pid in processes_mentioning(&self.data.path().display().to_string()) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if !std::thread::panicking() {
+            assert_no_process_mentions(&self.data.path().display().to_string());
+        }
+    }
 }

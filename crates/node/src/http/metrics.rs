@@ -14,37 +14,107 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
     let stats = app.node.stats().await;
     let mut out = String::new();
 
-    family(&mut out, "quetzal_vms", "gauge", "VMs on this node by state.");
+    family(
+        &mut out,
+        "quetzal_vms",
+        "gauge",
+        "VMs on this node by state.",
+    );
     for state in VmState::ALL {
         let count = vms.iter().filter(|vm| vm.state == state).count();
         let _ = writeln!(out, "quetzal_vms{{state=\"{}\"}} {count}", state.as_str());
     }
-    family(&mut out, "quetzal_vm_state", "gauge", "1 for the state each VM is in.");
+    family(
+        &mut out,
+        "quetzal_vm_state",
+        "gauge",
+        "1 for the state each VM is in.",
+    );
     for vm in &vms {
-        let _ = writeln!(out, "quetzal_vm_state{{vm=\"{}\",state=\"{}\"}} 1", vm.name, vm.state.as_str());
+        let _ = writeln!(
+            out,
+            "quetzal_vm_state{{vm=\"{}\",state=\"{}\"}} 1",
+            vm.name,
+            vm.state.as_str()
+        );
     }
-    family(&mut out, "quetzal_vm_cpu_seconds_total", "counter", "CPU time used by the VM's QEMU process.");
+    family(
+        &mut out,
+        "quetzal_vm_cpu_seconds_total",
+        "counter",
+        "CPU time used by the VM's QEMU process.",
+    );
     for (name, s) in &stats {
-        let _ = writeln!(out, "quetzal_vm_cpu_seconds_total{{vm=\"{name}\"}} {:.3}", millis_to_secs(s.cpu_millis));
+        let _ = writeln!(
+            out,
+            "quetzal_vm_cpu_seconds_total{{vm=\"{name}\"}} {:.3}",
+            millis_to_secs(s.cpu_millis)
+        );
     }
-    family(&mut out, "quetzal_vm_resident_bytes", "gauge", "Resident memory of the VM's QEMU process.");
+    family(
+        &mut out,
+        "quetzal_vm_resident_bytes",
+        "gauge",
+        "Resident memory of the VM's QEMU process.",
+    );
     for (name, s) in &stats {
-        let _ = writeln!(out, "quetzal_vm_resident_bytes{{vm=\"{name}\"}} {}", s.resident_bytes);
+        let _ = writeln!(
+            out,
+            "quetzal_vm_resident_bytes{{vm=\"{name}\"}} {}",
+            s.resident_bytes
+        );
     }
-    family(&mut out, "quetzal_vm_disk_read_bytes_total", "counter", "Bytes the guest read from its disks.");
+    family(
+        &mut out,
+        "quetzal_vm_disk_read_bytes_total",
+        "counter",
+        "Bytes the guest read from its disks.",
+    );
     for (name, s) in &stats {
-        let _ = writeln!(out, "quetzal_vm_disk_read_bytes_total{{vm=\"{name}\"}} {}", s.disk_read_bytes);
+        let _ = writeln!(
+            out,
+            "quetzal_vm_disk_read_bytes_total{{vm=\"{name}\"}} {}",
+            s.disk_read_bytes
+        );
     }
-    family(&mut out, "quetzal_vm_disk_written_bytes_total", "counter", "Bytes the guest wrote to its disks.");
+    family(
+        &mut out,
+        "quetzal_vm_disk_written_bytes_total",
+        "counter",
+        "Bytes the guest wrote to its disks.",
+    );
     for (name, s) in &stats {
-        let _ = writeln!(out, "quetzal_vm_disk_written_bytes_total{{vm=\"{name}\"}} {}", s.disk_written_bytes);
+        let _ = writeln!(
+            out,
+            "quetzal_vm_disk_written_bytes_total{{vm=\"{name}\"}} {}",
+            s.disk_written_bytes
+        );
     }
     let own = quetzal_engine::qemu::Usage::of_this_process();
-    family(&mut out, "quetzal_daemon_up", "gauge", "1 while quetzald serves.");
+    family(
+        &mut out,
+        "quetzal_daemon_up",
+        "gauge",
+        "1 while quetzald serves.",
+    );
     out.push_str("quetzal_daemon_up 1\n");
-    family(&mut out, "quetzal_daemon_resident_bytes", "gauge", "quetzald's resident memory.");
-    let _ = writeln!(out, "quetzal_daemon_resident_bytes {}", own.map_or(0, |u| u.resident_bytes));
-    family(&mut out, "quetzal_daemon_cpu_seconds_total", "counter", "CPU time used by quetzald.");
+    family(
+        &mut out,
+        "quetzal_daemon_resident_bytes",
+        "gauge",
+        "quetzald's resident memory.",
+    );
+    let _ = writeln!(
+        out,
+        "quetzal_daemon_resident_bytes {}",
+        own.map_or(0, |u| u.resident_bytes)
+    );
+    family(
+        &mut out,
+        "quetzal_daemon_cpu_seconds_total",
+        "counter",
+        "CPU time used by quetzald.",
+    );
     let _ = writeln!(
         out,
         "quetzal_daemon_cpu_seconds_total {:.3}",

@@ -68,7 +68,9 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            NodeError::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            NodeError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, err.to_string())
@@ -88,7 +90,11 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
             .await
             .map(|Json(value)| Body(value))
             .map_err(|rejection: JsonRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    rejection.body_text(),
+                )
             })
     }
 }
@@ -105,7 +111,11 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
             .await
             .map(|axum::extract::Query(value)| Query(value))
             .map_err(|rejection: QueryRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    rejection.body_text(),
+                )
             })
     }
 }
@@ -114,7 +124,17 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
 #[openapi(
     info(title = "Quetzal API", description = "quetzald's REST API"),
     paths(list_vms, create_vm, get_vm, delete_vm, vm_action, list_events, host),
-    components(schemas(Vm, CreateVm, VmState, Event, EventPage, ErrorBody, ErrorDetail, Host, quetzal_api::RestartPolicy))
+    components(schemas(
+        Vm,
+        CreateVm,
+        VmState,
+        Event,
+        EventPage,
+        ErrorBody,
+        ErrorDetail,
+        Host,
+        quetzal_api::RestartPolicy
+    ))
 )]
 pub struct ApiDoc;
 
@@ -151,7 +171,9 @@ async fn require_token(token: &str, req: Request, next: Next) -> Response {
         .and_then(|value| value.strip_prefix("Bearer "));
     match presented {
         Some(presented) if crate::token::matches(presented, token) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response(),
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
+        }
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -181,18 +203,29 @@ struct ListQuery {
 /// List VMs.
 #[utoipa::path(get, path = "/api/v1/vms", params(ListQuery),
     responses((status = 200, body = Vec<Vm>), (status = 400, body = ErrorBody)))]
-async fn list_vms(State(app): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Vec<Vm>>, ApiError> {
+async fn list_vms(
+    State(app): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<Vm>>, ApiError> {
     let state = match query.state.as_deref() {
         None => None,
         Some(text) => Some(VmState::parse(text).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("unknown state '{text}'"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("unknown state '{text}'"),
+            )
         })?),
     };
     let labels = match query.label.as_deref() {
         None => vec![],
         Some(pair) => {
             let (key, value) = pair.split_once('=').ok_or_else(|| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "label must be key=value")
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "label must be key=value",
+                )
             })?;
             vec![(key.to_owned(), value.to_owned())]
         }
@@ -204,14 +237,20 @@ async fn list_vms(State(app): State<AppState>, Query(query): Query<ListQuery>) -
 #[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVm,
     responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 507, body = ErrorBody)))]
-async fn create_vm(State(app): State<AppState>, Body(request): Body<CreateVm>) -> Result<(StatusCode, Json<Vm>), ApiError> {
+async fn create_vm(
+    State(app): State<AppState>,
+    Body(request): Body<CreateVm>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
     Ok((StatusCode::CREATED, Json(app.node.create(request).await?)))
 }
 
 /// One VM.
 #[utoipa::path(get, path = "/api/v1/vms/{name}",
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
-async fn get_vm(State(app): State<AppState>, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn get_vm(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
     Ok(Json(app.node.get(&name)?))
 }
 
@@ -250,7 +289,9 @@ async fn vm_action(
     Path((name, action)): Path<(String, String)>,
     Query(query): Query<ActionQuery>,
 ) -> Result<Json<Vm>, ApiError> {
-    let timeout = query.timeout_secs.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let timeout = query
+        .timeout_secs
+        .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
     let node = &app.node;
     let vm = match action.as_str() {
         "start" => node.start(&name).await?,
@@ -285,10 +326,17 @@ struct EventsQuery {
 /// The event log, oldest first, paged.
 #[utoipa::path(get, path = "/api/v1/events", params(EventsQuery),
     responses((status = 200, body = EventPage), (status = 400, body = ErrorBody)))]
-async fn list_events(State(app): State<AppState>, Query(query): Query<EventsQuery>) -> Result<Json<EventPage>, ApiError> {
+async fn list_events(
+    State(app): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<EventPage>, ApiError> {
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "limit must be between 1 and 1000"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "limit must be between 1 and 1000",
+        ));
     }
     let events = app.node.events(query.after, limit, query.vm.as_deref())?;
     let full = events.len() == usize::try_from(limit).unwrap_or(usize::MAX);
@@ -297,19 +345,28 @@ async fn list_events(State(app): State<AppState>, Query(query): Query<EventsQuer
 }
 
 /// Events as they happen (server-sent events, one JSON `Event` each).
-async fn stream_events(State(app): State<AppState>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let events = tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(|event| {
-        let event = event.ok()?;
-        SseEvent::default().id(event.id.to_string()).json_data(&event).ok().map(Ok)
-    });
+async fn stream_events(
+    State(app): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let events =
+        tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(|event| {
+            let event = event.ok()?;
+            SseEvent::default()
+                .id(event.id.to_string())
+                .json_data(&event)
+                .ok()
+                .map(Ok)
+        });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// The host and its VM counts.
 #[utoipa::path(get, path = "/api/v1/host", responses((status = 200, body = Host)))]
 async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
-    let mut by_state: BTreeMap<String, u64> =
-        VmState::ALL.iter().map(|state| (state.as_str().to_owned(), 0)).collect();
+    let mut by_state: BTreeMap<String, u64> = VmState::ALL
+        .iter()
+        .map(|state| (state.as_str().to_owned(), 0))
+        .collect();
     for vm in app.node.list(None, &[])? {
         *by_state.entry(vm.state.as_str().to_owned()).or_default() += 1;
     }

@@ -1,4 +1,4 @@
-//! `quetzald`: the Quetzal node daemon.
+//! `quetzald`: the Quetzal node daemon (the library is `quetzal-node`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,7 +27,14 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             let rendered = err.to_string();
-            eprintln!("quetzald: {}", rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: "));
+            eprintln!(
+                "quetzald: {}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };
@@ -42,7 +49,11 @@ fn main() -> ExitCode {
         data_dir: args.data_dir.unwrap_or_else(quetzal_image::data_dir),
         listen: args.listen,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("quetzald: cannot start the runtime: {err}");

@@ -1,0 +1,210 @@
+//! The CLI's way to quetzald: HTTP/1.1 over the daemon's Unix socket (or
+//! over TCP with the token, when `QUETZAL_URL` is set).
+
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use quetzal_api::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// An error from talking to the daemon; its message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "quetzald is not running (no answer on {path}); start it with `quetzald` or `quetzal up`"
+    )]
+    NotRunning { path: String },
+    #[error("cannot reach quetzald at {target}: {message}")]
+    Connect { target: String, message: String },
+    #[error("{message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error("quetzald answered {status} with something unexpected: {message}")]
+    Unexpected { status: StatusCode, message: String },
+}
+
+/// Where the daemon is.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Unix(PathBuf),
+    Tcp { authority: String, token: String },
+}
+
+/// A bidirectional byte stream to the daemon.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    target: Target,
+}
+
+impl Client {
+    /// `QUETZAL_URL=http://HOST:PORT` (token from `QUETZAL_TOKEN` or the
+    /// data directory), else the Unix socket in the data directory.
+    pub fn from_env() -> Self {
+        let data = crate::data_dir();
+        let target = match std::env::var("QUETZAL_URL") {
+            Ok(url) if !url.is_empty() => Target::Tcp {
+                authority: url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned(),
+                token: std::env::var("QUETZAL_TOKEN").unwrap_or_else(|_| {
+                    std::fs::read_to_string(quetzal_node::token::path(&data))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                }),
+            },
+            _ => Target::Unix(quetzal_node::socket_path(&data)),
+        };
+        Client { target }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Opens a new connection.
+    pub async fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+        match &self.target {
+            Target::Unix(path) => tokio::net::UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Stream>)
+                .map_err(|_| ClientError::NotRunning {
+                    path: path.display().to_string(),
+                }),
+            Target::Tcp { authority, .. } => tokio::net::TcpStream::connect(authority)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Stream>)
+                .map_err(|err| ClientError::Connect {
+                    target: authority.clone(),
+                    message: err.to_string(),
+                }),
+        }
+    }
+
+    fn request_for(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Request<Full<Bytes>> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost");
+        if let Target::Tcp { token, .. } = &self.target {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let bytes = match body {
+            Some(body) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+                Bytes::from(body.to_string())
+            }
+            None => Bytes::new(),
+        };
+        builder
+            .body(Full::new(bytes))
+            .expect("a request from a method, a path and fixed headers is valid")
+    }
+
+    /// Sends a request and returns the response once its head arrived.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = self.connect().await?;
+        let broken = |err: hyper::Error| ClientError::Connect {
+            target: format!("{:?}", self.target),
+            message: err.to_string(),
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(broken)?;
+        tokio::spawn(connection);
+        sender
+            .send_request(self.request_for(method, path, body))
+            .await
+            .map_err(broken)
+    }
+
+    /// Sends a request; a 2xx answer's JSON body (null when empty) or the
+    /// API's error.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| ClientError::Unexpected {
+                status,
+                message: err.to_string(),
+            })?
+            .to_bytes();
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes).map_err(|err| ClientError::Unexpected {
+                status,
+                message: err.to_string(),
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status,
+                code: body.error.code,
+                message: body.error.message,
+            }),
+            Err(_) => Err(ClientError::Unexpected {
+                status,
+                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    /// [`Client::call`], typed.
+    pub async fn call_as<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, ClientError> {
+        let value = self.call(method, path, body).await?;
+        serde_json::from_value(value).map_err(|err| ClientError::Unexpected {
+            status: StatusCode::OK,
+            message: err.to_string(),
+        })
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,352 @@
+//! `quetzal vm …` and `quetzal events`: calls to quetzald's API, printed
+//! as tables for people or JSON for scripts.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use http_body_util::BodyExt;
+use hyper::Method;
+use quetzal_api::{Event, EventPage, RestartPolicy, Vm};
+use serde_json::json;
+
+use crate::Output;
+use crate::client::{Client, encode};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (stopped, unless --start).
+    Create(CreateArgs),
+    /// List VMs.
+    List {
+        /// Only VMs in this state (running, stopped, paused, crashed…).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only VMs with this label (key=value).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one VM.
+    Show {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Start a VM.
+    Start { name: String },
+    /// Stop a VM: the guest gets the power button, then is forced off after
+    /// the timeout.
+    Stop {
+        name: String,
+        /// Skip the power button: end QEMU at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to shut down.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Stop then start a VM.
+    Restart {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Freeze a VM's vCPUs.
+    Pause { name: String },
+    /// Unfreeze a paused VM.
+    Resume { name: String },
+    /// Delete a stopped VM and its disks.
+    Rm {
+        name: String,
+        /// Keep the VM's disk files on the host.
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
+    /// VM keeps running).
+    Console { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    name: String,
+    #[arg(long, default_value = "tiny")]
+    image: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Root disk size in MiB [default: the image's].
+    #[arg(long)]
+    disk: Option<u64>,
+    /// A label, key=value; may be repeated.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// never, on-failure or always.
+    #[arg(long, default_value = "never")]
+    restart: String,
+    /// Start it right away.
+    #[arg(long)]
+    start: bool,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(command))
+}
+
+async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_env();
+    match command {
+        VmCommand::Create(args) => {
+            let Some(restart) = RestartPolicy::parse(&args.restart) else {
+                anyhow::bail!(
+                    "--restart must be never, on-failure or always, not '{}'",
+                    args.restart
+                );
+            };
+            let mut labels = BTreeMap::new();
+            for label in &args.labels {
+                let (key, value) = label
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--label must be key=value, not '{label}'"))?;
+                labels.insert(key.to_owned(), value.to_owned());
+            }
+            let body = json!({
+                "name": args.name,
+                "image": args.image,
+                "cpus": args.cpus,
+                "memory_mib": args.memory,
+                "disk_mib": args.disk,
+                "labels": labels,
+                "restart_policy": restart,
+            });
+            let mut vm: Vm = client
+                .call_as(Method::POST, "/api/v1/vms", Some(&body))
+                .await?;
+            if args.start {
+                vm = action(&client, &vm.name, "start").await?;
+            }
+            print_vm(&vm, args.output)?;
+        }
+        VmCommand::List {
+            state,
+            label,
+            output,
+        } => {
+            let mut query = Vec::new();
+            if let Some(state) = state {
+                query.push(format!("state={}", encode(&state)));
+            }
+            if let Some(label) = label {
+                query.push(format!("label={}", encode(&label)));
+            }
+            let path = format!("/api/v1/vms?{}", query.join("&"));
+            let vms: Vec<Vm> = client.call_as(Method::GET, &path, None).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&vms)?),
+                Output::Human => print_table(&vms),
+            }
+        }
+        VmCommand::Show { name, output } => {
+            let vm: Vm = client
+                .call_as(Method::GET, &format!("/api/v1/vms/{}", encode(&name)), None)
+                .await?;
+            print_vm(&vm, output)?;
+        }
+        VmCommand::Start { name } => report(&action(&client, &name, "start").await?),
+        VmCommand::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            let verb = if force {
+                "force-stop".to_owned()
+            } else {
+                format!("stop?timeout_secs={timeout}")
+            };
+            report(&action(&client, &name, &verb).await?);
+        }
+        VmCommand::Restart { name, timeout } => {
+            report(&action(&client, &name, &format!("restart?timeout_secs={timeout}")).await?);
+        }
+        VmCommand::Pause { name } => report(&action(&client, &name, "pause").await?),
+        VmCommand::Resume { name } => report(&action(&client, &name, "resume").await?),
+        VmCommand::Rm { name, keep_disks } => {
+            let path = format!("/api/v1/vms/{}?keep_disks={keep_disks}", encode(&name));
+            client.call(Method::DELETE, &path, None).await?;
+            println!("{name} deleted");
+        }
+        VmCommand::Console { name } => return crate::console::attach_remote(&client, &name).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn action(client: &Client, name: &str, verb: &str) -> anyhow::Result<Vm> {
+    let path = format!("/api/v1/vms/{}/{verb}", encode(name));
+    Ok(client.call_as(Method::POST, &path, None).await?)
+}
+
+fn report(vm: &Vm) {
+    println!("{} is {}", vm.name, vm.state.as_str());
+}
+
+fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(vm)?),
+        Output::Human => {
+            let labels: Vec<String> = vm.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("Name      {}", vm.name);
+            println!("State     {}", vm.state.as_str());
+            println!("Image     {}", vm.image);
+            println!("CPUs      {}", vm.cpus);
+            println!("Memory    {} MiB", vm.memory_mib);
+            println!("Disk      {} MiB", vm.disk_mib);
+            println!("Restart   {}", vm.restart_policy.as_str());
+            println!(
+                "Labels    {}",
+                if labels.is_empty() {
+                    "-".to_owned()
+                } else {
+                    labels.join(", ")
+                }
+            );
+            println!(
+                "PID       {}",
+                vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string())
+            );
+            println!("Restarts  {}", vm.restarts);
+        }
+    }
+    Ok(())
+}
+
+fn print_table(vms: &[Vm]) {
+    let width = vms.iter().map(|vm| vm.name.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<width$}  {:<8}  {:>4}  {:>8}  {:<6}  LABELS",
+        "NAME", "STATE", "CPUS", "MEMORY", "IMAGE"
+    );
+    for vm in vms {
+        let labels: Vec<String> = vm.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<width$}  {:<8}  {:>4}  {:>5} MiB  {:<6}  {}",
+            vm.name,
+            vm.state.as_str(),
+            vm.cpus,
+            vm.memory_mib,
+            vm.image,
+            labels.join(",")
+        );
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing events as they happen.
+    #[arg(long)]
+    follow: bool,
+    /// Only this VM's events.
+    #[arg(long)]
+    vm: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = Client::from_env();
+        let filter = args
+            .vm
+            .as_deref()
+            .map(|vm| format!("&vm={}", encode(vm)))
+            .unwrap_or_default();
+        let mut after = 0;
+        loop {
+            let page: EventPage = client
+                .call_as(
+                    Method::GET,
+                    &format!("/api/v1/events?after={after}&limit=1000{filter}"),
+                    None,
+                )
+                .await?;
+            for event in &page.events {
+                print_event(event, args.output)?;
+            }
+            match page.next_after {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        if args.follow {
+            follow(&client, args.vm.as_deref(), args.output).await?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn follow(client: &Client, vm: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let response = client
+        .send(Method::GET, "/api/v1/events/stream", None)
+        .await?;
+    let mut body = response.into_body();
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(end) = pending.find("\n\n") {
+            let message: String = pending.drain(..end + 2).collect();
+            for line in message.lines() {
+                let Some(json) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let event: Event = serde_json::from_str(json.trim())?;
+                if vm.is_none_or(|vm| vm == event.vm) {
+                    print_event(&event, output)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_event(event: &Event, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(event)?),
+        Output::Human => {
+            let state = event.state.map_or("-", |s| s.as_str());
+            println!(
+                "{:>6}  {}  {:<12} {:<8} {}",
+                event.id, event.vm, event.kind, state, event.cause
+            );
+        }
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// `quetzal token`: the API token for quetzald's TCP listener.
+pub fn token() -> anyhow::Result<ExitCode> {
+    let path = quetzal_node::token::path(&crate::data_dir());
+    let token = std::fs::read_to_string(&path).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read {}: {err} (has quetzald run on this data directory?)",
+            path.display()
+        )
+    })?;
+    println!("{}", token.trim());
+    Ok(ExitCode::SUCCESS)
+}

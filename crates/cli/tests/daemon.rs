@@ -1,0 +1,445 @@
+//! quetzald end to end: a real daemon on a temp data dir, real QEMU, real
+//! guests, driven through the `quetzal` CLI and the HTTP API.
+
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use quetzal_testkit::{Daemon, GUEST_TIMEOUT, Quetzal};
+use serde_json::{Value, json};
+
+const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
+const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
+
+fn daemon() -> Daemon {
+    Daemon::start(Path::new(QUETZALD))
+}
+
+fn cli(daemon: &Daemon, args: &[&str]) -> Output {
+    Command::new(QUETZAL)
+        .args(args)
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap()
+}
+
+/// Runs the CLI and expects success; returns stdout.
+fn ok(daemon: &Daemon, args: &[&str]) -> String {
+    let output = cli(daemon, args);
+    assert!(
+        output.status.success(),
+        "quetzal {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn api(daemon: &Daemon, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = daemon.request(method, path, body.as_deref());
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, value)
+}
+
+fn state(daemon: &Daemon, name: &str) -> String {
+    let (_, vm) = api(daemon, "GET", &format!("/api/v1/vms/{name}"), None);
+    vm["state"].as_str().unwrap_or("missing").to_owned()
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the VM's console log shows `boots` shell prompts after
+/// boot (the log is appended across runs).
+fn wait_for_boots(daemon: &Daemon, name: &str, boots: usize) {
+    let log = daemon.data.path().join(format!("vms/{name}/console.log"));
+    wait_until("the guest's shell", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("tiny: up")
+            .count()
+            >= boots
+            && std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("tiny:/# ")
+                .count()
+                >= boots
+    });
+}
+
+fn event_kinds(daemon: &Daemon, vm: &str) -> Vec<String> {
+    let (_, page) = api(
+        daemon,
+        "GET",
+        &format!("/api/v1/events?vm={vm}&limit=1000"),
+        None,
+    );
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_whole_lifecycle_through_the_cli() {
+    let daemon = daemon();
+
+    ok(
+        &daemon,
+        &[
+            "vm",
+            "create",
+            "web",
+            "--image",
+            "tiny",
+            "--cpus",
+            "2",
+            "--memory",
+            "192",
+            "--label",
+            "team=blue",
+        ],
+    );
+    let listed: Value =
+        serde_json::from_str(&ok(&daemon, &["vm", "list", "--output", "json"])).unwrap();
+    assert_eq!(listed[0]["name"], "web");
+    assert_eq!(listed[0]["state"], "stopped");
+    assert_eq!(listed[0]["cpus"], 2);
+    assert_eq!(listed[0]["memory_mib"], 192);
+
+    ok(&daemon, &["vm", "start", "web"]);
+    let running: Value =
+        serde_json::from_str(&ok(&daemon, &["vm", "list", "--output", "json"])).unwrap();
+    assert_eq!(running[0]["state"], "running");
+    let filtered: Value = serde_json::from_str(&ok(
+        &daemon,
+        &["vm", "list", "--label", "team=red", "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(filtered, json!([]));
+
+    wait_for_boots(&daemon, "web", 1);
+    ok(&daemon, &["vm", "pause", "web"]);
+    assert_eq!(state(&daemon, "web"), "paused");
+    ok(&daemon, &["vm", "resume", "web"]);
+    assert_eq!(state(&daemon, "web"), "running");
+    ok(&daemon, &["vm", "restart", "web"]);
+    assert_eq!(state(&daemon, "web"), "running");
+    wait_for_boots(&daemon, "web", 2);
+    ok(&daemon, &["vm", "stop", "web"]);
+    assert_eq!(state(&daemon, "web"), "stopped");
+    ok(&daemon, &["vm", "rm", "web"]);
+
+    assert_eq!(
+        ok(&daemon, &["vm", "list", "--output", "json"]).trim(),
+        "[]"
+    );
+    assert!(!daemon.data.path().join("vms/web").exists());
+    let kinds = event_kinds(&daemon, "web");
+    let expected = [
+        "created", "starting", "started", "paused", "resumed", "stopping", "stopped", "starting",
+        "started", "stopping", "stopped", "deleted",
+    ];
+    assert_eq!(kinds, expected);
+}
+
+#[test]
+fn a_graceful_stop_lets_the_guest_power_off() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "calm", "--start"]);
+    let log = daemon.data.path().join("vms/calm/console.log");
+    wait_until("the guest's shell", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("tiny:/# ")
+    });
+
+    ok(&daemon, &["vm", "stop", "calm", "--timeout", "60"]);
+
+    let (_, page) = api(&daemon, "GET", "/api/v1/events?vm=calm", None);
+    let last = page["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["cause"], "stopped by request");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("reboot: Power down")
+    );
+}
+
+#[test]
+fn ten_vms_created_and_started_concurrently_all_run() {
+    let daemon = daemon();
+    let names: Vec<String> = (0..10).map(|i| format!("vm{i}")).collect();
+
+    std::thread::scope(|scope| {
+        for name in &names {
+            let daemon = &daemon;
+            scope.spawn(move || {
+                let (status, body) = api(
+                    daemon,
+                    "POST",
+                    "/api/v1/vms",
+                    Some(json!({ "name": name, "memory_mib": 128 })),
+                );
+                assert_eq!(status, 201, "{body}");
+                let (status, body) =
+                    api(daemon, "POST", &format!("/api/v1/vms/{name}/start"), None);
+                assert_eq!(status, 200, "{body}");
+            });
+        }
+    });
+
+    let (_, vms) = api(&daemon, "GET", "/api/v1/vms", None);
+    let states: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["running"; 10]);
+    let pids: std::collections::BTreeSet<u64> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 10, "ten QEMU processes");
+    for name in &names {
+        wait_for_boots(&daemon, name, 1);
+    }
+}
+
+#[test]
+fn conflicting_concurrent_requests_get_one_success_and_clean_conflicts() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "busy", "--start"]);
+
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| scope.spawn(|| api(&daemon, "POST", "/api/v1/vms/busy/pause", None)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .map(|(status, body)| {
+                if status == 409 {
+                    assert_eq!(body["error"]["code"], "conflict");
+                }
+                status
+            })
+            .collect()
+    });
+
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(state(&daemon, "busy"), "paused");
+}
+
+#[test]
+fn restart_policy_brings_back_a_killed_qemu() {
+    let daemon = daemon();
+    ok(
+        &daemon,
+        &[
+            "vm",
+            "create",
+            "phoenix",
+            "--restart",
+            "on-failure",
+            "--start",
+        ],
+    );
+    let (_, before) = api(&daemon, "GET", "/api/v1/vms/phoenix", None);
+    let pid = before["pid"].as_u64().unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    wait_until("the restart", || {
+        let (_, vm) = api(&daemon, "GET", "/api/v1/vms/phoenix", None);
+        vm["state"] == "running" && vm["pid"].as_u64() != Some(pid)
+    });
+    let (_, after) = api(&daemon, "GET", "/api/v1/vms/phoenix", None);
+    assert_eq!(after["restarts"], 1);
+    let kinds = event_kinds(&daemon, "phoenix");
+    let tail: Vec<&str> = kinds
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(tail, ["crashed", "restarting", "starting", "restarted"]);
+}
+
+#[test]
+fn a_vm_with_policy_never_stays_crashed() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "fragile", "--start"]);
+    let (_, vm) = api(&daemon, "GET", "/api/v1/vms/fragile", None);
+
+    let pid = i32::try_from(vm["pid"].as_u64().unwrap()).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    wait_until("the crash to be recorded", || {
+        state(&daemon, "fragile") == "crashed"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(&daemon, "fragile"), "crashed");
+}
+
+#[test]
+fn daemon_kill_9_and_restart_keeps_vms_running_with_their_console_history() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "steady", "--start"]);
+    let log = daemon.data.path().join("vms/steady/console.log");
+    wait_until("the guest's shell", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("tiny:/# ")
+    });
+    let (_, before) = api(&daemon, "GET", "/api/v1/vms/steady", None);
+
+    let daemon = daemon.restart(Path::new(QUETZALD));
+
+    let (_, after) = api(&daemon, "GET", "/api/v1/vms/steady", None);
+    assert_eq!(after["state"], "running");
+    assert_eq!(after["pid"], before["pid"], "the same QEMU");
+    assert_eq!(event_kinds(&daemon, "steady").last().unwrap(), "reattached");
+    let mut console = Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["vm", "console", "steady"],
+    );
+    console.stdout.wait_for("tiny: up, root on /dev/vda");
+    let output = console.command("echo still-$((20 + 1))-here");
+    assert_eq!(output, "still-21-here");
+}
+
+#[test]
+fn a_vm_that_died_while_the_daemon_was_down_is_marked_and_restarted_per_policy() {
+    let mut daemon = daemon();
+    ok(
+        &daemon,
+        &[
+            "vm",
+            "create",
+            "orphan",
+            "--restart",
+            "on-failure",
+            "--start",
+        ],
+    );
+    let (_, before) = api(&daemon, "GET", "/api/v1/vms/orphan", None);
+    daemon.kill();
+    let pid = i32::try_from(before["pid"].as_u64().unwrap()).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    quetzal_testkit::assert_no_process_mentions(&format!(
+        "{}/vms/orphan/qmp.sock",
+        daemon.data.path().display()
+    ));
+
+    let daemon = daemon.restart(Path::new(QUETZALD));
+
+    wait_until("the policy restart", || {
+        state(&daemon, "orphan") == "running"
+    });
+    let kinds = event_kinds(&daemon, "orphan");
+    assert!(kinds.contains(&"crashed".to_owned()), "{kinds:?}");
+    assert_eq!(kinds.last().unwrap(), "restarted");
+}
+
+#[test]
+fn the_event_stream_shows_each_change_as_it_happens() {
+    let daemon = daemon();
+    let mut stream = std::os::unix::net::UnixStream::connect(daemon.socket()).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let transcript = quetzal_testkit::Transcript::read_from(stream);
+    transcript.wait_for("200 OK");
+
+    ok(&daemon, &["vm", "create", "watched", "--start"]);
+    ok(&daemon, &["vm", "pause", "watched"]);
+
+    for kind in ["created", "starting", "started", "paused"] {
+        transcript.wait_for(&format!("\"kind\":\"{kind}\""));
+    }
+}
+
+#[test]
+fn metrics_are_prometheus_text_with_per_vm_figures() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "measured", "--start"]);
+    ok(&daemon, &["vm", "create", "idle"]);
+
+    let (status, text) = daemon.request("GET", "/metrics", None);
+
+    assert_eq!(status, 200);
+    let mut declared = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            declared.insert(parts.next().unwrap().to_owned());
+            assert!(matches!(parts.next(), Some("gauge" | "counter")), "{line}");
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let name = series.split('{').next().unwrap();
+        assert!(declared.contains(name), "{name} has no TYPE line");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1].split(',') {
+                let (key, quoted) = pair.split_once('=').unwrap();
+                assert!(
+                    key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
+                assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+            }
+        }
+    }
+    assert!(text.contains("quetzal_vms{state=\"running\"} 1\n"));
+    assert!(text.contains("quetzal_vms{state=\"stopped\"} 1\n"));
+    assert!(text.contains("quetzal_vm_state{vm=\"measured\",state=\"running\"} 1\n"));
+    assert!(text.contains("quetzal_vm_resident_bytes{vm=\"measured\"} "));
+    assert!(text.contains("quetzal_daemon_up 1\n"));
+}
