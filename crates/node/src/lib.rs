@@ -5,7 +5,7 @@
 //! - [`node`]: the domain (VM lifecycle, restart policy, recovery).
 //! - [`lifecycle`]: which action is legal in which state.
 //! - [`supervisor`]: one task per running VM.
-//! - [`store`]: SQLite.
+//! - [`store`]: the SQLite store.
 //! - [`http`]: the REST API, events stream, metrics, consoles.
 
 pub mod http;
@@ -69,7 +69,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            let addr = listener.local_addr()?;
             tracing::info!(%addr, "quetzald serving on TCP (token required)");
+
             Some(axum::serve(listener, http::router(state, Some(token))))
         }
         None => None,

@@ -340,13 +340,31 @@ impl Daemon {
         }
         let mut child = command.spawn().expect("quetzald starts");
         let stderr = Transcript::read_from(child.stderr.take().expect("piped"));
-        stderr.wait_for_after(0, "quetzald serving", Duration::from_secs(30));
+        let mut ready = stderr.wait_for_after(0, "quetzald serving", Duration::from_secs(30));
+        if listen.is_some() {
+            ready = stderr.wait_for_after(ready, "serving on TCP", Duration::from_secs(30));
+            ready = stderr.wait_for_after(ready, "\n", Duration::from_secs(30));
+        }
+        let listen = listen.map(|_| {
+            let text = stderr.text();
+            let line = text[..ready].lines().last().expect("the TCP line");
+            let addr = line.split("addr=").nth(1).expect("the address field");
+            addr.split_whitespace()
+                .next()
+                .expect("an address")
+                .to_owned()
+        });
         Daemon {
             child,
             data,
             stderr,
-            listen: listen.map(str::to_owned),
+            listen,
         }
+    }
+
+    /// The TCP address it serves (from `--listen`, port 0 resolved).
+    pub fn tcp_addr(&self) -> Option<&str> {
+        self.listen.as_deref()
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -366,7 +384,7 @@ impl Daemon {
     /// Kills this daemon and starts a new one on the same data directory.
     pub fn restart(mut self, binary: &Path) -> Self {
         self.kill();
-        let data = std::mem::replace(&mut self.data, DataDir::new());
+        let data = std::mem::take(&mut self.data);
         let listen = self.listen.clone();
         drop(self);
         Self::start_in(binary, data, listen.as_deref())
