@@ -1,28 +1,19 @@
-//! `quetzal-bench boot`: how long `quetzal run` takes to bring the tiny
-//! guest to its shell and to exit after `poweroff`, beside a hand-written
-//! `qemu-system-x86_64` command line booting the same guest with the same
-//! devices, alternating run by run; and the engine's own overhead, from
-//! spawning QEMU to a negotiated QMP session.
+//! Benchmark programs: Quetzal beside its reference, measured in the same
+//! run, printed as Markdown tables (median and spread).
+//!
+//! - `quetzal-bench boot`: `quetzal run` against plain QEMU.
+//! - `quetzal-bench node`: quetzald against libvirt 9 + QEMU.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod boot;
+mod node;
+mod stats;
 
 use anyhow::{Context, bail};
-use quetzal_engine::accel::{self, AccelProbe};
-use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, VmName, VmSpec,
-};
-use quetzal_engine::{Engine, EngineVm, Lifetime, QemuEngine, VmEvent, disk};
-use quetzal_image::{Image, ImageStore};
 
-const PROMPT: &[u8] = b"tiny:/# ";
-const TIMEOUT: Duration = Duration::from_secs(120);
+const USAGE: &str = "usage: quetzal-bench boot|node [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -31,214 +22,17 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" => which = Some(arg),
-            other => bail!("unknown argument {other}; usage: quetzal-bench boot [--runs N]"),
+            "boot" | "node" => which = Some(arg),
+            other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
-    if which.is_none() {
-        bail!("usage: quetzal-bench boot [--runs N]");
-    }
-    let quetzal = std::env::current_exe()?
+    let bin = std::env::current_exe()?
         .parent()
         .context("the bench binary has a directory")?
-        .join("quetzal");
-    let data = quetzal_image::data_dir();
-    let image = ImageStore::new(&data).get("tiny")?;
-    let scratch = tempfile::tempdir()?;
-    let accel = accel::choose(&AccelProbe::of_this_host()).accel;
-
-    eprintln!(
-        "bench: {runs} runs each, accel {accel}, quetzal {}",
-        quetzal.display()
-    );
-    let mut ours = Samples::default();
-    let mut plain = Samples::default();
-    for run in 0..runs {
-        let (prompt, exit) = time_console(
-            Command::new(&quetzal)
-                .arg("run")
-                .env("QUETZAL_DATA_DIR", &data),
-        )?;
-        ours.prompt.push(prompt);
-        ours.exit.push(exit);
-        let overlay = scratch.path().join(format!("plain-{run}.qcow2"));
-        disk::create_overlay(&image.root_disk(), DiskFormat::Qcow2, &overlay)?;
-        let (prompt, exit) = time_console(&mut plain_qemu(&image, &overlay, &accel.to_string()))?;
-        plain.prompt.push(prompt);
-        plain.exit.push(exit);
-        eprintln!("bench: run {}/{runs} done", run + 1);
+        .to_owned();
+    match which.as_deref() {
+        Some("boot") => boot::run(runs, &bin.join("quetzal")),
+        Some("node") => node::run(runs, &bin),
+        _ => bail!(USAGE),
     }
-    let qmp = qmp_ready(&image, scratch.path(), runs, accel)?;
-
-    println!(
-        "| measure ({runs} runs) | quetzal median (min–max) | plain QEMU median (min–max) | ratio |"
-    );
-    println!("|---|---|---|---|");
-    row("`run` to shell prompt", &ours.prompt, &plain.prompt);
-    row("`poweroff` to exit", &ours.exit, &plain.exit);
-    println!(
-        "| spawn to QMP ready (engine) | {} | — | — |",
-        summary(&qmp)
-    );
-    Ok(())
-}
-
-#[derive(Default)]
-struct Samples {
-    prompt: Vec<Duration>,
-    exit: Vec<Duration>,
-}
-
-/// The hand-written reference: the same kernel, initrd, disk, NIC and
-/// panic device as `quetzal run`, the console on stdio.
-fn plain_qemu(image: &Image, overlay: &Path, accel: &str) -> Command {
-    let mut command = Command::new("qemu-system-x86_64");
-    command
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-machine",
-            "pc",
-        ])
-        .args([
-            "-accel", accel, "-smp", "1", "-m", "256M", "-serial", "stdio",
-        ])
-        .arg("-kernel")
-        .arg(image.kernel())
-        .arg("-initrd")
-        .arg(image.initrd())
-        .args(["-append", &image.manifest.append])
-        .arg("-drive")
-        .arg(format!("file={},format=qcow2,if=virtio", overlay.display()))
-        .args([
-            "-netdev",
-            "user,id=n0",
-            "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
-        ])
-        .args(["-device", "pvpanic"]);
-    command
-}
-
-/// Starts `command`, waits for the shell prompt on its stdout, types
-/// `poweroff` and waits for it to exit: (start to prompt, poweroff to exit).
-fn time_console(command: &mut Command) -> anyhow::Result<(Duration, Duration)> {
-    let start = Instant::now();
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start the program under test")?;
-    let mut stdout = child.stdout.take().context("stdout is piped")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    while !seen.windows(PROMPT.len()).any(|w| w == PROMPT) {
-        match rx.recv_timeout(TIMEOUT) {
-            Ok(bytes) => seen.extend(bytes),
-            Err(_) => {
-                let _ = child.kill();
-                bail!("no prompt; output: {}", String::from_utf8_lossy(&seen));
-            }
-        }
-    }
-    let prompt = start.elapsed();
-    let poweroff = Instant::now();
-    child
-        .stdin
-        .as_mut()
-        .context("stdin is piped")?
-        .write_all(b"poweroff\n")?;
-    let status = child.wait()?;
-    let exit = poweroff.elapsed();
-    if !status.success() {
-        bail!("exited with {status}");
-    }
-    Ok((prompt, exit))
-}
-
-/// Spawn-to-QMP-ready of the QEMU engine, `runs` times.
-fn qmp_ready(
-    image: &Image,
-    scratch: &Path,
-    runs: usize,
-    accel: quetzal_engine::Accel,
-) -> anyhow::Result<Vec<Duration>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut samples = Vec::new();
-        for run in 0..runs {
-            let overlay = scratch.join(format!("qmp-{run}.qcow2"));
-            disk::create_overlay(&image.root_disk(), DiskFormat::Qcow2, &overlay)?;
-            let spec = VmSpec {
-                name: VmName::new("bench")?,
-                cpus: Cpus::new(1)?,
-                memory: MemoryMib::new(256, u64::MAX)?,
-                machine: Machine::Pc,
-                accel,
-                boot: DirectBoot::new(
-                    &image.kernel(),
-                    Some(&image.initrd()),
-                    &image.manifest.append,
-                )?,
-                disks: vec![Disk {
-                    path: overlay,
-                    format: DiskFormat::Qcow2,
-                    read_only: false,
-                }],
-                nics: vec![],
-            };
-            let run_dir: PathBuf = scratch.join(format!("qmp-{run}"));
-            let mut vm = QemuEngine::new()
-                .create(&spec, &run_dir, Lifetime::TiedToCaller)
-                .await?;
-            samples.push(vm.qmp_ready());
-            vm.stop().await?;
-            while !matches!(vm.next_event().await, VmEvent::Exited { .. }) {}
-            vm.wait().await?;
-        }
-        Ok(samples)
-    })
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn summary(samples: &[Duration]) -> String {
-    let min = samples.iter().min().copied().unwrap_or_default();
-    let max = samples.iter().max().copied().unwrap_or_default();
-    format!(
-        "{:.0} ms ({:.0}–{:.0})",
-        millis(median(samples)),
-        millis(min),
-        millis(max)
-    )
-}
-
-fn row(name: &str, ours: &[Duration], plain: &[Duration]) {
-    let ratio = median(ours).as_secs_f64() / median(plain).as_secs_f64();
-    println!(
-        "| {name} | {} | {} | {ratio:.2}× |",
-        summary(ours),
-        summary(plain)
-    );
 }

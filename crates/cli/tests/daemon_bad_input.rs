@@ -220,8 +220,10 @@ fn says_507_when_the_disk_is_full_and_creates_nothing() {
 
     assert!(message.contains("MiB free"), "{message}");
     assert_nothing_created(&daemon);
-    drop(daemon);
+    let data = daemon.stop();
     drop(unmount);
+    drop(data);
+
 }
 
 struct Unmount(std::path::PathBuf);

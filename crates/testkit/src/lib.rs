@@ -381,7 +381,14 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Kills the daemon and its VMs and hands back the data directory.
+    pub fn stop(mut self) -> DataDir {
+        self.kill_all();
+        std::mem::take(&mut self.data)
+    }
+
     /// Kills this daemon and starts a new one on the same data directory.
+
     pub fn restart(mut self, binary: &Path) -> Self {
         self.kill();
         let data = std::mem::take(&mut self.data);
@@ -460,9 +467,10 @@ fn dechunk(mut text: &str) -> String {
     out
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    fn kill_all(&mut self) {
         self.kill();
+
         for pid in processes_mentioning(&self.data.path().display().to_string()) {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(
@@ -476,3 +484,10 @@ impl Drop for Daemon {
         }
     }
 }
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+

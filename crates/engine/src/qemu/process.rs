@@ -97,6 +97,11 @@ impl Usage {
     pub fn of_this_process() -> Option<Usage> {
         usage(std::process::id())
     }
+
+    /// Another process's use.
+    pub fn of_pid(pid: u32) -> Option<Usage> {
+        usage(pid)
+    }
 }
 
 /// Reads `/proc/PID/stat`: utime and stime (fields 14, 15) and rss (24).
