@@ -49,7 +49,10 @@ pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     )?;
     let lv = scratch.path().join("libvirt");
     std::fs::create_dir_all(&lv)?;
+    // Domains left by an interrupted run.
+    cleanup_libvirt();
     let daemon = Daemon::start(&bin.join("quetzald"), &data)?;
+
     let quetzal = bin.join("quetzal");
     let result = measure(runs, &quetzal, &daemon, &image, &lv);
     cleanup_libvirt();

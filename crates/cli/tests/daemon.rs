@@ -443,3 +443,57 @@ fn metrics_are_prometheus_text_with_per_vm_figures() {
     assert!(text.contains("quetzal_vm_resident_bytes{vm=\"measured\"} "));
     assert!(text.contains("quetzal_daemon_up 1\n"));
 }
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_forced_off_after_the_timeout() {
+    let daemon = daemon();
+    ok(&daemon, &["vm", "create", "stubborn", "--start"]);
+    let mut console = Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["vm", "console", "stubborn"],
+    );
+    console.stdout.wait_for("tiny:/# ");
+    assert_eq!(console.command("killall acpid && echo deaf"), "deaf");
+
+    let started = Instant::now();
+    ok(&daemon, &["vm", "stop", "stubborn", "--timeout", "2"]);
+
+    assert!(started.elapsed() < GUEST_TIMEOUT);
+    assert_eq!(state(&daemon, "stubborn"), "stopped");
+    let (_, page) = api(&daemon, "GET", "/api/v1/events?vm=stubborn", None);
+    let last = page["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last["cause"],
+        "forced off: the guest did not shut down within 2s"
+    );
+}
+
+#[test]
+fn quetzal_up_starts_the_daemon_and_a_demo_vm() {
+    let data = quetzal_testkit::DataDir::new();
+    let marker = data.path().display().to_string();
+    let up = Quetzal::spawn(Path::new(QUETZAL), data.path(), &["up"]);
+    up.stderr.wait_for("the node is up");
+
+    let listed = Command::new(QUETZAL)
+        .args(["vm", "list", "--output", "json"])
+        .env("QUETZAL_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    let vms: Value = serde_json::from_slice(&listed.stdout).unwrap();
+
+    assert_eq!(vms[0]["name"], "demo");
+    assert_eq!(vms[0]["state"], "running");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    up.stderr.wait_for("quetzald stopped; VMs keep running");
+    let mut up = up;
+    assert_eq!(up.wait(), 0);
+    for pid in quetzal_testkit::processes_mentioning(&marker) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    quetzal_testkit::assert_no_process_mentions(&marker);
+}

@@ -223,7 +223,6 @@ fn says_507_when_the_disk_is_full_and_creates_nothing() {
     let data = daemon.stop();
     drop(unmount);
     drop(data);
-
 }
 
 struct Unmount(std::path::PathBuf);

@@ -71,7 +71,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "quetzald serving on TCP (token required)");
-
             Some(axum::serve(listener, http::router(state, Some(token))))
         }
         None => None,

@@ -329,7 +329,11 @@ impl Daemon {
     /// Starts `quetzald` on `data`, also on TCP `listen` when given.
     pub fn start_in(binary: &Path, data: DataDir, listen: Option<&str>) -> Self {
         let mut command = Command::new(binary);
+        // --data-dir puts the directory in the command line, where
+        // scripts/test looks for processes a test left behind.
         command
+            .arg("--data-dir")
+            .arg(data.path())
             .env("QUETZAL_DATA_DIR", data.path())
             .env("QUETZAL_LOG", "info")
             .stdin(Stdio::null())
@@ -340,12 +344,19 @@ impl Daemon {
         }
         let mut child = command.spawn().expect("quetzald starts");
         let stderr = Transcript::read_from(child.stderr.take().expect("piped"));
+        // Owned from here on, so a panic below still kills it.
+        let mut daemon = Daemon {
+            child,
+            data,
+            stderr: stderr.clone(),
+            listen: None,
+        };
         let mut ready = stderr.wait_for_after(0, "quetzald serving", Duration::from_secs(30));
         if listen.is_some() {
             ready = stderr.wait_for_after(ready, "serving on TCP", Duration::from_secs(30));
             ready = stderr.wait_for_after(ready, "\n", Duration::from_secs(30));
         }
-        let listen = listen.map(|_| {
+        daemon.listen = listen.map(|_| {
             let text = stderr.text();
             let line = text[..ready].lines().last().expect("the TCP line");
             let addr = line.split("addr=").nth(1).expect("the address field");
@@ -354,12 +365,7 @@ impl Daemon {
                 .expect("an address")
                 .to_owned()
         });
-        Daemon {
-            child,
-            data,
-            stderr,
-            listen,
-        }
+        daemon
     }
 
     /// The TCP address it serves (from `--listen`, port 0 resolved).
@@ -388,7 +394,6 @@ impl Daemon {
     }
 
     /// Kills this daemon and starts a new one on the same data directory.
-
     pub fn restart(mut self, binary: &Path) -> Self {
         self.kill();
         let data = std::mem::take(&mut self.data);
@@ -470,7 +475,6 @@ fn dechunk(mut text: &str) -> String {
 impl Daemon {
     fn kill_all(&mut self) {
         self.kill();
-
         for pid in processes_mentioning(&self.data.path().display().to_string()) {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::kill(
@@ -490,4 +494,3 @@ impl Drop for Daemon {
         self.kill_all();
     }
 }
-
