@@ -85,9 +85,16 @@ impl RestartPolicy {
 pub struct CreateVm {
     /// 1-63 letters, digits, `-` or `_`, starting with a letter or digit.
     pub name: String,
-    /// A built image (`tiny`).
-    #[serde(default = "default_image")]
-    pub image: String,
+    /// A built image [default: `tiny`]; not with `template`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Make the VM a clone of this template.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// With `template`: copy the template's disk (an independent VM)
+    /// instead of a linked clone (a copy-on-write overlay on it).
+    #[serde(default)]
+    pub full_clone: bool,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
     #[serde(default = "default_memory")]
@@ -99,10 +106,6 @@ pub struct CreateVm {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
-}
-
-fn default_image() -> String {
-    "tiny".to_owned()
 }
 
 fn default_cpus() -> u32 {
@@ -133,6 +136,45 @@ pub struct Vm {
     pub started_at: Option<i64>,
     /// Automatic restarts since the last start by a user.
     pub restarts: u32,
+    /// The template this VM is a linked clone of (its disk is an overlay
+    /// on the template's).
+    pub linked_to: Option<String>,
+}
+
+/// `POST /api/v1/templates`: turn a stopped VM into a template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: String,
+    /// The stopped VM whose disk becomes the template's (the VM is gone
+    /// afterwards).
+    pub from_vm: String,
+}
+
+/// A template: a read-only disk and the settings clones start from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub name: String,
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    /// The VM it was made from.
+    pub source_vm: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// The sha256 of its disk when it was made (it never changes).
+    pub disk_sha256: String,
+    /// VMs that are linked clones of it.
+    pub linked_clones: Vec<String>,
+}
+
+/// `POST /api/v1/vms/{name}/clone`: a new VM from a stopped one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVm {
+    pub name: String,
 }
 
 /// One lifecycle change.

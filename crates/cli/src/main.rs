@@ -33,6 +33,9 @@ enum Command {
     /// VMs managed by quetzald.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Templates managed by quetzald.
+    #[command(subcommand)]
+    Template(vm::TemplateCommand),
     /// quetzald's event log (--follow to keep watching).
     Events(vm::EventsArgs),
     /// Print the API token for quetzald's TCP listener.
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Image(command) => image::run(command),
         Command::Run(args) => run::run(args),
         Command::Vm(command) => vm::run(command),
+        Command::Template(command) => vm::template(command),
         Command::Events(args) => vm::events(args),
         Command::Token => vm::token(),
         Command::Up => up::run(),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use http_body_util::BodyExt;
 use hyper::Method;
-use quetzal_api::{Event, EventPage, RestartPolicy, Vm};
+use quetzal_api::{Event, EventPage, RestartPolicy, Template, Vm};
 use serde_json::json;
 
 use crate::Output;
@@ -64,6 +64,8 @@ pub enum VmCommand {
         #[arg(long)]
         keep_disks: bool,
     },
+    /// Make a new, stopped VM from a stopped one (a copy of its disk).
+    Clone { source: String, name: String },
     /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
     /// VM keeps running).
     Console { name: String },
@@ -72,8 +74,15 @@ pub enum VmCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     name: String,
-    #[arg(long, default_value = "tiny")]
-    image: String,
+    /// The image to start from [default: tiny].
+    #[arg(long, conflicts_with = "template")]
+    image: Option<String>,
+    /// Make a clone of this template (linked: a copy-on-write overlay).
+    #[arg(long)]
+    template: Option<String>,
+    /// With --template: copy the template's disk (an independent VM).
+    #[arg(long, requires = "template")]
+    full: bool,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Memory in MiB.
@@ -122,6 +131,8 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             let body = json!({
                 "name": args.name,
                 "image": args.image,
+                "template": args.template,
+                "full_clone": args.full,
                 "cpus": args.cpus,
                 "memory_mib": args.memory,
                 "disk_mib": args.disk,
@@ -184,6 +195,13 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             client.call(Method::DELETE, &path, None).await?;
             println!("{name} deleted");
         }
+        VmCommand::Clone { source, name } => {
+            let path = format!("/api/v1/vms/{}/clone", encode(&source));
+            let vm: Vm = client
+                .call_as(Method::POST, &path, Some(&json!({ "name": name })))
+                .await?;
+            println!("{} cloned from {source}", vm.name);
+        }
         VmCommand::Console { name } => return crate::console::attach_remote(&client, &name).await,
     }
     Ok(ExitCode::SUCCESS)
@@ -223,6 +241,9 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
                 vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string())
             );
             println!("Restarts  {}", vm.restarts);
+            if let Some(template) = &vm.linked_to {
+                println!("Linked to template {template}");
+            }
         }
     }
     Ok(())
@@ -349,4 +370,108 @@ pub fn token() -> anyhow::Result<ExitCode> {
     })?;
     println!("{}", token.trim());
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Turn a stopped VM into a template (the VM is consumed; its disk
+    /// becomes the template's read-only base).
+    Create {
+        name: String,
+        /// The stopped VM.
+        #[arg(long)]
+        from: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List templates and their linked clones.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one template.
+    Show {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a template no VM is a linked clone of.
+    Rm { name: String },
+}
+
+pub fn template(command: TemplateCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = Client::from_env();
+        match command {
+            TemplateCommand::Create { name, from, output } => {
+                let body = json!({ "name": name, "from_vm": from });
+                let template: Template = client
+                    .call_as(Method::POST, "/api/v1/templates", Some(&body))
+                    .await?;
+                print_templates(&[template], output)?;
+            }
+            TemplateCommand::List { output } => {
+                let templates: Vec<Template> = client
+                    .call_as(Method::GET, "/api/v1/templates", None)
+                    .await?;
+                print_templates(&templates, output)?;
+            }
+            TemplateCommand::Show { name, output } => {
+                let path = format!("/api/v1/templates/{}", encode(&name));
+                let template: Template = client.call_as(Method::GET, &path, None).await?;
+                print_templates(&[template], output)?;
+            }
+            TemplateCommand::Rm { name } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/api/v1/templates/{}", encode(&name)),
+                        None,
+                    )
+                    .await?;
+                println!("template {name} deleted");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_templates(templates: &[Template], output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json if templates.len() == 1 => {
+            println!("{}", serde_json::to_string_pretty(&templates[0])?)
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(templates)?),
+        Output::Human => {
+            let width = templates
+                .iter()
+                .map(|t| t.name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            println!(
+                "{:<width$}  {:<6}  {:>4}  {:>8}  {:<10}  LINKED CLONES",
+                "NAME", "IMAGE", "CPUS", "MEMORY", "FROM VM"
+            );
+            for t in templates {
+                println!(
+                    "{:<width$}  {:<6}  {:>4}  {:>5} MiB  {:<10}  {}",
+                    t.name,
+                    t.image,
+                    t.cpus,
+                    t.memory_mib,
+                    t.source_vm,
+                    if t.linked_clones.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        t.linked_clones.join(",")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
 }

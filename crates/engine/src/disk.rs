@@ -140,3 +140,32 @@ pub fn create_overlay_sized(
         Err(failed(last_line(&output.stderr)))
     }
 }
+
+/// Copies `from` into a new qcow2 image at `to` whose backing file is
+/// `keep_base`: only what differs from the base is copied, and the result
+/// no longer depends on `from` or anything between it and the base.
+pub fn copy_onto_base(from: &Path, keep_base: &Path, to: &Path) -> Result<(), DiskError> {
+    let failed = |message: String| DiskError::Overlay {
+        path: to.to_owned(),
+        message,
+    };
+    let base = std::fs::canonicalize(keep_base).map_err(|err| failed(err.to_string()))?;
+    let output = qemu_img(&[
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        "-B".as_ref(),
+        base.as_os_str(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        from.as_os_str(),
+        to.as_os_str(),
+    ])?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(to);
+        Err(failed(last_line(&output.stderr)))
+    }
+}

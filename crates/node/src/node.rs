@@ -13,12 +13,16 @@ use quetzal_engine::spec::{
     Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
 };
 use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, disk};
-use quetzal_image::{Image, ImageError, ImageStore};
+use quetzal_image::{Image, ImageStore};
 use tokio::sync::broadcast;
 
 use crate::lifecycle::{self, Action};
 use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{self, Command, Exit, Live, Stats};
+
+mod templates;
+
+pub use templates::{DiskPlan, DiskSource};
 
 /// How long a graceful stop waits for the guest before forcing it off.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -235,19 +239,53 @@ impl Node {
         Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
         MemoryMib::new(request.memory_mib, self.host_memory_mib)
             .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
-        let image = self.images.get(&request.image).map_err(|err| match err {
-            ImageError::Unknown { .. } | ImageError::NotBuilt { .. } => {
-                NodeError::Invalid(err.to_string())
-            }
-            other => NodeError::Internal(other.to_string()),
-        })?;
-        let base_mib = image_disk_mib(&image)?;
-        let disk_mib = request.disk_mib.unwrap_or(base_mib);
-        if disk_mib < base_mib || disk_mib > MAX_DISK_MIB {
+        let source = self.disk_source(&request)?;
+        let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
+        if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
             return Err(NodeError::Invalid(format!(
-                "disk_mib must be between the image's {base_mib} and {MAX_DISK_MIB}, not {disk_mib}"
+                "disk_mib must be between the base disk's {} and {MAX_DISK_MIB}, not {disk_mib}",
+                source.base_mib
             )));
         }
+        if source.plan.is_copy() && disk_mib != source.base_mib {
+            return Err(NodeError::Invalid(
+                "disk_mib cannot be changed on a full clone".to_owned(),
+            ));
+        }
+        let vm = Vm {
+            name: name.to_string(),
+            state: VmState::Stopped,
+            image: source.image.manifest.name.clone(),
+            cpus: request.cpus,
+            memory_mib: request.memory_mib,
+            disk_mib,
+            labels: request.labels,
+            restart_policy: request.restart_policy,
+            pid: None,
+            created_at: now_millis(),
+            started_at: None,
+            restarts: 0,
+            linked_to: source.plan.linked_to(),
+        };
+        let cause = match &request.template {
+            Some(template) if request.full_clone => format!("full clone of template {template}"),
+            Some(template) => format!("linked clone of template {template}"),
+            None => "created by request".to_owned(),
+        };
+        let slot = self.slot(&vm.name);
+        let _op = slot.op.lock().await;
+        self.make_vm(vm, &source.image.dir, &source.plan, &cause)
+    }
+
+    /// Makes a new VM's directory and disk, then records it; on any failure
+    /// nothing is left behind. Called with the new VM's lock held.
+    fn make_vm(
+        &self,
+        vm: Vm,
+        image_dir: &Path,
+        plan: &DiskPlan,
+        cause: &str,
+    ) -> Result<Vm, NodeError> {
         let free = free_mib(&self.data.join("vms"))?;
         if free < MIN_FREE_MIB {
             return Err(NodeError::InsufficientStorage(format!(
@@ -255,44 +293,32 @@ impl Node {
                 self.data.display()
             )));
         }
-        let slot = self.slot(name.as_str());
-        let _op = slot.op.lock().await;
-        if self.store().get(name.as_str())?.is_some() {
+        if self.store().get(&vm.name)?.is_some() {
             return Err(NodeError::Conflict(format!(
-                "a VM named {name} already exists"
+                "a VM named {} already exists",
+                vm.name
             )));
         }
-        let dir = self.vm_dir(name.as_str());
+        let dir = self.vm_dir(&vm.name);
         // A directory without a VM is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
-        let made = disk::create_overlay_sized(
-            &image.root_disk(),
-            DiskFormat::Qcow2,
-            &dir.join("root.qcow2"),
-            Some(disk_mib),
-        )
+        let disk = dir.join("root.qcow2");
+        let made = match plan {
+            DiskPlan::Overlay { base, .. } => {
+                disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
+            }
+            DiskPlan::Copy {
+                from, keep_base, ..
+            } => disk::copy_onto_base(from, keep_base, &disk),
+        }
         .map_err(|e| disk_error(&e.to_string()));
         let record = VmRecord {
-            vm: Vm {
-                name: name.to_string(),
-                state: VmState::Stopped,
-                image: request.image,
-                cpus: request.cpus,
-                memory_mib: request.memory_mib,
-                disk_mib,
-                labels: request.labels,
-                restart_policy: request.restart_policy,
-                pid: None,
-                created_at: now_millis(),
-                started_at: None,
-                restarts: 0,
-            },
-            image_dir: image.dir.clone(),
+            vm,
+            image_dir: image_dir.to_owned(),
         };
-        let inserted =
-            made.and_then(|()| Ok(self.store().insert_vm(&record, "created by request")?));
+        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, cause)?));
         match inserted {
             Ok(event) => {
                 self.publish(event);
@@ -404,11 +430,16 @@ impl Node {
             }
         }
         self.publish(event);
+        self.forget_slot(name);
+        Ok(())
+    }
+
+    /// Drops the in-memory state of a VM that no longer exists.
+    fn forget_slot(&self, name: &str) {
         self.slots
             .lock()
             .expect("never poisoned: no panics while held")
             .remove(name);
-        Ok(())
     }
 
     /// Boots a VM's QEMU and starts supervising it. Called with the VM's

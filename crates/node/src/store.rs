@@ -26,7 +26,8 @@ pub enum StoreError {
 
 /// Each migration moves the schema one version up; `user_version` says
 /// how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE vms (
         name TEXT PRIMARY KEY,
         image TEXT NOT NULL,
         image_dir TEXT NOT NULL,
@@ -49,7 +50,20 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
         state TEXT,
         cause TEXT NOT NULL
     );
-    CREATE INDEX events_by_vm ON events (vm, id);"];
+    CREATE INDEX events_by_vm ON events (vm, id);",
+    "CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        image_dir TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        source_vm TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        disk_sha256 TEXT NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN linked_to TEXT REFERENCES templates (name);",
+];
 
 /// A VM as stored: the API's view plus what only the node needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,8 +158,8 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-                restart_policy, state, pid, created_at, started_at, restarts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0)",
+                restart_policy, state, pid, created_at, started_at, restarts, linked_to)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11)",
             params![
                 vm.name,
                 vm.image,
@@ -157,6 +171,7 @@ impl Store {
                 vm.restart_policy.as_str(),
                 vm.state.as_str(),
                 vm.created_at,
+                vm.linked_to,
             ],
         );
         match inserted {
@@ -277,7 +292,7 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-    restart_policy, state, pid, created_at, started_at, restarts FROM vms";
+    restart_policy, state, pid, created_at, started_at, restarts, linked_to FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -312,9 +327,131 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             created_at: row.get(10)?,
             started_at: row.get(11)?,
             restarts: row.get(12)?,
+            linked_to: row.get(13)?,
         },
         image_dir: PathBuf::from(image_dir),
     }))
+}
+
+/// A template as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub image: String,
+    pub image_dir: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub source_vm: String,
+    pub created_at: i64,
+    pub disk_sha256: String,
+}
+
+impl Store {
+    /// Turns a VM into a template in one transaction: the template row in,
+    /// the VM row out, with the VM's last event.
+    pub fn templatize(&mut self, template: &TemplateRecord) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let inserted = tx.execute(
+            "INSERT INTO templates (name, image, image_dir, cpus, memory_mib, disk_mib, source_vm,
+                created_at, disk_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                template.name,
+                template.image,
+                template.image_dir.display().to_string(),
+                template.cpus,
+                template.memory_mib,
+                template.disk_mib,
+                template.source_vm,
+                template.created_at,
+                template.disk_sha256,
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(err, _))
+                if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Exists(template.name.clone()));
+            }
+            Err(err) => return Err(sql(err)),
+        }
+        tx.execute(
+            "DELETE FROM vms WHERE name = ?1",
+            params![template.source_vm],
+        )
+        .map_err(sql)?;
+        let cause = format!("turned into template {}", template.name);
+        let event =
+            insert_event(&tx, &template.source_vm, "templated", None, &cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    pub fn template(&self, name: &str) -> Result<Option<TemplateRecord>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("{SELECT_TEMPLATE} WHERE name = ?1"),
+                params![name],
+                read_template,
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!("{SELECT_TEMPLATE} ORDER BY name"))
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map([], read_template)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// The VMs that are linked clones of `template`.
+    pub fn linked_clones(&self, template: &str) -> Result<Vec<String>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT name FROM vms WHERE linked_to = ?1 ORDER BY name")
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![template], |row| row.get(0))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    pub fn delete_template(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM templates WHERE name = ?1", params![name])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+}
+
+const SELECT_TEMPLATE: &str =
+    "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, source_vm,
+    created_at, disk_sha256 FROM templates";
+
+fn read_template(row: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
+    let image_dir: String = row.get(2)?;
+    Ok(TemplateRecord {
+        name: row.get(0)?,
+        image: row.get(1)?,
+        image_dir: PathBuf::from(image_dir),
+        cpus: row.get(3)?,
+        memory_mib: row.get(4)?,
+        disk_mib: row.get(5)?,
+        source_vm: row.get(6)?,
+        created_at: row.get(7)?,
+        disk_sha256: row.get(8)?,
+    })
 }
 
 fn insert_event(
@@ -358,6 +495,7 @@ mod tests {
                 created_at: 1,
                 started_at: None,
                 restarts: 0,
+                linked_to: None,
             },
             image_dir: PathBuf::from("/images/tiny/x"),
         }

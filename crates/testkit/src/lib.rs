@@ -22,7 +22,7 @@ pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn tests_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/quetzal-tests");
     std::fs::create_dir_all(&root).expect("target/ is writable");
-    root
+    std::fs::canonicalize(&root).expect("it was just created")
 }
 
 /// The data directory whose `images/` every test shares.

@@ -18,7 +18,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use quetzal_api::{CreateVm, ErrorBody, ErrorDetail, Event, EventPage, Host, Vm, VmState};
+use quetzal_api::{
+    CloneVm, CreateTemplate, CreateVm, ErrorBody, ErrorDetail, Event, EventPage, Host, Template,
+    Vm, VmState,
+};
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
 use utoipa::OpenApi;
@@ -123,10 +126,26 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "Quetzal API", description = "quetzald's REST API"),
-    paths(list_vms, create_vm, get_vm, delete_vm, vm_action, list_events, host),
+    paths(
+        list_vms,
+        create_vm,
+        get_vm,
+        delete_vm,
+        vm_action,
+        clone_vm,
+        list_templates,
+        create_template,
+        get_template,
+        delete_template,
+        list_events,
+        host
+    ),
     components(schemas(
         Vm,
         CreateVm,
+        CloneVm,
+        Template,
+        CreateTemplate,
         VmState,
         Event,
         EventPage,
@@ -146,6 +165,15 @@ pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{name}/console", get(console::console))
+        .route("/api/v1/vms/{name}/clone", post(clone_vm))
+        .route(
+            "/api/v1/templates",
+            get(list_templates).post(create_template),
+        )
+        .route(
+            "/api/v1/templates/{name}",
+            get(get_template).delete(delete_template),
+        )
         .route("/api/v1/vms/{name}/{action}", post(vm_action))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream_events))
@@ -381,4 +409,59 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
         accel_reason: info.accel_reason.clone(),
         vms_by_state: by_state,
     }))
+}
+
+/// Clone a stopped VM into a new, stopped VM.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/clone", request_body = CloneVm,
+    responses((status = 201, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn clone_vm(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Body(request): Body<CloneVm>,
+) -> Result<(StatusCode, Json<Vm>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(app.node.clone_vm(&name, request).await?),
+    ))
+}
+
+/// List templates.
+#[utoipa::path(get, path = "/api/v1/templates", responses((status = 200, body = Vec<Template>)))]
+async fn list_templates(State(app): State<AppState>) -> Result<Json<Vec<Template>>, ApiError> {
+    Ok(Json(app.node.templates()?))
+}
+
+/// Turn a stopped VM into a template (the VM is consumed).
+#[utoipa::path(post, path = "/api/v1/templates", request_body = CreateTemplate,
+    responses((status = 201, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn create_template(
+    State(app): State<AppState>,
+    Body(request): Body<CreateTemplate>,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(app.node.create_template(request).await?),
+    ))
+}
+
+/// One template.
+#[utoipa::path(get, path = "/api/v1/templates/{name}",
+    responses((status = 200, body = Template), (status = 404, body = ErrorBody)))]
+async fn get_template(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Template>, ApiError> {
+    Ok(Json(app.node.template(&name)?))
+}
+
+/// Delete a template no VM is a linked clone of.
+#[utoipa::path(delete, path = "/api/v1/templates/{name}",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_template(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.node.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

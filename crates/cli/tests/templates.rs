@@ -1,0 +1,254 @@
+//! Templates and clones end to end: a real daemon, real QEMU, real guests,
+//! and the template's disk checked by sha256.
+
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use quetzal_testkit::{Daemon, GUEST_TIMEOUT, Quetzal};
+use serde_json::Value;
+
+const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
+const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
+
+fn cli(daemon: &Daemon, args: &[&str]) -> Output {
+    Command::new(QUETZAL)
+        .args(args)
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap()
+}
+
+fn ok(daemon: &Daemon, args: &[&str]) -> String {
+    let output = cli(daemon, args);
+    assert!(
+        output.status.success(),
+        "quetzal {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Asserts the CLI failed with one line containing `expected`.
+fn fails(daemon: &Daemon, args: &[&str], expected: &str) {
+    let output = cli(daemon, args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "quetzal {args:?} succeeded");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(expected), "expected {expected:?}: {stderr}");
+}
+
+fn json(daemon: &Daemon, args: &[&str]) -> Value {
+    serde_json::from_str(&ok(daemon, args)).unwrap()
+}
+
+/// Runs `command` in the guest's shell through `quetzal vm console`.
+fn in_guest(daemon: &Daemon, vm: &str, command: &str) -> String {
+    let mut console = Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["vm", "console", vm],
+    );
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let log = daemon.data.path().join(format!("vms/{vm}/console.log"));
+    let boots = |text: &str| text.matches("tiny: up").count();
+    // Wait for the shell of the current boot (the log spans all boots).
+    let want = boots(&std::fs::read_to_string(&log).unwrap_or_default()).max(1);
+    while !(boots(&std::fs::read_to_string(&log).unwrap_or_default()) >= want
+        && std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .ends_with("tiny:/# \u{1b}[6n"))
+    {
+        assert!(Instant::now() < deadline, "no shell on {vm}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    console.command(command)
+}
+
+/// A stopped VM named `name` whose disk holds /root/golden.
+fn golden_vm(daemon: &Daemon, name: &str) {
+    ok(daemon, &["vm", "create", name, "--start"]);
+    assert_eq!(
+        in_guest(
+            daemon,
+            name,
+            "echo gold > /root/golden && sync && cat /root/golden"
+        ),
+        "gold"
+    );
+    ok(daemon, &["vm", "stop", name]);
+}
+
+fn sha256(path: &Path) -> String {
+    quetzal_image::sha256_file(path).unwrap().0
+}
+
+#[test]
+fn linked_clones_boot_keep_their_own_files_and_never_change_the_template() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    golden_vm(&daemon, "golden");
+
+    let template = json(
+        &daemon,
+        &[
+            "template", "create", "base", "--from", "golden", "--output", "json",
+        ],
+    );
+    let disk = daemon.data.path().join("templates/base/disk.qcow2");
+    assert_eq!(template["disk_sha256"].as_str().unwrap(), sha256(&disk));
+    assert_eq!(
+        json(&daemon, &["vm", "list", "--output", "json"]),
+        Value::Array(vec![])
+    );
+
+    for clone in ["c1", "c2"] {
+        let started = Instant::now();
+        ok(&daemon, &["vm", "create", clone, "--template", "base"]);
+        eprintln!("linked clone {clone} created in {:?}", started.elapsed());
+        ok(&daemon, &["vm", "start", clone]);
+    }
+    for clone in ["c1", "c2"] {
+        let seen = in_guest(
+            &daemon,
+            clone,
+            &format!("cat /root/golden && echo {clone} > /root/mine && sync"),
+        );
+        assert_eq!(seen, "gold");
+    }
+    for clone in ["c1", "c2"] {
+        ok(&daemon, &["vm", "stop", clone]);
+    }
+    ok(&daemon, &["vm", "start", "c1"]);
+    let mine = in_guest(&daemon, "c1", "cat /root/mine");
+    ok(&daemon, &["vm", "stop", "c1"]);
+
+    assert_eq!(mine, "c1");
+    assert_eq!(sha256(&disk), template["disk_sha256"].as_str().unwrap());
+    let info = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(daemon.data.path().join("vms/c1/root.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["full-backing-filename"], disk.display().to_string());
+    let shown = json(&daemon, &["template", "show", "base", "--output", "json"]);
+    assert_eq!(shown["linked_clones"], serde_json::json!(["c1", "c2"]));
+}
+
+#[test]
+fn a_full_clone_survives_deleting_its_template_and_linked_clones_block_it() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    golden_vm(&daemon, "golden");
+    ok(&daemon, &["template", "create", "base", "--from", "golden"]);
+    ok(
+        &daemon,
+        &["vm", "create", "solo", "--template", "base", "--full"],
+    );
+    ok(&daemon, &["vm", "create", "tied", "--template", "base"]);
+
+    fails(
+        &daemon,
+        &["template", "rm", "base"],
+        "template base has linked clones: tied",
+    );
+    ok(&daemon, &["vm", "rm", "tied"]);
+    ok(&daemon, &["template", "rm", "base"]);
+
+    assert!(!daemon.data.path().join("templates/base").exists());
+    let solo = json(&daemon, &["vm", "show", "solo", "--output", "json"]);
+    assert_eq!(solo["linked_to"], Value::Null);
+    ok(&daemon, &["vm", "start", "solo"]);
+    assert_eq!(in_guest(&daemon, "solo", "cat /root/golden"), "gold");
+}
+
+#[test]
+fn a_stopped_vm_clones_into_an_independent_vm() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    golden_vm(&daemon, "golden");
+
+    ok(&daemon, &["vm", "clone", "golden", "copy"]);
+    ok(&daemon, &["vm", "rm", "golden"]);
+    ok(&daemon, &["vm", "start", "copy"]);
+
+    assert_eq!(in_guest(&daemon, "copy", "cat /root/golden"), "gold");
+    let copy = json(&daemon, &["vm", "show", "copy", "--output", "json"]);
+    assert_eq!(copy["cpus"], 1);
+}
+
+#[test]
+fn bad_template_and_clone_requests_fail_cleanly_and_leave_nothing() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    ok(&daemon, &["vm", "create", "busy", "--start"]);
+    ok(&daemon, &["vm", "create", "idle"]);
+    ok(&daemon, &["template", "create", "base", "--from", "idle"]);
+
+    fails(
+        &daemon,
+        &["vm", "clone", "busy", "other"],
+        "cannot clone a VM that is running; stop it first",
+    );
+    fails(
+        &daemon,
+        &["template", "create", "t2", "--from", "busy"],
+        "cannot make a template of a VM that is running",
+    );
+    fails(
+        &daemon,
+        &["template", "create", "base", "--from", "busy"],
+        "",
+    );
+    fails(
+        &daemon,
+        &["template", "create", "t3", "--from", "ghost"],
+        "no VM named ghost",
+    );
+    fails(
+        &daemon,
+        &["template", "create", "../x", "--from", "busy"],
+        "invalid template name '../x'",
+    );
+    fails(
+        &daemon,
+        &["vm", "create", "x", "--template", "nope"],
+        "no template named nope",
+    );
+    fails(
+        &daemon,
+        &[
+            "vm",
+            "create",
+            "x",
+            "--template",
+            "base",
+            "--full",
+            "--disk",
+            "9999",
+        ],
+        "disk_mib cannot be changed on a full clone",
+    );
+    fails(&daemon, &["vm", "create", "x", "--full"], "--template");
+    fails(
+        &daemon,
+        &["vm", "create", "x", "--image", "tiny", "--template", "base"],
+        "cannot be used with",
+    );
+    fails(&daemon, &["vm", "clone", "idle", "y"], "no VM named idle");
+    fails(
+        &daemon,
+        &["template", "rm", "nope"],
+        "no template named nope",
+    );
+
+    let vms: Vec<String> = std::fs::read_dir(daemon.data.path().join("vms"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(vms, vec!["busy".to_owned()]);
+    let templates: Vec<String> = std::fs::read_dir(daemon.data.path().join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(templates, vec!["base".to_owned()]);
+}
