@@ -235,3 +235,33 @@ pub struct Host {
     pub accel_reason: String,
     pub vms_by_state: BTreeMap<String, u64>,
 }
+
+/// `POST /api/v1/vms/{name}/snapshots`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+/// A snapshot of a VM: its disks, and its memory when taken while running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub vm: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Taken while running: reverting resumes the guest exactly there.
+    pub with_memory: bool,
+    /// The snapshot the VM was at when this one was taken (a tree).
+    pub parent: Option<String>,
+}
+
+/// A VM's snapshots, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+    /// The snapshot the VM's disks descend from now.
+    pub current: Option<String>,
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use http_body_util::BodyExt;
 use hyper::Method;
-use quetzal_api::{Event, EventPage, RestartPolicy, Template, Vm};
+use quetzal_api::{Event, EventPage, RestartPolicy, Snapshot, SnapshotList, Template, Vm};
 use serde_json::json;
 
 use crate::Output;
@@ -64,6 +64,9 @@ pub enum VmCommand {
         #[arg(long)]
         keep_disks: bool,
     },
+    /// Snapshots of a VM.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Make a new, stopped VM from a stopped one (a copy of its disk).
     Clone { source: String, name: String },
     /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
@@ -195,6 +198,7 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             client.call(Method::DELETE, &path, None).await?;
             println!("{name} deleted");
         }
+        VmCommand::Snapshot(command) => snapshot(&client, command).await?,
         VmCommand::Clone { source, name } => {
             let path = format!("/api/v1/vms/{}/clone", encode(&source));
             let vm: Vm = client
@@ -471,6 +475,82 @@ fn print_templates(templates: &[Template], output: Output) -> anyhow::Result<()>
                     }
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot: disks and memory while the VM runs, disks only
+    /// while it is stopped.
+    Create { vm: String, name: String },
+    /// List a VM's snapshots (* marks the one it is at).
+    List {
+        vm: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Go back to a snapshot.
+    Revert { vm: String, name: String },
+    /// Delete a snapshot.
+    Rm { vm: String, name: String },
+}
+
+async fn snapshot(client: &Client, command: SnapshotCommand) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::Create { vm, name } => {
+            let path = format!("/api/v1/vms/{}/snapshots", encode(&vm));
+            let snapshot: Snapshot = client
+                .call_as(Method::POST, &path, Some(&json!({ "name": name })))
+                .await?;
+            let kind = if snapshot.with_memory {
+                "disks and memory"
+            } else {
+                "disks only"
+            };
+            println!("snapshot {} of {vm} taken ({kind})", snapshot.name);
+        }
+        SnapshotCommand::List { vm, output } => {
+            let path = format!("/api/v1/vms/{}/snapshots", encode(&vm));
+            let list: SnapshotList = client.call_as(Method::GET, &path, None).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Human => {
+                    println!("  {:<20} {:<8} PARENT", "NAME", "MEMORY");
+                    for s in &list.snapshots {
+                        let mark = if list.current.as_deref() == Some(s.name.as_str()) {
+                            "*"
+                        } else {
+                            " "
+                        };
+                        let memory = if s.with_memory { "yes" } else { "no" };
+                        println!(
+                            "{mark} {:<20} {memory:<8} {}",
+                            s.name,
+                            s.parent.as_deref().unwrap_or("-")
+                        );
+                    }
+                }
+            }
+        }
+        SnapshotCommand::Revert { vm, name } => {
+            let path = format!(
+                "/api/v1/vms/{}/snapshots/{}/revert",
+                encode(&vm),
+                encode(&name)
+            );
+            let vm: Vm = client.call_as(Method::POST, &path, None).await?;
+            println!(
+                "{} reverted to {name}; it is {}",
+                vm.name,
+                vm.state.as_str()
+            );
+        }
+        SnapshotCommand::Rm { vm, name } => {
+            let path = format!("/api/v1/vms/{}/snapshots/{}", encode(&vm), encode(&name));
+            client.call(Method::DELETE, &path, None).await?;
+            println!("snapshot {name} of {vm} deleted");
         }
     }
     Ok(())

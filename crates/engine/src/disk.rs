@@ -169,3 +169,35 @@ pub fn copy_onto_base(from: &Path, keep_base: &Path, to: &Path) -> Result<(), Di
         Err(failed(last_line(&output.stderr)))
     }
 }
+
+/// What `qemu-img snapshot` does to a stopped VM's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotAction {
+    Create,
+    /// Reverts the disk to the snapshot.
+    Apply,
+    Delete,
+}
+
+/// An internal snapshot of a disk no QEMU has open (disk only, no memory).
+pub fn snapshot_offline(disk: &Path, action: SnapshotAction, tag: &str) -> Result<(), DiskError> {
+    let flag = match action {
+        SnapshotAction::Create => "-c",
+        SnapshotAction::Apply => "-a",
+        SnapshotAction::Delete => "-d",
+    };
+    let output = qemu_img(&[
+        "snapshot".as_ref(),
+        flag.as_ref(),
+        tag.as_ref(),
+        disk.as_os_str(),
+    ])?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(DiskError::Open {
+            path: disk.to_owned(),
+            message: last_line(&output.stderr),
+        })
+    }
+}

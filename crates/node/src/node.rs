@@ -20,6 +20,7 @@ use crate::lifecycle::{self, Action};
 use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{self, Command, Exit, Live, Stats};
 
+mod snapshots;
 mod templates;
 
 pub use templates::{DiskPlan, DiskSource};
@@ -336,7 +337,7 @@ impl Node {
         let _op = slot.op.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Start).map_err(NodeError::Conflict)?;
-        self.launch(&slot, &record, 0, "started", "start requested")
+        self.launch(&slot, &record, 0, "started", "start requested", None)
             .await?;
         self.get(name)
     }
@@ -366,7 +367,7 @@ impl Node {
         lifecycle::check(record.vm.state, Action::Restart).map_err(NodeError::Conflict)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
         let record = self.record(name)?;
-        self.launch(&slot, &record, 0, "started", "restart requested")
+        self.launch(&slot, &record, 0, "started", "restart requested", None)
             .await?;
         self.get(name)
     }
@@ -451,6 +452,7 @@ impl Node {
         restarts: u32,
         kind: &str,
         cause: &str,
+        load_snapshot: Option<&str>,
     ) -> Result<(), NodeError> {
         let name = record.vm.name.as_str();
         self.change(
@@ -464,7 +466,7 @@ impl Node {
                 cause,
             },
         )?;
-        match self.boot(record).await {
+        match self.boot(record, load_snapshot).await {
             Ok((vm, console)) => {
                 let generation = self
                     .generation
@@ -503,9 +505,12 @@ impl Node {
         }
     }
 
+    /// Starts QEMU for a VM, its console attached, optionally at a snapshot
+    /// (loaded before the vCPUs first run).
     async fn boot(
         &self,
         record: &VmRecord,
+        load_snapshot: Option<&str>,
     ) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
         let vm = &record.vm;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
@@ -539,6 +544,9 @@ impl Node {
             .await
             .map_err(|e| e.to_string())?;
         let console = qemu.console().await.map_err(|e| e.to_string())?;
+        if let Some(tag) = load_snapshot {
+            qemu.snapshot_load(tag).await.map_err(|e| e.to_string())?;
+        }
         qemu.start().await.map_err(|e| e.to_string())?;
         Ok((qemu, console))
     }
@@ -681,7 +689,7 @@ impl Node {
                 return;
             }
             if let Err(err) = node
-                .launch(&slot, &record, restarts, "restarted", &why)
+                .launch(&slot, &record, restarts, "restarted", &why, None)
                 .await
             {
                 tracing::warn!(vm = %name, error = %err, "restart failed");
@@ -707,7 +715,7 @@ impl Node {
             let attached = match record.vm.pid {
                 Some(pid) => self
                     .engine
-                    .attach(&self.vm_dir(&name), pid)
+                    .attach(&self.vm_dir(&name), pid, 1)
                     .await
                     .map_err(|e| e.to_string()),
                 None => Err("it had no QEMU process".to_owned()),

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use quetzal_api::{Event, RestartPolicy, Vm, VmState};
+use quetzal_api::{Event, RestartPolicy, Snapshot, Vm, VmState};
 use rusqlite::{Connection, OptionalExtension, params};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,15 @@ const MIGRATIONS: &[&str] = &[
         disk_sha256 TEXT NOT NULL
     );
     ALTER TABLE vms ADD COLUMN linked_to TEXT REFERENCES templates (name);",
+    "CREATE TABLE snapshots (
+        vm TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        with_memory INTEGER NOT NULL,
+        parent TEXT,
+        PRIMARY KEY (vm, name)
+    );
+    ALTER TABLE vms ADD COLUMN current_snapshot TEXT;",
 ];
 
 /// A VM as stored: the API's view plus what only the node needs.
@@ -229,6 +238,8 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
             .map_err(sql)?;
+        tx.execute("DELETE FROM snapshots WHERE vm = ?1", params![name])
+            .map_err(sql)?;
         let event = insert_event(&tx, name, "deleted", None, cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
@@ -333,6 +344,130 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
     }))
 }
 
+impl Store {
+    /// Records a new snapshot as the VM's current one, with its event.
+    pub fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "INSERT INTO snapshots (vm, name, created_at, with_memory, parent) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![snapshot.vm, snapshot.name, snapshot.created_at, snapshot.with_memory, snapshot.parent],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "UPDATE vms SET current_snapshot = ?2 WHERE name = ?1",
+            params![snapshot.vm, snapshot.name],
+        )
+        .map_err(sql)?;
+        let event = insert_event(&tx, &snapshot.vm, "snapshot-taken", None, cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    /// The VM's snapshots, oldest first, and which one it is at.
+    pub fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT vm, name, created_at, with_memory, parent FROM snapshots
+                 WHERE vm = ?1 ORDER BY created_at, name",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![vm], |row| {
+                Ok(Snapshot {
+                    vm: row.get(0)?,
+                    name: row.get(1)?,
+                    created_at: row.get(2)?,
+                    with_memory: row.get(3)?,
+                    parent: row.get(4)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        let current = self
+            .conn
+            .query_row(
+                "SELECT current_snapshot FROM vms WHERE name = ?1",
+                params![vm],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?
+            .flatten();
+        Ok((rows, current))
+    }
+
+    /// Makes `name` the VM's current snapshot (after a revert).
+    pub fn set_current_snapshot(
+        &mut self,
+        vm: &str,
+        name: &str,
+        cause: &str,
+    ) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "UPDATE vms SET current_snapshot = ?2 WHERE name = ?1",
+            params![vm, name],
+        )
+        .map_err(sql)?;
+        let event = insert_event(&tx, vm, "reverted", None, cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+
+    /// Removes a snapshot; its children take its parent, and a VM at it is
+    /// then at its parent.
+    pub fn remove_snapshot(
+        &mut self,
+        vm: &str,
+        name: &str,
+        cause: &str,
+    ) -> Result<Event, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let parent: Option<String> = tx
+            .query_row(
+                "SELECT parent FROM snapshots WHERE vm = ?1 AND name = ?2",
+                params![vm, name],
+                |row| row.get(0),
+            )
+            .map_err(sql)?;
+        tx.execute(
+            "UPDATE snapshots SET parent = ?3 WHERE vm = ?1 AND parent = ?2",
+            params![vm, name, parent],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "UPDATE vms SET current_snapshot = ?3 WHERE name = ?1 AND current_snapshot = ?2",
+            params![vm, name, parent],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "DELETE FROM snapshots WHERE vm = ?1 AND name = ?2",
+            params![vm, name],
+        )
+        .map_err(sql)?;
+        let event = insert_event(&tx, vm, "snapshot-deleted", None, cause).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(event)
+    }
+}
+
 /// A template as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateRecord {
@@ -383,6 +518,11 @@ impl Store {
         }
         tx.execute(
             "DELETE FROM vms WHERE name = ?1",
+            params![template.source_vm],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "DELETE FROM snapshots WHERE vm = ?1",
             params![template.source_vm],
         )
         .map_err(sql)?;

@@ -22,6 +22,11 @@ pub enum Command {
     /// End QEMU now.
     Quit,
     Kill,
+    /// Save a snapshot with memory.
+    SnapshotSave(String),
+    /// Go back to a snapshot (disks and memory).
+    SnapshotLoad(String),
+    SnapshotDelete(String),
 }
 
 /// How a VM's QEMU ended.
@@ -173,6 +178,9 @@ impl Task {
                         Command::Powerdown => self.vm.powerdown().await,
                         Command::Quit => self.vm.stop().await,
                         Command::Kill => self.vm.kill().await.map(drop),
+                        Command::SnapshotSave(tag) => self.vm.snapshot_save(&tag).await,
+                        Command::SnapshotLoad(tag) => self.vm.snapshot_load(&tag).await,
+                        Command::SnapshotDelete(tag) => self.vm.snapshot_delete(&tag).await,
                     };
                     let _ = reply.send(result.map_err(|err| err.to_string()));
                 }

@@ -175,6 +175,17 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
+/// A number no earlier command of this process (or, practically, any
+/// other) used: the clock's nanoseconds plus a counter, stepped by 2.
+fn next_marker() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    1_000_000 + nanos + 2 * COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A `quetzal` process with piped stdio, killed (with everything it owns)
 /// if the test ends early.
 #[derive(Debug)]
@@ -227,18 +238,24 @@ impl Quetzal {
 
     /// Types `command` and returns its output, with carriage returns
     /// removed. The output is framed by markers the shell computes
-    /// (`$((0))`), so the echo of the typed line, however the line editor
-    /// wraps it, never matches them.
+    /// (`$((N-1+1))`), so neither the echo of the typed line, however the
+    /// line editor wraps it, nor earlier output (console history) matches
+    /// them: N is new for every command.
     pub fn command(&mut self, command: &str) -> String {
+        let n = next_marker();
+        let (begin, end_marker) = (format!("<<{n}>>"), format!("<<{}>>", n + 1));
         let from = self.stdout.len();
         self.send_line(&format!(
-            "echo '<<'$((0))'>>'; {command}; echo '<<'$((1))'>>'"
+            "echo '<<'$(({} + 1))'>>'; {command}; echo '<<'$(({n} + 1))'>>'",
+            n - 1
         ));
-        let start = self.stdout.wait_for_after(from, "<<0>>", GUEST_TIMEOUT);
-        let end = self.stdout.wait_for_after(start, "<<1>>", GUEST_TIMEOUT);
+        let start = self.stdout.wait_for_after(from, &begin, GUEST_TIMEOUT);
+        let end = self
+            .stdout
+            .wait_for_after(start, &end_marker, GUEST_TIMEOUT);
         self.wait_prompt_after(end);
         let text = self.stdout.text();
-        text[start..end - "<<1>>".len()]
+        text[start..end - end_marker.len()]
             .replace('\r', "")
             .trim_matches('\n')
             .to_owned()

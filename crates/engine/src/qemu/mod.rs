@@ -44,6 +44,8 @@ pub enum QemuError {
     EarlyExit { status: String, log: String },
     #[error("QEMU did not open its QMP socket within {QMP_READY_TIMEOUT:?}")]
     QmpNotReady,
+    #[error("a VM without a disk has nowhere to keep a snapshot")]
+    NoDisk,
     #[error("QEMU process {pid} is gone")]
     Gone { pid: u32 },
     #[error("cannot attach to the serial console: {0}")]
@@ -162,6 +164,7 @@ impl Engine for QemuEngine {
             paths,
             qmp_ready,
             last_shutdown: None,
+            disks: spec.disks.len(),
         })
     }
 }
@@ -170,7 +173,12 @@ impl QemuEngine {
     /// Takes over a QEMU that a previous owner started in `run_dir` with
     /// process id `pid` (a daemon restarting): connects to its QMP socket.
     /// Fails with [`QemuError::Gone`] when that QEMU is no longer there.
-    pub async fn attach(&self, run_dir: &Path, pid: u32) -> Result<QemuVm, QemuError> {
+    pub async fn attach(
+        &self,
+        run_dir: &Path,
+        pid: u32,
+        disks: usize,
+    ) -> Result<QemuVm, QemuError> {
         let paths = RunPaths::new(run_dir);
         if !process::runs_with(pid, &paths.qmp) {
             return Err(QemuError::Gone { pid });
@@ -190,6 +198,7 @@ impl QemuEngine {
             paths,
             qmp_ready: Duration::ZERO,
             last_shutdown: None,
+            disks,
         })
     }
 }
@@ -229,6 +238,8 @@ pub struct QemuVm {
     paths: RunPaths,
     qmp_ready: Duration,
     last_shutdown: Option<ShutdownReason>,
+    /// How many disks it has (`disk0`…): what a snapshot covers.
+    disks: usize,
 }
 
 impl QemuVm {
@@ -282,6 +293,53 @@ impl QemuVm {
     /// CPU time and resident memory of the QEMU process, from /proc.
     pub fn usage(&self) -> Option<process::Usage> {
         process::usage(self.pid?)
+    }
+
+    /// Saves an internal snapshot `tag` of every disk with the VM's memory
+    /// (kept in the first disk). The guest is paused while it is written
+    /// and resumes after.
+    pub async fn snapshot_save(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.snapshot_job("save", tag, true)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotSave(job), &format!("save-{tag}"))
+            .await?)
+    }
+
+    /// Loads snapshot `tag`: disks and memory go back to that moment. The
+    /// vCPUs are stopped afterwards; resume them.
+    pub async fn snapshot_load(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.snapshot_job("load", tag, true)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotLoad(job), &format!("load-{tag}"))
+            .await?)
+    }
+
+    /// Deletes snapshot `tag` from every disk.
+    pub async fn snapshot_delete(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.snapshot_job("delete", tag, false)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotDelete(job), &format!("delete-{tag}"))
+            .await?)
+    }
+
+    fn snapshot_job(
+        &self,
+        kind: &str,
+        tag: &str,
+        memory: bool,
+    ) -> Result<qmp::SnapshotJob, QemuError> {
+        if self.disks == 0 {
+            return Err(QemuError::NoDisk);
+        }
+        Ok(qmp::SnapshotJob {
+            job_id: format!("{kind}-{tag}"),
+            tag: tag.to_owned(),
+            vmstate: memory.then(|| "disk0".to_owned()),
+            devices: (0..self.disks).map(|i| format!("disk{i}")).collect(),
+        })
     }
 
     /// Bytes read and written by the guest's disks since QEMU started.

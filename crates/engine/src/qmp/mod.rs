@@ -18,10 +18,14 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-pub use protocol::{Command, Event, Message, RunState, ShutdownReason, Status, parse_message};
+pub use protocol::{
+    Command, Event, JobInfo, Message, RunState, ShutdownReason, SnapshotJob, Status, parse_message,
+};
 
 /// How long a command may take before we give up on QEMU.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a job (a snapshot of a large VM) may run.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -154,6 +158,45 @@ impl QmpClient {
                 .sum()
         };
         Ok((sum("rd_bytes"), sum("wr_bytes")))
+    }
+
+    /// Runs a job-starting command and waits until the job concludes;
+    /// its error, if any, becomes [`QmpError::Refused`].
+    pub async fn run_job(&self, command: Command, job_id: &str) -> Result<(), QmpError> {
+        let name = command.name();
+        self.execute(command).await?;
+        let deadline = tokio::time::Instant::now() + JOB_TIMEOUT;
+        loop {
+            let value = self.execute(Command::QueryJobs).await?;
+            let jobs: Vec<JobInfo> =
+                serde_json::from_value(value.clone()).map_err(|err| QmpError::Protocol {
+                    line: value.to_string(),
+                    why: err.to_string(),
+                })?;
+            let job = jobs.into_iter().find(|job| job.id == job_id);
+            match job {
+                Some(job) if job.status == "concluded" => {
+                    self.execute(Command::JobDismiss {
+                        id: job_id.to_owned(),
+                    })
+                    .await?;
+                    return match job.error {
+                        None => Ok(()),
+                        Some(desc) => Err(QmpError::Refused {
+                            command: name,
+                            class: "JobFailed".to_owned(),
+                            desc,
+                        }),
+                    };
+                }
+                // Gone without concluding: nothing more to learn.
+                None => return Ok(()),
+                Some(_) if tokio::time::Instant::now() > deadline => {
+                    return Err(QmpError::Timeout { command: name });
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// Sends `quit`. QEMU may close the socket before it answers; both mean

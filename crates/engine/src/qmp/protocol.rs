@@ -24,6 +24,40 @@ pub enum Command {
     Quit,
     /// I/O counters of every block device.
     QueryBlockstats,
+    /// Starts a job saving an internal snapshot `tag` of `devices`, with the
+    /// VM's memory state stored in `vmstate` (one of the devices).
+    SnapshotSave(SnapshotJob),
+    /// Starts a job loading an internal snapshot (disks and memory).
+    SnapshotLoad(SnapshotJob),
+    /// Starts a job deleting an internal snapshot from `devices`.
+    SnapshotDelete(SnapshotJob),
+    /// The state of every job.
+    QueryJobs,
+    /// Forgets a concluded job.
+    JobDismiss {
+        id: String,
+    },
+}
+
+/// The arguments of the snapshot jobs (QEMU 6.0+).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotJob {
+    pub job_id: String,
+    pub tag: String,
+    /// Where the memory state goes (save) or comes from (load); not for
+    /// delete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmstate: Option<String>,
+    pub devices: Vec<String>,
+}
+
+/// One entry of `query-jobs`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub status: String,
+    pub error: Option<String>,
 }
 
 impl Command {
@@ -36,7 +70,23 @@ impl Command {
             Command::SystemPowerdown => "system_powerdown",
             Command::Quit => "quit",
             Command::QueryBlockstats => "query-blockstats",
+            Command::SnapshotSave(_) => "snapshot-save",
+            Command::SnapshotLoad(_) => "snapshot-load",
+            Command::SnapshotDelete(_) => "snapshot-delete",
+            Command::QueryJobs => "query-jobs",
+            Command::JobDismiss { .. } => "job-dismiss",
         }
+    }
+
+    fn arguments(&self) -> Option<Value> {
+        let value = match self {
+            Command::SnapshotSave(job)
+            | Command::SnapshotLoad(job)
+            | Command::SnapshotDelete(job) => serde_json::to_value(job),
+            Command::JobDismiss { id } => Ok(serde_json::json!({ "id": id })),
+            _ => return None,
+        };
+        Some(value.expect("strings and lists of strings always serialize"))
     }
 
     /// The line sent to QEMU for this command with this id.
@@ -44,13 +94,16 @@ impl Command {
         #[derive(Serialize)]
         struct Wire<'a> {
             execute: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            arguments: Option<Value>,
             id: u64,
         }
         let mut line = serde_json::to_string(&Wire {
             execute: self.name(),
+            arguments: self.arguments(),
             id,
         })
-        .expect("a struct of a string and a number always serializes");
+        .expect("a struct of strings, JSON and a number always serializes");
         line.push('\n');
         line
     }
@@ -297,6 +350,41 @@ mod tests {
         for line in ["", "[]", "{", "{\"event\": 5}", "{\"error\": {}}", "{}"] {
             assert!(parse_message(line).is_err(), "{line}");
         }
+    }
+
+    #[test]
+    fn writes_snapshot_jobs_with_their_arguments() {
+        let command = Command::SnapshotSave(SnapshotJob {
+            job_id: "snap-1".into(),
+            tag: "before".into(),
+            vmstate: Some("disk0".into()),
+            devices: vec!["disk0".into()],
+        });
+
+        let sent: Value = serde_json::from_str(&command.to_line(4)).unwrap();
+
+        assert_eq!(
+            sent,
+            serde_json::json!({
+                "execute": "snapshot-save",
+                "arguments": {"job-id": "snap-1", "tag": "before", "vmstate": "disk0", "devices": ["disk0"]},
+                "id": 4
+            })
+        );
+    }
+
+    #[test]
+    fn parses_a_concluded_job_with_its_error() {
+        // Recorded from QEMU 7.2 after a failed snapshot-load.
+        let line = r#"{"return": [{"current-progress": 1, "status": "concluded", "total-progress": 1, "type": "snapshot-load", "id": "load-1", "error": "Snapshot 'nope' does not exist in one or more devices"}], "id": 9}"#;
+        let Message::Return { value, .. } = parse_message(line).unwrap() else {
+            panic!("not a return");
+        };
+
+        let jobs: Vec<JobInfo> = serde_json::from_value(value).unwrap();
+
+        assert_eq!(jobs[0].status, "concluded");
+        assert!(jobs[0].error.as_deref().unwrap().contains("does not exist"));
     }
 
     #[test]

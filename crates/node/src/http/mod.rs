@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use quetzal_api::{
-    CloneVm, CreateTemplate, CreateVm, ErrorBody, ErrorDetail, Event, EventPage, Host, Template,
-    Vm, VmState,
+    CloneVm, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail, Event, EventPage,
+    Host, Snapshot, SnapshotList, Template, Vm, VmState,
 };
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
@@ -137,6 +137,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         create_template,
         get_template,
         delete_template,
+        list_snapshots,
+        create_snapshot,
+        revert_snapshot,
+        delete_snapshot,
         list_events,
         host
     ),
@@ -146,6 +150,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         CloneVm,
         Template,
         CreateTemplate,
+        Snapshot,
+        SnapshotList,
+        CreateSnapshot,
         VmState,
         Event,
         EventPage,
@@ -166,6 +173,18 @@ pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
         .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{name}/console", get(console::console))
         .route("/api/v1/vms/{name}/clone", post(clone_vm))
+        .route(
+            "/api/v1/vms/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/api/v1/vms/{name}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
+            post(revert_snapshot),
+        )
         .route(
             "/api/v1/templates",
             get(list_templates).post(create_template),
@@ -463,5 +482,51 @@ async fn delete_template(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A VM's snapshots and the one it is at.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/snapshots",
+    responses((status = 200, body = SnapshotList), (status = 404, body = ErrorBody)))]
+async fn list_snapshots(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    Ok(Json(app.node.snapshots(&name)?))
+}
+
+/// Take a snapshot (with memory while running, disk-only while stopped).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", request_body = CreateSnapshot,
+    responses((status = 201, body = Snapshot), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn create_snapshot(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Body(request): Body<CreateSnapshot>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(app.node.snapshot_create(&name, request).await?),
+    ))
+}
+
+/// Go back to a snapshot.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn revert_snapshot(
+    State(app): State<AppState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Vm>, ApiError> {
+    Ok(Json(app.node.snapshot_revert(&name, &snapshot).await?))
+}
+
+/// Delete a snapshot.
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_snapshot(
+    State(app): State<AppState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.node.snapshot_delete(&name, &snapshot).await?;
     Ok(StatusCode::NO_CONTENT)
 }
