@@ -3,17 +3,20 @@
 //!
 //! - `quetzal-bench boot`: `quetzal run` against plain QEMU.
 //! - `quetzal-bench node`: quetzald against libvirt 9 + QEMU.
+//! - `quetzal-bench clones`: templates, clones, snapshots against libvirt
+//!   and qemu-img.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
 
 mod boot;
+mod clones;
 mod node;
 mod stats;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node [--runs N]";
+const USAGE: &str = "usage: quetzal-bench boot|node|clones [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -22,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" => which = Some(arg),
+            "boot" | "node" | "clones" => which = Some(arg),
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match which.as_deref() {
         Some("boot") => boot::run(runs, &bin.join("quetzal")),
         Some("node") => node::run(runs, &bin),
+        Some("clones") => clones::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

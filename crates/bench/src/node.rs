@@ -23,7 +23,7 @@ use quetzal_image::{Image, ImageStore};
 
 use crate::stats::{median, millis, percentile, row, summary};
 
-const PREFIX: &str = "qbench";
+pub(crate) const PREFIX: &str = "qbench";
 const LIST_VMS: usize = 200;
 const RUNNING_VMS: usize = 20;
 const LIST_CALLS: usize = 1000;
@@ -171,7 +171,7 @@ fn measure(
     Ok(())
 }
 
-fn ratio(ours: Duration, theirs: Duration) -> f64 {
+pub(crate) fn ratio(ours: Duration, theirs: Duration) -> f64 {
     ours.as_secs_f64() / theirs.as_secs_f64()
 }
 
@@ -183,13 +183,13 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// A quetzald on the bench's own data directory.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
 impl Daemon {
-    fn start(binary: &Path, data: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(binary: &Path, data: &Path) -> anyhow::Result<Self> {
         let child = Command::new(binary)
             .env("QUETZAL_DATA_DIR", data)
             .env("QUETZAL_LOG", "warn")
@@ -215,7 +215,7 @@ impl Daemon {
     }
 
     /// One request on a new connection, as a CLI would make it.
-    fn request(
+    pub(crate) fn request(
         &self,
         method: &str,
         path: &str,
@@ -254,7 +254,7 @@ impl Drop for Daemon {
     }
 }
 
-fn quetzal_cli(quetzal: &Path, data: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn quetzal_cli(quetzal: &Path, data: &Path, args: &[&str]) -> anyhow::Result<()> {
     let output = Command::new(quetzal)
         .args(args)
         .env("QUETZAL_DATA_DIR", data)
@@ -269,10 +269,15 @@ fn quetzal_cli(quetzal: &Path, data: &Path, args: &[&str]) -> anyhow::Result<()>
 }
 
 /// Waits until the guest's userland printed its first line in `log`.
-fn wait_for_line(log: &Path) -> anyhow::Result<()> {
+pub(crate) fn wait_for_line(log: &Path) -> anyhow::Result<()> {
+    wait_for(log, b"tiny: up")
+}
+
+/// Waits until `needle` is in `log`.
+pub(crate) fn wait_for(log: &Path, needle: &[u8]) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if std::fs::read(log).is_ok_and(|bytes| bytes.windows(8).any(|w| w == b"tiny: up")) {
+        if std::fs::read(log).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)) {
             return Ok(());
         }
         if start.elapsed() > TIMEOUT {
@@ -282,7 +287,7 @@ fn wait_for_line(log: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn virsh(commands: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn virsh(commands: &[&str]) -> anyhow::Result<()> {
     let output = Command::new("virsh")
         .args(["-c", "qemu:///system", "-q", &commands.join("; ")])
         .output()?;
@@ -296,17 +301,24 @@ fn virsh(commands: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Makes the overlay and defines the same guest in libvirt; its serial log.
-fn libvirt_define(image: &Image, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn libvirt_define(image: &Image, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    libvirt_define_with(image, &image.root_disk(), dir, name, 128)
+}
+
+/// Defines the tiny guest with its overlay on `base` and `memory_mib`.
+pub(crate) fn libvirt_define_with(
+    image: &Image,
+    base: &Path,
+    dir: &Path,
+    name: &str,
+    memory_mib: u64,
+) -> anyhow::Result<PathBuf> {
     let overlay = dir.join(format!("{name}.qcow2"));
     let log = dir.join(format!("{name}.log"));
     let _ = std::fs::remove_file(&log);
-    quetzal_engine::disk::create_overlay(
-        &image.root_disk(),
-        quetzal_engine::spec::DiskFormat::Qcow2,
-        &overlay,
-    )?;
+    quetzal_engine::disk::create_overlay(base, quetzal_engine::spec::DiskFormat::Qcow2, &overlay)?;
     let xml = format!(
-        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>
     <cmdline>{append}</cmdline></os>
   <features><acpi/></features><on_poweroff>destroy</on_poweroff>
@@ -356,7 +368,7 @@ print(json.dumps(out))"
     Ok(seconds.into_iter().map(Duration::from_secs_f64).collect())
 }
 
-fn cleanup_libvirt() {
+pub(crate) fn cleanup_libvirt() {
     let Ok(output) = Command::new("virsh")
         .args(["-c", "qemu:///system", "list", "--all", "--name"])
         .output()
