@@ -139,6 +139,9 @@ pub struct Vm {
     /// The template this VM is a linked clone of (its disk is an overlay
     /// on the template's).
     pub linked_to: Option<String>,
+    /// Its own identity, given to the guest (`/etc/machine-id` in tiny);
+    /// every clone gets a new one.
+    pub machine_id: Option<String>,
 }
 
 /// `POST /api/v1/templates`: turn a stopped VM into a template.

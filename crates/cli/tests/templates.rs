@@ -109,14 +109,28 @@ fn linked_clones_boot_keep_their_own_files_and_never_change_the_template() {
         eprintln!("linked clone {clone} created in {:?}", started.elapsed());
         ok(&daemon, &["vm", "start", clone]);
     }
+    let mut machine_ids = Vec::new();
     for clone in ["c1", "c2"] {
         let seen = in_guest(
             &daemon,
             clone,
-            &format!("cat /root/golden && echo {clone} > /root/mine && sync"),
+            &format!(
+                "cat /root/golden && echo {clone} > /root/mine && sync && cat /etc/machine-id"
+            ),
         );
-        assert_eq!(seen, "gold");
+        let (golden, machine_id) = seen.split_once('\n').unwrap();
+        assert_eq!(golden, "gold");
+        let vm = json(&daemon, &["vm", "show", clone, "--output", "json"]);
+        assert_eq!(
+            vm["machine_id"], machine_id,
+            "the guest got its VM's identity"
+        );
+        machine_ids.push(machine_id.to_owned());
     }
+    assert_ne!(
+        machine_ids[0], machine_ids[1],
+        "each clone its own identity"
+    );
     for clone in ["c1", "c2"] {
         ok(&daemon, &["vm", "stop", clone]);
     }

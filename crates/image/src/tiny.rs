@@ -10,7 +10,7 @@ use crate::tree::Tree;
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 3;
+pub const RECIPE: u32 = 4;
 
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -75,6 +75,9 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 hostname -F /etc/hostname
+# The host gives each VM its own identity on the kernel command line.
+machine_id=$(sed -n 's/.*quetzal\.machine_id=\([0-9a-f]*\).*/\1/p' /proc/cmdline)
+[ -n "$machine_id" ] && echo "$machine_id" > /etc/machine-id
 ip link set lo up
 acpid
 if [ -e /sys/class/net/eth0 ]; then

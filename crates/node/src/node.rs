@@ -267,6 +267,7 @@ impl Node {
             started_at: None,
             restarts: 0,
             linked_to: source.plan.linked_to(),
+            machine_id: Some(new_machine_id()?),
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),
@@ -522,12 +523,8 @@ impl Node {
                 .map_err(|e| e.to_string())?,
             machine: Machine::Pc,
             accel: self.accel,
-            boot: DirectBoot::new(
-                &image.kernel(),
-                Some(&image.initrd()),
-                &image.manifest.append,
-            )
-            .map_err(|e| e.to_string())?,
+            boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
+                .map_err(|e| e.to_string())?,
             disks: vec![Disk {
                 path: dir.join("root.qcow2"),
                 format: DiskFormat::Qcow2,
@@ -785,6 +782,24 @@ fn stopped<'a>(kind: &'a str, cause: &'a str) -> Change<'a> {
         kind,
         cause,
     }
+}
+
+/// The image's kernel command line plus the VM's identity.
+fn append(image: &Image, vm: &Vm) -> String {
+    match &vm.machine_id {
+        Some(id) => format!("{} quetzal.machine_id={id}", image.manifest.append),
+        None => image.manifest.append.clone(),
+    }
+}
+
+/// 128 random bits in hex, as systemd's machine-id.
+pub(crate) fn new_machine_id() -> Result<String, NodeError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.

@@ -72,6 +72,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (vm, name)
     );
     ALTER TABLE vms ADD COLUMN current_snapshot TEXT;",
+    "ALTER TABLE vms ADD COLUMN machine_id TEXT;",
 ];
 
 /// A VM as stored: the API's view plus what only the node needs.
@@ -167,8 +168,8 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-                restart_policy, state, pid, created_at, started_at, restarts, linked_to)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11)",
+                restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12)",
             params![
                 vm.name,
                 vm.image,
@@ -181,6 +182,7 @@ impl Store {
                 vm.state.as_str(),
                 vm.created_at,
                 vm.linked_to,
+                vm.machine_id,
             ],
         );
         match inserted {
@@ -303,7 +305,7 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-    restart_policy, state, pid, created_at, started_at, restarts, linked_to FROM vms";
+    restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -339,6 +341,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             started_at: row.get(11)?,
             restarts: row.get(12)?,
             linked_to: row.get(13)?,
+            machine_id: row.get(14)?,
         },
         image_dir: PathBuf::from(image_dir),
     }))
@@ -636,6 +639,7 @@ mod tests {
                 started_at: None,
                 restarts: 0,
                 linked_to: None,
+                machine_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
             },
             image_dir: PathBuf::from("/images/tiny/x"),
         }

@@ -279,6 +279,7 @@ impl Node {
             created_at: now_millis(),
             started_at: None,
             restarts: 0,
+            machine_id: Some(super::new_machine_id()?),
             ..record.vm.clone()
         };
         self.make_vm(
