@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quetzal_testkit::{Daemon, GUEST_TIMEOUT, Quetzal};
+use quetzal_testkit::{Cli, Daemon, GUEST_TIMEOUT, Quetzal};
 use serde_json::{Value, json};
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
@@ -17,23 +17,9 @@ fn daemon() -> Daemon {
     Daemon::start(Path::new(QUETZALD))
 }
 
-fn cli(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(QUETZAL)
-        .args(args)
-        .env("QUETZAL_DATA_DIR", daemon.data.path())
-        .output()
-        .unwrap()
-}
-
 /// Runs the CLI and expects success; returns stdout.
 fn ok(daemon: &Daemon, args: &[&str]) -> String {
-    let output = cli(daemon, args);
-    assert!(
-        output.status.success(),
-        "quetzal {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    Cli::new(Path::new(QUETZAL), daemon.data.path()).ok(args)
 }
 
 fn api(daemon: &Daemon, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {

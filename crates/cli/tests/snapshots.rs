@@ -5,63 +5,28 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use quetzal_testkit::{Daemon, GUEST_TIMEOUT, Quetzal};
+use quetzal_testkit::{Cli, Daemon};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
 const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
 
-fn cli(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(QUETZAL)
-        .args(args)
-        .env("QUETZAL_DATA_DIR", daemon.data.path())
-        .output()
-        .unwrap()
+fn cli(daemon: &Daemon) -> Cli {
+    Cli::new(Path::new(QUETZAL), daemon.data.path())
 }
 
 fn ok(daemon: &Daemon, args: &[&str]) -> String {
-    let output = cli(daemon, args);
-    assert!(
-        output.status.success(),
-        "quetzal {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    cli(daemon).ok(args)
 }
 
 fn fails(daemon: &Daemon, args: &[&str], expected: &str) {
-    let output = cli(daemon, args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "quetzal {args:?} succeeded");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(expected), "expected {expected:?}: {stderr}");
+    cli(daemon).fails(args, expected);
 }
 
-/// Waits until the VM's console log ends at a shell prompt.
-fn wait_for_prompt(daemon: &Daemon, vm: &str) {
-    let log = daemon.data.path().join(format!("vms/{vm}/console.log"));
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .ends_with("tiny:/# \u{1b}[6n")
-    {
-        assert!(Instant::now() < deadline, "no shell on {vm}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Types `command` into the VM's shell; returns its output.
 fn in_guest(daemon: &Daemon, vm: &str, command: &str) -> String {
-    wait_for_prompt(daemon, vm);
-    let mut console = Quetzal::spawn(
-        Path::new(QUETZAL),
-        daemon.data.path(),
-        &["vm", "console", vm],
-    );
-    console.command(command)
+    cli(daemon).in_guest(vm, command)
 }
 
 fn snapshots(daemon: &Daemon, vm: &str) -> Value {

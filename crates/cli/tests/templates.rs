@@ -4,67 +4,33 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use quetzal_testkit::{Daemon, GUEST_TIMEOUT, Quetzal};
+use quetzal_testkit::{Cli, Daemon};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
 const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
 
-fn cli(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(QUETZAL)
-        .args(args)
-        .env("QUETZAL_DATA_DIR", daemon.data.path())
-        .output()
-        .unwrap()
+fn cli(daemon: &Daemon) -> Cli {
+    Cli::new(Path::new(QUETZAL), daemon.data.path())
 }
 
 fn ok(daemon: &Daemon, args: &[&str]) -> String {
-    let output = cli(daemon, args);
-    assert!(
-        output.status.success(),
-        "quetzal {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    cli(daemon).ok(args)
 }
 
-/// Asserts the CLI failed with one line containing `expected`.
 fn fails(daemon: &Daemon, args: &[&str], expected: &str) {
-    let output = cli(daemon, args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "quetzal {args:?} succeeded");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(expected), "expected {expected:?}: {stderr}");
+    cli(daemon).fails(args, expected);
 }
 
 fn json(daemon: &Daemon, args: &[&str]) -> Value {
     serde_json::from_str(&ok(daemon, args)).unwrap()
 }
 
-/// Runs `command` in the guest's shell through `quetzal vm console`.
 fn in_guest(daemon: &Daemon, vm: &str, command: &str) -> String {
-    let mut console = Quetzal::spawn(
-        Path::new(QUETZAL),
-        daemon.data.path(),
-        &["vm", "console", vm],
-    );
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    let log = daemon.data.path().join(format!("vms/{vm}/console.log"));
-    let boots = |text: &str| text.matches("tiny: up").count();
-    // Wait for the shell of the current boot (the log spans all boots).
-    let want = boots(&std::fs::read_to_string(&log).unwrap_or_default()).max(1);
-    while !(boots(&std::fs::read_to_string(&log).unwrap_or_default()) >= want
-        && std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .ends_with("tiny:/# \u{1b}[6n"))
-    {
-        assert!(Instant::now() < deadline, "no shell on {vm}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    console.command(command)
+    cli(daemon).in_guest(vm, command)
 }
 
 /// A stopped VM named `name` whose disk holds /root/golden.

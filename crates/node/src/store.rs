@@ -100,6 +100,14 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Turns a SQLite error into a [`StoreError`] naming the store's file.
+fn sqlite_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -122,10 +130,7 @@ impl Store {
     }
 
     fn sql(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        sqlite_error(&self.path)(source)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -139,31 +144,18 @@ impl Store {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|e| self.sql(e))?;
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = self
-                .conn
-                .transaction()
-                .map_err(|source| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source,
-                })?;
+            let tx = self.conn.transaction().map_err(sqlite_error(&self.path))?;
             tx.execute_batch(migration)
                 .and_then(|()| tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)))
                 .and_then(|()| tx.commit())
-                .map_err(|source| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(sqlite_error(&self.path))?;
         }
         Ok(())
     }
 
     /// Inserts a new VM and its `created` event.
     pub fn insert_vm(&mut self, record: &VmRecord, cause: &str) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let vm = &record.vm;
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
@@ -201,11 +193,7 @@ impl Store {
 
     /// Applies a change and records its event, atomically.
     pub fn change(&mut self, name: &str, change: &Change<'_>) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
             "UPDATE vms SET state = ?2, pid = ?3, started_at = ?4, restarts = ?5 WHERE name = ?1",
@@ -232,11 +220,7 @@ impl Store {
 
     /// Deletes a VM and records its `deleted` event.
     pub fn delete_vm(&mut self, name: &str, cause: &str) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
             .map_err(sql)?;
@@ -350,11 +334,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
 impl Store {
     /// Records a new snapshot as the VM's current one, with its event.
     pub fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
             "INSERT INTO snapshots (vm, name, created_at, with_memory, parent) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -413,11 +393,7 @@ impl Store {
         name: &str,
         cause: &str,
     ) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
             "UPDATE vms SET current_snapshot = ?2 WHERE name = ?1",
@@ -437,11 +413,7 @@ impl Store {
         name: &str,
         cause: &str,
     ) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         let parent: Option<String> = tx
             .query_row(
@@ -489,11 +461,7 @@ impl Store {
     /// Turns a VM into a template in one transaction: the template row in,
     /// the VM row out, with the VM's last event.
     pub fn templatize(&mut self, template: &TemplateRecord) -> Result<Event, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO templates (name, image, image_dir, cpus, memory_mib, disk_mib, source_vm,

@@ -511,3 +511,64 @@ impl Drop for Daemon {
         self.kill_all();
     }
 }
+
+/// The `quetzal` CLI against one data directory.
+#[derive(Clone, Debug)]
+pub struct Cli {
+    binary: PathBuf,
+    data: PathBuf,
+}
+
+impl Cli {
+    pub fn new(binary: &Path, data: &Path) -> Self {
+        Cli {
+            binary: binary.to_owned(),
+            data: data.to_owned(),
+        }
+    }
+
+    pub fn output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.binary)
+            .args(args)
+            .env("QUETZAL_DATA_DIR", &self.data)
+            .output()
+            .expect("quetzal runs")
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.output(args);
+        assert!(
+            output.status.success(),
+            "quetzal {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("quetzal prints UTF-8")
+    }
+
+    /// Runs and expects failure with one line on stderr containing `expected`.
+    pub fn fails(&self, args: &[&str], expected: &str) {
+        let output = self.output(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "quetzal {args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?}: {stderr}");
+    }
+
+    /// Types `command` into a daemon VM's shell (through `quetzal vm
+    /// console`, once its console log ends at a prompt) and returns the
+    /// output.
+    pub fn in_guest(&self, vm: &str, command: &str) -> String {
+        let log = self.data.join(format!("vms/{vm}/console.log"));
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .ends_with("tiny:/# \u{1b}[6n")
+        {
+            assert!(Instant::now() < deadline, "no shell on {vm}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut console = Quetzal::spawn(&self.binary, &self.data, &["vm", "console", vm]);
+        console.command(command)
+    }
+}
