@@ -483,3 +483,35 @@ fn quetzal_up_starts_the_daemon_and_a_demo_vm() {
     }
     quetzal_testkit::assert_no_process_mentions(&marker);
 }
+
+#[test]
+fn restart_policy_always_brings_back_a_guest_that_powered_itself_off() {
+    let daemon = daemon();
+    ok(
+        &daemon,
+        &["vm", "create", "eternal", "--restart", "always", "--start"],
+    );
+    wait_for_boots(&daemon, "eternal", 1);
+    let mut console = Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["vm", "console", "eternal"],
+    );
+    console.stdout.wait_for("tiny:/# ");
+
+    console.send_line("poweroff");
+
+    wait_for_boots(&daemon, "eternal", 2);
+    let kinds = event_kinds(&daemon, "eternal");
+    let tail: Vec<&str> = kinds
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(tail, ["stopped", "restarting", "starting", "restarted"]);
+    assert_eq!(state(&daemon, "eternal"), "running");
+    let (_, vm) = api(&daemon, "GET", "/api/v1/vms/eternal", None);
+    assert_eq!(vm["restarts"], 1);
+}
