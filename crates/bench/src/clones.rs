@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use quetzal_image::ImageStore;
 
-use crate::node::{Daemon, PREFIX, cleanup_libvirt, libvirt_define_with, ratio, virsh, wait_for};
+use crate::node::{
+    Daemon, PREFIX, cleanup_libvirt, libvirt_define_with, ratio, scratch, virsh, wait_for,
+};
 use crate::stats::{median, millis, row};
 
 const FILL_MIB: u64 = 192;
@@ -28,18 +30,7 @@ const CLONES: usize = 10;
 
 pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     let image = ImageStore::new(&quetzal_image::data_dir()).get("tiny")?;
-    let scratch = tempfile::Builder::new()
-        .prefix("qbench-")
-        .tempdir_in("/var/tmp")?;
-    let data = scratch.path().join("data");
-    std::fs::create_dir_all(&data)?;
-    std::os::unix::fs::symlink(
-        quetzal_image::data_dir().join("images"),
-        data.join("images"),
-    )?;
-    let lv = scratch.path().join("libvirt");
-    std::fs::create_dir_all(&lv)?;
-    cleanup_libvirt();
+    let (_scratch, data, lv) = scratch()?;
     let daemon = Daemon::start(&bin.join("quetzald"), &data)?;
     let result = measure(runs, &daemon, &image, &lv);
     cleanup_libvirt();

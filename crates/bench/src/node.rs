@@ -30,27 +30,8 @@ const LIST_CALLS: usize = 1000;
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
-    let virsh_ok = Command::new("virsh")
-        .args(["-c", "qemu:///system", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !virsh_ok {
-        bail!("libvirt is not running: run scripts/bench-setup first");
-    }
     let image = ImageStore::new(&quetzal_image::data_dir()).get("tiny")?;
-    let scratch = tempfile::Builder::new()
-        .prefix("qbench-")
-        .tempdir_in("/var/tmp")?;
-    let data = scratch.path().join("data");
-    std::fs::create_dir_all(&data)?;
-    std::os::unix::fs::symlink(
-        quetzal_image::data_dir().join("images"),
-        data.join("images"),
-    )?;
-    let lv = scratch.path().join("libvirt");
-    std::fs::create_dir_all(&lv)?;
-    // Domains left by an interrupted run.
-    cleanup_libvirt();
+    let (_scratch, data, lv) = scratch()?;
     let daemon = Daemon::start(&bin.join("quetzald"), &data)?;
 
     let quetzal = bin.join("quetzal");
@@ -169,6 +150,32 @@ fn measure(
         median(&theirs_list)
     );
     Ok(())
+}
+
+/// Checks that libvirt answers and makes a scratch directory: a data
+/// directory for the bench's quetzald (sharing the user's images) and one
+/// for libvirt's files. Domains left by an interrupted run are removed.
+pub(crate) fn scratch() -> anyhow::Result<(tempfile::TempDir, PathBuf, PathBuf)> {
+    let virsh_ok = Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !virsh_ok {
+        bail!("libvirt is not running: run scripts/bench-setup first");
+    }
+    cleanup_libvirt();
+    let scratch = tempfile::Builder::new()
+        .prefix("qbench-")
+        .tempdir_in("/var/tmp")?;
+    let data = scratch.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    std::os::unix::fs::symlink(
+        quetzal_image::data_dir().join("images"),
+        data.join("images"),
+    )?;
+    let lv = scratch.path().join("libvirt");
+    std::fs::create_dir_all(&lv)?;
+    Ok((scratch, data, lv))
 }
 
 pub(crate) fn ratio(ours: Duration, theirs: Duration) -> f64 {

@@ -51,16 +51,8 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 fn wait_for_boots(daemon: &Daemon, name: &str, boots: usize) {
     let log = daemon.data.path().join(format!("vms/{name}/console.log"));
     wait_until("the guest's shell", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("tiny: up")
-            .count()
-            >= boots
-            && std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .matches("tiny:/# ")
-                .count()
-                >= boots
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.matches("tiny: up").count() >= boots && text.matches("tiny:/# ").count() >= boots
     });
 }
 
@@ -147,11 +139,7 @@ fn a_graceful_stop_lets_the_guest_power_off() {
     let daemon = daemon();
     ok(&daemon, &["vm", "create", "calm", "--start"]);
     let log = daemon.data.path().join("vms/calm/console.log");
-    wait_until("the guest's shell", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("tiny:/# ")
-    });
+    wait_for_boots(&daemon, "calm", 1);
 
     ok(&daemon, &["vm", "stop", "calm", "--timeout", "60"]);
 
@@ -306,12 +294,7 @@ fn a_vm_with_policy_never_stays_crashed() {
 fn daemon_kill_9_and_restart_keeps_vms_running_with_their_console_history() {
     let daemon = daemon();
     ok(&daemon, &["vm", "create", "steady", "--start"]);
-    let log = daemon.data.path().join("vms/steady/console.log");
-    wait_until("the guest's shell", || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("tiny:/# ")
-    });
+    wait_for_boots(&daemon, "steady", 1);
     let (_, before) = api(&daemon, "GET", "/api/v1/vms/steady", None);
 
     let daemon = daemon.restart(Path::new(QUETZALD));

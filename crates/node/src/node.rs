@@ -120,10 +120,6 @@ impl Node {
         Ok(node)
     }
 
-    pub fn data_dir(&self) -> &Path {
-        &self.data
-    }
-
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store
             .lock()
@@ -198,10 +194,6 @@ impl Node {
         vm: Option<&str>,
     ) -> Result<Vec<Event>, NodeError> {
         Ok(self.store().events(after, limit, vm)?)
-    }
-
-    pub fn accel(&self) -> Accel {
-        self.accel
     }
 
     /// Resource use of every running VM.

@@ -215,10 +215,6 @@ impl Quetzal {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Types a line on the console.
     pub fn send_line(&mut self, line: &str) {
         self.send_raw(format!("{line}\n").as_bytes());
@@ -392,10 +388,6 @@ impl Daemon {
 
     pub fn socket(&self) -> PathBuf {
         self.data.path().join("quetzald.sock")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// `kill -9` the daemon (its VMs keep running).

@@ -247,10 +247,6 @@ impl QemuVm {
         self.pid
     }
 
-    pub fn paths(&self) -> &RunPaths {
-        &self.paths
-    }
-
     /// Time from spawning QEMU to a negotiated QMP session.
     pub fn qmp_ready(&self) -> Duration {
         self.qmp_ready

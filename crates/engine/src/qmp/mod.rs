@@ -59,7 +59,6 @@ pub struct QmpClient {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     next_id: std::sync::atomic::AtomicU64,
-    qemu_version: String,
 }
 
 impl QmpClient {
@@ -78,7 +77,7 @@ impl QmpClient {
         if lines.read_line(&mut line).await? == 0 {
             return Err(QmpError::Disconnected);
         }
-        let Message::Greeting { version } = parse_message(line.trim_end())? else {
+        let Message::Greeting { .. } = parse_message(line.trim_end())? else {
             return Err(QmpError::Protocol {
                 line,
                 why: "expected the QMP greeting".to_owned(),
@@ -91,15 +90,9 @@ impl QmpClient {
             writer: tokio::sync::Mutex::new(write),
             pending,
             next_id: std::sync::atomic::AtomicU64::new(1),
-            qemu_version: version,
         };
         client.execute(Command::QmpCapabilities).await?;
         Ok((client, events_rx))
-    }
-
-    /// QEMU's version from the greeting (`7.2.22`).
-    pub fn qemu_version(&self) -> &str {
-        &self.qemu_version
     }
 
     /// Sends a command and waits for its answer.
