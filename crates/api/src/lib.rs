@@ -106,6 +106,11 @@ pub struct CreateVm {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// A managed network, or `user` for QEMU's user-mode networking
+    /// [default: `default` where the node has managed networks, else
+    /// `user`].
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 fn default_cpus() -> u32 {
@@ -142,6 +147,13 @@ pub struct Vm {
     /// Its own identity, given to the guest (`/etc/machine-id` in tiny);
     /// every clone gets a new one.
     pub machine_id: Option<String>,
+    /// The managed network its NIC is on, or `user` (user-mode: reachable
+    /// from nowhere, no address shown).
+    pub network: String,
+    /// Its NIC's MAC address.
+    pub mac: String,
+    /// IPv4 addresses its network's DHCP server leased to it.
+    pub addresses: Vec<String>,
 }
 
 /// `POST /api/v1/templates`: turn a stopped VM into a template.
@@ -267,4 +279,47 @@ pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
     /// The snapshot the VM's disks descend from now.
     pub current: Option<String>,
+}
+
+/// `POST /api/v1/networks`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    /// 1-63 letters, digits, `-` or `_`; not `user`.
+    pub name: String,
+    /// An IPv4 subnet, `/16` to `/29`, such as `10.90.0.0/24`; one that
+    /// overlaps nothing on the host is picked when left out.
+    #[serde(default)]
+    pub subnet: Option<String>,
+}
+
+/// A managed network: a bridge on the host with DHCP, DNS and NAT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub name: String,
+    pub subnet: String,
+    /// The host's address on it, the guests' router and DNS server.
+    pub gateway: String,
+    /// The Linux bridge on the host.
+    pub bridge: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// VMs attached to it.
+    pub vms: Vec<String>,
+    pub leases: Vec<Lease>,
+}
+
+/// An address the network's DHCP server handed out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub mac: String,
+    pub address: String,
+    /// The name the guest asked with.
+    pub hostname: Option<String>,
+    /// Unix milliseconds; null for a lease that does not expire.
+    pub expires_at: Option<i64>,
+    /// The VM with that MAC, if it is one of this node's.
+    pub vm: Option<String>,
 }

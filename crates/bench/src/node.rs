@@ -192,6 +192,7 @@ fn mib(bytes: u64) -> f64 {
 /// A quetzald on the bench's own data directory.
 pub(crate) struct Daemon {
     child: Child,
+    binary: PathBuf,
     pub(crate) data: PathBuf,
 }
 
@@ -205,6 +206,7 @@ impl Daemon {
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let daemon = Daemon {
             child,
+            binary: binary.to_owned(),
             data: data.to_owned(),
         };
         let start = Instant::now();
@@ -257,6 +259,11 @@ impl Drop for Daemon {
         // VMs outlive their daemon by design: end the bench's own.
         let _ = Command::new("pkill")
             .args(["-9", "-f", &format!("{}/vms/", self.data.display())])
+            .status();
+        let _ = Command::new(&self.binary)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--remove-networks")
             .status();
     }
 }

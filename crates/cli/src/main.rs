@@ -4,6 +4,7 @@ mod client;
 mod console;
 mod host;
 mod image;
+mod network;
 mod run;
 mod up;
 mod vm;
@@ -36,6 +37,9 @@ enum Command {
     /// Templates managed by quetzald.
     #[command(subcommand)]
     Template(vm::TemplateCommand),
+    /// Managed networks (bridges with DHCP, DNS and NAT).
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
     /// quetzald's event log (--follow to keep watching).
     Events(vm::EventsArgs),
     /// Print the API token for quetzald's TCP listener.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Vm(command) => vm::run(command),
         Command::Template(command) => vm::template(command),
+        Command::Network(command) => network::run(command),
         Command::Events(args) => vm::events(args),
         Command::Token => vm::token(),
         Command::Up => up::run(),

@@ -100,6 +100,10 @@ pub struct CreateArgs {
     /// never, on-failure or always.
     #[arg(long, default_value = "never")]
     restart: String,
+    /// The managed network to join, or `user` for user-mode networking
+    /// [default: the node's default network where it has one].
+    #[arg(long)]
+    network: Option<String>,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -141,6 +145,7 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
                 "disk_mib": args.disk,
                 "labels": labels,
                 "restart_policy": restart,
+                "network": args.network,
             });
             let mut vm: Vm = client
                 .call_as(Method::POST, "/api/v1/vms", Some(&body))
@@ -245,6 +250,8 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
                 vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string())
             );
             println!("Restarts  {}", vm.restarts);
+            println!("Network   {} (MAC {})", vm.network, vm.mac);
+            println!("Addresses {}", addresses(vm));
             if let Some(template) = &vm.linked_to {
                 println!("Linked to template {template}");
             }
@@ -256,20 +263,30 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
 fn print_table(vms: &[Vm]) {
     let width = vms.iter().map(|vm| vm.name.len()).max().unwrap_or(4).max(4);
     println!(
-        "{:<width$}  {:<8}  {:>4}  {:>8}  {:<6}  LABELS",
-        "NAME", "STATE", "CPUS", "MEMORY", "IMAGE"
+        "{:<width$}  {:<8}  {:>4}  {:>8}  {:<6}  {:<10}  {:<15}  LABELS",
+        "NAME", "STATE", "CPUS", "MEMORY", "IMAGE", "NETWORK", "ADDRESSES"
     );
     for vm in vms {
         let labels: Vec<String> = vm.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "{:<width$}  {:<8}  {:>4}  {:>5} MiB  {:<6}  {}",
+            "{:<width$}  {:<8}  {:>4}  {:>5} MiB  {:<6}  {:<10}  {:<15}  {}",
             vm.name,
             vm.state.as_str(),
             vm.cpus,
             vm.memory_mib,
             vm.image,
+            vm.network,
+            addresses(vm),
             labels.join(",")
         );
+    }
+}
+
+fn addresses(vm: &Vm) -> String {
+    if vm.addresses.is_empty() {
+        "-".to_owned()
+    } else {
+        vm.addresses.join(",")
     }
 }
 

@@ -264,6 +264,9 @@ pub enum NicBackend {
     /// QEMU's user-mode network (slirp): NAT and DHCP inside QEMU, no host
     /// setup, no inbound connections.
     User,
+    /// A TAP device QEMU makes with this name (the host plugs it into a
+    /// bridge); it goes away with QEMU.
+    Tap { ifname: String },
 }
 
 /// A virtio-net NIC.

@@ -4,12 +4,14 @@
 //!
 //! - [`node`]: the domain (VM lifecycle, restart policy, recovery).
 //! - [`lifecycle`]: which action is legal in which state.
+//! - [`net`]: managed networks on the host (bridges, dnsmasq, nftables).
 //! - [`supervisor`]: one task per running VM.
 //! - [`store`]: the SQLite store.
 //! - [`http`]: the REST API, events stream, metrics, consoles.
 
 pub mod http;
 pub mod lifecycle;
+pub mod net;
 pub mod node;
 pub mod store;
 pub mod supervisor;

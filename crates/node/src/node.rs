@@ -17,11 +17,15 @@ use quetzal_image::{Image, ImageStore};
 use tokio::sync::broadcast;
 
 use crate::lifecycle::{self, Action};
+use crate::net::{self, HostNetworks};
 use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{self, Command, Exit, Live, Stats};
 
+mod networks;
 mod snapshots;
 mod templates;
+
+pub use networks::{DEFAULT_NETWORK, USER_NETWORK};
 
 pub use templates::{DiskPlan, DiskSource};
 
@@ -95,6 +99,12 @@ pub struct Node {
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
     accel: Accel,
+    host_net: HostNetworks,
+    /// Serializes network changes (and VM creation against deletion of
+    /// the network it joins).
+    net_op: tokio::sync::Mutex<()>,
+    /// MAC to leased address, from the networks' lease files.
+    addresses: Mutex<HashMap<String, String>>,
 }
 
 impl Node {
@@ -114,9 +124,15 @@ impl Node {
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
+            host_net: HostNetworks::open(data)?,
+            net_op: tokio::sync::Mutex::default(),
+            addresses: Mutex::default(),
         });
         node.engine.check_installed()?;
+        node.bring_up_networks().await;
+        node.read_leases(false);
         node.recover().await?;
+        node.watch_leases();
         Ok(node)
     }
 
@@ -168,7 +184,7 @@ impl Node {
     }
 
     pub fn get(&self, name: &str) -> Result<Vm, NodeError> {
-        Ok(self.record(name)?.vm)
+        Ok(self.with_addresses(self.record(name)?.vm))
     }
 
     /// VMs, filtered by state and by labels (`key=value`, all must match).
@@ -184,6 +200,7 @@ impl Node {
             .map(|record| record.vm)
             .filter(|vm| state.is_none_or(|state| vm.state == state))
             .filter(|vm| labels.iter().all(|(k, v)| vm.labels.get(k) == Some(v)))
+            .map(|vm| self.with_addresses(vm))
             .collect())
     }
 
@@ -210,7 +227,11 @@ impl Node {
         };
         let mut stats = Vec::new();
         for (name, live) in lives {
-            if let Some(s) = live.stats().await {
+            if let Some(mut s) = live.stats().await {
+                let tap = self.host_net.tap(name_hash(&name));
+                // What the TAP transmits, the guest receives.
+                s.net_received_bytes = net::tap_counter(&tap, "tx_bytes");
+                s.net_sent_bytes = net::tap_counter(&tap, "rx_bytes");
                 stats.push((name, s));
             }
         }
@@ -260,6 +281,9 @@ impl Node {
             restarts: 0,
             linked_to: source.plan.linked_to(),
             machine_id: Some(new_machine_id()?),
+            network: String::new(),
+            mac: Mac::local(name_hash(name.as_str())).to_string(),
+            addresses: Vec::new(),
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),
@@ -268,6 +292,11 @@ impl Node {
         };
         let slot = self.slot(&vm.name);
         let _op = slot.op.lock().await;
+        let _net = self.net_op.lock().await;
+        let vm = Vm {
+            network: self.choose_network(request.network.as_deref())?,
+            ..vm
+        };
         self.make_vm(vm, &source.image.dir, &source.plan, &cause)
     }
 
@@ -507,6 +536,7 @@ impl Node {
     ) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
         let vm = &record.vm;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
+        let network = self.vm_network(vm)?;
         let dir = self.vm_dir(&vm.name);
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
@@ -523,15 +553,27 @@ impl Node {
                 read_only: false,
             }],
             nics: vec![Nic {
-                mac: Mac::local(name_hash(&vm.name)),
-                backend: NicBackend::User,
+                mac: vm.mac.parse().unwrap_or(Mac::local(name_hash(&vm.name))),
+                backend: match &network {
+                    Some(_) => NicBackend::Tap {
+                        ifname: self.host_net.tap(name_hash(&vm.name)),
+                    },
+                    None => NicBackend::User,
+                },
             }],
         };
-        let qemu = self
+        let mut qemu = self
             .engine
             .create(&spec, &dir, Lifetime::Detached)
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(network) = &network {
+            let tap = self.host_net.tap(name_hash(&vm.name));
+            if let Err(err) = self.host_net.plug(&tap, network).await {
+                let _ = qemu.kill().await;
+                return Err(err);
+            }
+        }
         let console = qemu.console().await.map_err(|e| e.to_string())?;
         if let Some(tag) = load_snapshot {
             qemu.snapshot_load(tag).await.map_err(|e| e.to_string())?;
@@ -800,7 +842,7 @@ fn backoff(restarts: u32) -> Duration {
 }
 
 /// A stable 24-bit number from a VM name, for its MAC address.
-fn name_hash(name: &str) -> u32 {
+pub(crate) fn name_hash(name: &str) -> u32 {
     name.bytes().fold(2_166_136_261u32, |hash, byte| {
         (hash ^ u32::from(byte)).wrapping_mul(16_777_619)
     }) & 0x00ff_ffff

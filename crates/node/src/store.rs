@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use quetzal_api::{Event, RestartPolicy, Snapshot, Vm, VmState};
+
+use crate::net::Subnet;
 use rusqlite::{Connection, OptionalExtension, params};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,14 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN current_snapshot TEXT;",
     "ALTER TABLE vms ADD COLUMN machine_id TEXT;",
+    "CREATE TABLE networks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';
+    ALTER TABLE vms ADD COLUMN mac TEXT NOT NULL DEFAULT '';",
 ];
 
 /// A VM as stored: the API's view plus what only the node needs.
@@ -160,8 +170,9 @@ impl Store {
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-                restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12)",
+                restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
+                network, mac)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14)",
             params![
                 vm.name,
                 vm.image,
@@ -175,6 +186,8 @@ impl Store {
                 vm.created_at,
                 vm.linked_to,
                 vm.machine_id,
+                vm.network,
+                vm.mac,
             ],
         );
         match inserted {
@@ -289,7 +302,8 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
-    restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id FROM vms";
+    restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
+    network, mac FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -326,6 +340,9 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             restarts: row.get(12)?,
             linked_to: row.get(13)?,
             machine_id: row.get(14)?,
+            network: row.get(15)?,
+            mac: row.get(16)?,
+            addresses: Vec::new(),
         },
         image_dir: PathBuf::from(image_dir),
     }))
@@ -608,6 +625,9 @@ mod tests {
                 restarts: 0,
                 linked_to: None,
                 machine_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
+                network: "default".to_owned(),
+                mac: "52:54:00:00:00:01".to_owned(),
+                addresses: vec![],
             },
             image_dir: PathBuf::from("/images/tiny/x"),
         }
@@ -691,5 +711,94 @@ mod tests {
         assert_eq!(first.len(), 2);
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].vm, "c");
+    }
+}
+
+/// A managed network as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkRecord {
+    pub id: i64,
+    pub name: String,
+    pub subnet: Subnet,
+    pub created_at: i64,
+}
+
+impl Store {
+    pub fn insert_network(
+        &mut self,
+        name: &str,
+        subnet: Subnet,
+    ) -> Result<NetworkRecord, StoreError> {
+        let created_at = now_millis();
+        let inserted = self.conn.execute(
+            "INSERT INTO networks (name, subnet, created_at) VALUES (?1, ?2, ?3)",
+            params![name, subnet.to_string(), created_at],
+        );
+        match inserted {
+            Ok(_) => Ok(NetworkRecord {
+                id: self.conn.last_insert_rowid(),
+                name: name.to_owned(),
+                subnet,
+                created_at,
+            }),
+            Err(rusqlite::Error::SqliteFailure(err, _))
+                if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Exists(name.to_owned()))
+            }
+            Err(err) => Err(self.sql(err)),
+        }
+    }
+
+    /// Every network, oldest first.
+    pub fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT id, name, subnet, created_at FROM networks ORDER BY id")
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter()
+            .map(|(id, name, subnet, created_at)| {
+                let subnet = subnet
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("subnet of network {name}: {e}")))?;
+                Ok(NetworkRecord {
+                    id,
+                    name,
+                    subnet,
+                    created_at,
+                })
+            })
+            .collect()
+    }
+
+    /// The VMs attached to `network`.
+    pub fn network_users(&self, network: &str) -> Result<Vec<String>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT name FROM vms WHERE network = ?1 ORDER BY name")
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![network], |row| row.get(0))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    pub fn delete_network(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM networks WHERE name = ?1", params![name])
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 }

@@ -49,6 +49,10 @@ pub struct Stats {
     pub resident_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_written_bytes: u64,
+    /// Bytes the guest received and sent on its NIC (its TAP device's
+    /// counters, the other way round); zero on user-mode networking.
+    pub net_received_bytes: u64,
+    pub net_sent_bytes: u64,
 }
 
 type Reply = oneshot::Sender<Result<(), String>>;
@@ -192,6 +196,7 @@ impl Task {
                         resident_bytes: usage.map_or(0, |u| u.resident_bytes),
                         disk_read_bytes: read,
                         disk_written_bytes: written,
+                        ..Stats::default()
                     });
                 }
                 read = from_guest.read(&mut buf), if console_open => match read {

@@ -328,6 +328,7 @@ pub fn assert_no_process_mentions(needle: &str) {
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
+    binary: PathBuf,
     pub data: DataDir,
     pub stderr: Transcript,
     listen: Option<String>,
@@ -360,6 +361,7 @@ impl Daemon {
         // Owned from here on, so a panic below still kills it.
         let mut daemon = Daemon {
             child,
+            binary: binary.to_owned(),
             data,
             stderr: stderr.clone(),
             listen: None,
@@ -492,7 +494,20 @@ impl Daemon {
                 );
             }
         }
+        // Its networks stay up when it stops (running VMs keep them); a
+        // test removes them, as an uninstall would.
+        let removed = Command::new(&self.binary)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .arg("--remove-networks")
+            .output()
+            .expect("quetzald runs");
         if !std::thread::panicking() {
+            assert!(
+                removed.status.success(),
+                "quetzald --remove-networks: {}",
+                String::from_utf8_lossy(&removed.stderr)
+            );
             assert_no_process_mentions(&self.data.path().display().to_string());
         }
     }

@@ -16,6 +16,11 @@ struct Args {
     /// Also serve the API on this TCP address (a bearer token is required).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Remove what this data directory's networks made on the host
+    /// (dnsmasq, bridges, nftables rules), then exit. A stopped quetzald
+    /// otherwise leaves them up for the VMs still running.
+    #[arg(long, conflicts_with = "listen")]
+    remove_networks: bool,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         data_dir: args.data_dir.unwrap_or_else(quetzal_image::data_dir),
         listen: args.listen,
     };
+    let remove_networks = args.remove_networks;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -61,6 +67,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if remove_networks {
+        return match runtime.block_on(quetzal_node::net::teardown(&config.data_dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("quetzald: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(quetzal_node::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -80,8 +80,12 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     }
 
     for (index, nic) in spec.nics.iter().enumerate() {
-        match nic.backend {
+        match &nic.backend {
             NicBackend::User => push(&["-netdev", &format!("user,id=net{index}")]),
+            NicBackend::Tap { ifname } => push(&[
+                "-netdev",
+                &format!("tap,id=net{index},ifname={ifname},script=no,downscript=no"),
+            ]),
         }
         // romfile= skips the iPXE option ROM: we boot kernels directly.
         push(&[
@@ -219,5 +223,21 @@ mod tests {
 
         assert!(args.contains("-netdev user,id=net0"));
         assert!(args.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="));
+    }
+
+    #[test]
+    fn a_tap_nic_names_its_device_and_runs_no_scripts() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        spec.nics = vec![Nic {
+            mac: Mac::local(2),
+            backend: NicBackend::Tap {
+                ifname: "qz12345t00abcd".into(),
+            },
+        }];
+
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(args.contains("-netdev tap,id=net0,ifname=qz12345t00abcd,script=no,downscript=no"));
     }
 }

@@ -90,6 +90,32 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
             s.disk_written_bytes
         );
     }
+    family(
+        &mut out,
+        "quetzal_vm_network_receive_bytes_total",
+        "counter",
+        "Bytes the guest received on its NIC (managed networks only).",
+    );
+    for (name, s) in &stats {
+        let _ = writeln!(
+            out,
+            "quetzal_vm_network_receive_bytes_total{{vm=\"{name}\"}} {}",
+            s.net_received_bytes
+        );
+    }
+    family(
+        &mut out,
+        "quetzal_vm_network_transmit_bytes_total",
+        "counter",
+        "Bytes the guest sent on its NIC (managed networks only).",
+    );
+    for (name, s) in &stats {
+        let _ = writeln!(
+            out,
+            "quetzal_vm_network_transmit_bytes_total{{vm=\"{name}\"}} {}",
+            s.net_sent_bytes
+        );
+    }
     let own = quetzal_engine::qemu::Usage::of_this_process();
     family(
         &mut out,

@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use quetzal_api::{
-    CloneVm, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail, Event, EventPage,
-    Host, Snapshot, SnapshotList, Template, Vm, VmState,
+    CloneVm, CreateNetwork, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail,
+    Event, EventPage, Host, Network, Snapshot, SnapshotList, Template, Vm, VmState,
 };
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
@@ -141,6 +141,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         create_snapshot,
         revert_snapshot,
         delete_snapshot,
+        list_networks,
+        create_network,
+        get_network,
+        delete_network,
         list_events,
         host
     ),
@@ -153,6 +157,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         Snapshot,
         SnapshotList,
         CreateSnapshot,
+        Network,
+        CreateNetwork,
+        quetzal_api::Lease,
         VmState,
         Event,
         EventPage,
@@ -192,6 +199,11 @@ pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
         .route(
             "/api/v1/templates/{name}",
             get(get_template).delete(delete_template),
+        )
+        .route("/api/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/api/v1/networks/{name}",
+            get(get_network).delete(delete_network),
         )
         .route("/api/v1/vms/{name}/{action}", post(vm_action))
         .route("/api/v1/events", get(list_events))
@@ -482,6 +494,47 @@ async fn delete_template(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Managed networks, oldest first, with their leases.
+#[utoipa::path(get, path = "/api/v1/networks", responses((status = 200, body = Vec<Network>)))]
+async fn list_networks(State(app): State<AppState>) -> Result<Json<Vec<Network>>, ApiError> {
+    Ok(Json(app.node.networks()?))
+}
+
+/// Create a network: a bridge with DHCP, DNS and NAT.
+#[utoipa::path(post, path = "/api/v1/networks", request_body = CreateNetwork,
+    responses((status = 201, body = Network), (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn create_network(
+    State(app): State<AppState>,
+    Body(request): Body<CreateNetwork>,
+) -> Result<(StatusCode, Json<Network>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(app.node.create_network(request).await?),
+    ))
+}
+
+/// One network, with its leases.
+#[utoipa::path(get, path = "/api/v1/networks/{name}",
+    responses((status = 200, body = Network), (status = 404, body = ErrorBody)))]
+async fn get_network(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Network>, ApiError> {
+    Ok(Json(app.node.network(&name)?))
+}
+
+/// Delete a network no VM uses.
+#[utoipa::path(delete, path = "/api/v1/networks/{name}",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_network(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.node.delete_network(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -280,6 +280,8 @@ impl Node {
             started_at: None,
             restarts: 0,
             machine_id: Some(super::new_machine_id()?),
+            mac: quetzal_engine::spec::Mac::local(super::name_hash(name.as_str())).to_string(),
+            addresses: Vec::new(),
             ..record.vm.clone()
         };
         self.make_vm(
