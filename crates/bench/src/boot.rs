@@ -181,6 +181,7 @@ fn qmp_ready(
                     read_only: false,
                 }],
                 nics: vec![],
+                graphics: false,
             };
             let run_dir: PathBuf = scratch.join(format!("qmp-{run}"));
             let mut vm = QemuEngine::new()

@@ -204,6 +204,7 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
         boot,
         disks,
         nics,
+        graphics: false,
     };
     Ok(Prepared {
         spec,

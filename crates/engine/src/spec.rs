@@ -287,6 +287,9 @@ pub struct VmSpec {
     pub boot: DirectBoot,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
+    /// A VGA display, served over VNC on the run directory's `vnc.sock`
+    /// (the graphical console); without it the VM has no display.
+    pub graphics: bool,
 }
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ async fn boot(data: &DataDir) -> Booted {
             read_only: false,
         }],
         nics: vec![],
+        graphics: false,
     };
     let mut vm = QemuEngine::new()
         .create(&spec, &data.path().join("run"), Lifetime::TiedToCaller)

@@ -10,7 +10,7 @@ use crate::tree::Tree;
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 4;
+pub const RECIPE: u32 = 5;
 
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -28,8 +28,10 @@ pub const MODULES: &[&str] = &[
     "pvpanic_mmio",
 ];
 
-/// The kernel command line (the console is the first serial port).
-pub const APPEND: &str = "console=ttyS0 quiet";
+/// The kernel command line: kernel messages on the screen and the first
+/// serial port, which is the console (the shell); a second shell runs on
+/// the screen (tty1), for the graphical console.
+pub const APPEND: &str = "console=tty0 console=ttyS0 quiet";
 
 /// The size of the root disk the guest sees.
 pub const ROOT_DISK_MIB: u32 = 256;
@@ -90,6 +92,7 @@ echo "tiny: up, root on $root"
 
 const INITTAB: &str = "::sysinit:/etc/init.d/rcS
 ::respawn:/bin/cttyhack /bin/sh -l
+tty1::respawn:/bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/umount -a -r
 ";

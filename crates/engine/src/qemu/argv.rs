@@ -53,6 +53,15 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         "chardev:console",
     ]);
 
+    if spec.graphics {
+        push(&[
+            "-vga",
+            "std",
+            "-vnc",
+            &format!("unix:{}", escape(&paths.vnc)),
+        ]);
+    }
+
     push(&["-kernel", &spec.boot.kernel().display().to_string()]);
     if let Some(initrd) = spec.boot.initrd() {
         push(&["-initrd", &initrd.display().to_string()]);
@@ -127,6 +136,7 @@ mod tests {
             boot: DirectBoot::new(kernel, None, "console=ttyS0").unwrap(),
             disks: vec![],
             nics: vec![],
+            graphics: false,
         }
     }
 
@@ -223,6 +233,21 @@ mod tests {
 
         assert!(args.contains("-netdev user,id=net0"));
         assert!(args.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="));
+    }
+
+    #[test]
+    fn graphics_add_a_vga_served_over_vnc_on_a_unix_socket_only() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        assert!(!text(&argv(&spec, &paths())).contains("-vnc"));
+
+        spec.graphics = true;
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(
+            args.contains("-vga std -vnc unix:/run/q/web-1/vnc.sock"),
+            "{args}"
+        );
     }
 
     #[test]

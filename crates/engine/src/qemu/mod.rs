@@ -65,6 +65,8 @@ pub struct RunPaths {
     pub console_log: PathBuf,
     /// QEMU's stderr, kept to explain why it failed.
     pub log: PathBuf,
+    /// The VNC server of a VM with graphics.
+    pub vnc: PathBuf,
 }
 
 impl RunPaths {
@@ -75,6 +77,7 @@ impl RunPaths {
             console: dir.join("console.sock"),
             console_log: dir.join("console.log"),
             log: dir.join("qemu.log"),
+            vnc: dir.join("vnc.sock"),
         }
     }
 }
