@@ -323,3 +323,19 @@ pub struct Lease {
     /// The VM with that MAC, if it is one of this node's.
     pub vm: Option<String>,
 }
+
+/// A running VM's counters, for charts: rates come from two readings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmStats {
+    /// Unix milliseconds of the reading.
+    pub at: i64,
+    /// CPU time of its QEMU process.
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+    /// On managed networks (the TAP's counters); zero on user-mode.
+    pub net_received_bytes: u64,
+    pub net_sent_bytes: u64,
+}

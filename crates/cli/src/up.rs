@@ -1,6 +1,8 @@
 //! `quetzal up`: a working node for a newcomer in one command. Builds the
 //! default image if needed, starts quetzald in the foreground, creates and
-//! starts a demo VM when there is none, and says how to reach it.
+//! starts a demo VM when there is none, and says how to reach it — the
+//! dashboard included (quetzald listens on `$QUETZAL_LISTEN`, by default
+//! 127.0.0.1:7480).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +20,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::client::Client;
 
 const DEMO: &str = "demo";
+const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+
+fn listen() -> String {
+    std::env::var("QUETZAL_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.to_owned())
+}
 
 pub fn run() -> anyhow::Result<ExitCode> {
     let data = crate::data_dir();
@@ -43,6 +50,8 @@ async fn up(data: PathBuf) -> anyhow::Result<ExitCode> {
     let mut child = tokio::process::Command::new(&daemon)
         .arg("--data-dir")
         .arg(&data)
+        .arg("--listen")
+        .arg(listen())
         .spawn()
         .with_context(|| format!("cannot start {}", daemon.display()))?;
     let started = Instant::now();
@@ -107,7 +116,15 @@ fn greet(data: &std::path::Path) {
     } else {
         String::new()
     };
-    eprintln!("quetzal: the node is up. In another terminal:");
+    eprintln!("quetzal: the node is up.");
+    match crate::vm::read_token(data) {
+        Ok(token) => eprintln!(
+            "quetzal: dashboard: http://{}/#token={token}  (a login link; `quetzal token` prints the token)",
+            listen()
+        ),
+        Err(err) => eprintln!("quetzal: dashboard: http://{} ({err:#})", listen()),
+    }
+    eprintln!("quetzal: in another terminal:");
     eprintln!("    {env}quetzal vm list");
     eprintln!("    {env}quetzal vm console {DEMO}      (Ctrl-] detaches)");
     eprintln!("    {env}quetzal events --follow");

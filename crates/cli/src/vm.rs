@@ -382,15 +382,20 @@ fn print_event(event: &Event, output: Output) -> anyhow::Result<()> {
 
 /// `quetzal token`: the API token for quetzald's TCP listener.
 pub fn token() -> anyhow::Result<ExitCode> {
-    let path = quetzal_node::token::path(&crate::data_dir());
+    println!("{}", read_token(&crate::data_dir())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The API token quetzald keeps in `data`.
+pub fn read_token(data: &std::path::Path) -> anyhow::Result<String> {
+    let path = quetzal_node::token::path(data);
     let token = std::fs::read_to_string(&path).map_err(|err| {
         anyhow::anyhow!(
             "cannot read {}: {err} (has quetzald run on this data directory?)",
             path.display()
         )
     })?;
-    println!("{}", token.trim());
-    Ok(ExitCode::SUCCESS)
+    Ok(token.trim().to_owned())
 }
 
 #[derive(Debug, Subcommand)]

@@ -50,7 +50,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("another quetzald is already serving {}", data.display()))?;
 
     let node = node::Node::open(data).await?;
-    let token = Arc::new(token::ensure(data).context("cannot create the API token")?);
+    let token = token::ensure(data).context("cannot create the API token")?;
     let host =
         quetzal_engine::host::HostInfo::probe(std::path::Path::new("qemu-system-x86_64"), None)?;
     let state = http::AppState {
@@ -73,7 +73,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "quetzald serving on TCP (token required)");
-            Some(axum::serve(listener, http::router(state, Some(token))))
+            let auth = Arc::new(http::web::Auth::new(token));
+            Some(axum::serve(listener, http::router(state, Some(auth))))
         }
         None => None,
     };

@@ -238,6 +238,35 @@ impl Node {
         stats
     }
 
+    /// One running VM's counters.
+    pub async fn vm_stats(&self, name: &str) -> Result<quetzal_api::VmStats, NodeError> {
+        self.record(name)?;
+        let not_running = || NodeError::Conflict(format!("VM {name} is not running"));
+        let live = self.slot(name).live().ok_or_else(not_running)?;
+        let s = live.stats().await.ok_or_else(not_running)?;
+        let tap = self.host_net.tap(name_hash(name));
+        #[allow(clippy::cast_precision_loss)] // Exact below 2^53 ms.
+        let cpu_seconds = s.cpu_millis as f64 / 1000.0;
+        Ok(quetzal_api::VmStats {
+            at: now_millis(),
+            cpu_seconds,
+            resident_bytes: s.resident_bytes,
+            disk_read_bytes: s.disk_read_bytes,
+            disk_written_bytes: s.disk_written_bytes,
+            net_received_bytes: net::tap_counter(&tap, "tx_bytes"),
+            net_sent_bytes: net::tap_counter(&tap, "rx_bytes"),
+        })
+    }
+
+    /// Where a VM's VNC server listens.
+    pub fn vnc_socket(&self, name: &str) -> Result<PathBuf, NodeError> {
+        self.record(name)?;
+        if self.slot(name).live().is_none() {
+            return Err(NodeError::Conflict(format!("VM {name} is not running")));
+        }
+        Ok(self.vm_dir(name).join("vnc.sock"))
+    }
+
     /// The console of a running VM: its live output and its input.
     pub fn console(&self, name: &str) -> Result<(PathBuf, Option<Arc<Live>>), NodeError> {
         self.record(name)?;
@@ -561,6 +590,7 @@ impl Node {
                     None => NicBackend::User,
                 },
             }],
+            graphics: true,
         };
         let mut qemu = self
             .engine
@@ -828,8 +858,13 @@ fn append(image: &Image, vm: &Vm) -> String {
 
 /// 128 random bits in hex, as systemd's machine-id.
 pub(crate) fn new_machine_id() -> Result<String, NodeError> {
+    random_hex(16)
+}
+
+/// `len` random bytes from the kernel, in hex.
+pub(crate) fn random_hex(len: usize) -> Result<String, NodeError> {
     use std::io::Read;
-    let mut bytes = [0u8; 16];
+    let mut bytes = vec![0u8; len];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))?;

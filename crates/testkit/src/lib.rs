@@ -198,9 +198,15 @@ pub struct Quetzal {
 impl Quetzal {
     /// Starts `binary args` with `QUETZAL_DATA_DIR=data`.
     pub fn spawn(binary: &Path, data: &Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(binary, data, args, &[])
+    }
+
+    /// [`Quetzal::spawn`] with more environment variables.
+    pub fn spawn_with_env(binary: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary)
             .args(args)
             .env("QUETZAL_DATA_DIR", data)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

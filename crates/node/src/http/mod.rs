@@ -3,6 +3,8 @@
 
 mod console;
 mod metrics;
+mod vnc;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -146,6 +148,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         get_network,
         delete_network,
         list_events,
+        vm_stats,
+        web::login,
         host
     ),
     components(schemas(
@@ -166,19 +170,24 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         ErrorBody,
         ErrorDetail,
         Host,
+        quetzal_api::VmStats,
+        web::Login,
         quetzal_api::RestartPolicy
     ))
 )]
 pub struct ApiDoc;
 
-/// The API. With `token`, every request must carry `Authorization: Bearer
-/// <token>` (the TCP listener); without, the Unix socket's file mode is the
-/// access control.
-pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
+/// The API and the dashboard. With `auth` (the TCP listener), every API
+/// request must carry `Authorization: Bearer <token>` or a dashboard
+/// session cookie; without, the Unix socket's file mode is the access
+/// control. The dashboard's files and its login need no credentials.
+pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
     let api = Router::new()
         .route("/api/v1/vms", get(list_vms).post(create_vm))
         .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/api/v1/vms/{name}/console", get(console::console))
+        .route("/api/v1/vms/{name}/vnc", get(vnc::vnc))
+        .route("/api/v1/vms/{name}/stats", get(vm_stats))
         .route("/api/v1/vms/{name}/clone", post(clone_vm))
         .route(
             "/api/v1/vms/{name}/snapshots",
@@ -213,33 +222,28 @@ pub fn router(state: AppState, token: Option<Arc<String>>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .with_state(state);
-    match token {
-        Some(token) => api.layer(middleware::from_fn(move |req: Request, next: Next| {
-            let token = Arc::clone(&token);
-            async move { require_token(&token, req, next).await }
-        })),
-        None => api,
-    }
-}
-
-async fn require_token(token: &str, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented) if crate::token::matches(presented, token) => next.run(req).await,
-        Some(_) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
+    let api = match &auth {
+        Some(auth) => {
+            let auth = Arc::clone(auth);
+            api.layer(middleware::from_fn(move |req: Request, next: Next| {
+                let auth = Arc::clone(&auth);
+                async move {
+                    match auth.admits(req.headers()) {
+                        Ok(()) => next.run(req).await,
+                        Err(why) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
+                            .into_response(),
+                    }
+                }
+            }))
         }
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this listener needs Authorization: Bearer <token> (see `quetzal token`)",
-        )
-        .into_response(),
-    }
+        None => api,
+    };
+    let open = Router::new()
+        .route("/", get(web::index))
+        .route("/assets/{*path}", get(web::asset))
+        .route("/api/v1/session", post(web::login).delete(web::logout))
+        .with_state(auth);
+    open.merge(api)
 }
 
 async fn not_found() -> ApiError {
@@ -495,6 +499,17 @@ async fn delete_template(
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A running VM's resource counters (the dashboard's charts poll these).
+#[utoipa::path(get, path = "/api/v1/vms/{name}/stats",
+    responses((status = 200, body = quetzal_api::VmStats), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn vm_stats(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<quetzal_api::VmStats>, ApiError> {
+    Ok(Json(app.node.vm_stats(&name).await?))
 }
 
 /// Managed networks, oldest first, with their leases.

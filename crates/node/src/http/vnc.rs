@@ -1,0 +1,60 @@
+//! The graphical console: a WebSocket carrying the RFB (VNC) protocol,
+//! relayed byte for byte to the VNC server QEMU runs on the VM's Unix
+//! socket (never on a TCP port). noVNC in the dashboard speaks RFB.
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::{ApiError, AppState};
+
+pub async fn vnc(
+    ws: WebSocketUpgrade,
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let socket_path = app.node.vnc_socket(&name)?;
+    let server = UnixStream::connect(&socket_path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("VM {name} has no display to connect to ({e}); it may have been started by an older quetzald"),
+        )
+    })?;
+    // noVNC asks for the `binary` subprotocol.
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |socket| relay(socket, server)))
+}
+
+async fn relay(mut socket: WebSocket, server: UnixStream) {
+    let (mut from_vnc, mut to_vnc) = server.into_split();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            read = from_vnc.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Ok(n) => {
+                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            message = socket.recv() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if to_vnc.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            },
+        }
+    }
+}

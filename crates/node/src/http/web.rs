@@ -1,0 +1,233 @@
+//! The dashboard: its files (embedded at build time from `web/dist`) and
+//! its login, which trades the API token for a session cookie.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{ApiError, Body};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/assets.rs"));
+}
+
+/// The cookie a dashboard session lives in.
+pub const COOKIE: &str = "quetzal_session";
+
+/// The TCP listener's credentials: the API token, and the sessions
+/// logged in with it (kept in memory: a daemon restart logs people out).
+#[derive(Debug)]
+pub struct Auth {
+    token: String,
+    sessions: Mutex<HashSet<String>>,
+}
+
+impl Auth {
+    pub fn new(token: String) -> Self {
+        Auth {
+            token,
+            sessions: Mutex::default(),
+        }
+    }
+
+    /// Whether a request carries the token or a live session.
+    pub fn admits(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if let Some(presented) = bearer {
+            return if crate::token::matches(presented, &self.token) {
+                Ok(())
+            } else {
+                Err("wrong token")
+            };
+        }
+        match session_cookie(headers) {
+            Some(session) if self.live(session) => Ok(()),
+            Some(_) => Err("the session has ended; log in again"),
+            None => Err(
+                "this listener needs Authorization: Bearer <token> (see `quetzal token`) or a dashboard session",
+            ),
+        }
+    }
+
+    fn live(&self, session: &str) -> bool {
+        self.sessions
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .contains(session)
+    }
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// `POST /api/v1/session`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// The API token (`quetzal token`).
+    pub token: String,
+}
+
+/// Log in with the API token: answers with a session cookie (HttpOnly,
+/// SameSite=Strict) for the dashboard.
+#[utoipa::path(post, path = "/api/v1/session", request_body = Login,
+    responses((status = 204), (status = 401, body = quetzal_api::ErrorBody)))]
+pub async fn login(
+    State(auth): State<Option<Arc<Auth>>>,
+    Body(login): Body<Login>,
+) -> Result<Response, ApiError> {
+    let Some(auth) = auth else {
+        // The Unix socket: its file mode is the access control.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    if !crate::token::matches(&login.token, &auth.token) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong token",
+        ));
+    }
+    let session = crate::node::random_hex(32).map_err(ApiError::from)?;
+    auth.sessions
+        .lock()
+        .expect("never poisoned: no panics while held")
+        .insert(session.clone());
+    let cookie = format!("{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict");
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
+}
+
+/// Log out: the session ends and its cookie is cleared.
+pub async fn logout(State(auth): State<Option<Arc<Auth>>>, headers: HeaderMap) -> Response {
+    if let (Some(auth), Some(session)) = (auth, session_cookie(&headers)) {
+        auth.sessions
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .remove(session);
+    }
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
+pub async fn index() -> Response {
+    match find("/index.html") {
+        Some(bytes) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "The dashboard was not built into this quetzald: run ./scripts/setup (it builds web/ with npm, then quetzald).\n",
+        )
+            .into_response(),
+    }
+}
+
+/// A built file; names carry a content hash, so they are cached for good.
+pub async fn asset(Path(path): Path<String>) -> Response {
+    let url = format!("/assets/{path}");
+    match find(&url) {
+        Some(bytes) => (
+            [
+                (header::CONTENT_TYPE, content_type(&url)),
+                (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such file").into_response(),
+    }
+}
+
+fn find(url: &str) -> Option<&'static [u8]> {
+    embedded::ASSETS
+        .iter()
+        .find(|(path, _)| *path == url)
+        .map(|(_, bytes)| *bytes)
+}
+
+fn content_type(path: &str) -> &'static str {
+    match path.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("html") => "text/html; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("woff2") => "font/woff2",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn admits_the_token_or_a_live_session_only() {
+        let auth = Auth::new("secret".into());
+        auth.sessions.lock().unwrap().insert("s1".into());
+        assert!(
+            auth.admits(&headers(&[(header::AUTHORIZATION, "Bearer secret")]))
+                .is_ok()
+        );
+        assert!(
+            auth.admits(&headers(&[(header::AUTHORIZATION, "Bearer nope")]))
+                .is_err()
+        );
+        assert!(
+            auth.admits(&headers(&[(header::COOKIE, "a=b; quetzal_session=s1")]))
+                .is_ok()
+        );
+        assert!(
+            auth.admits(&headers(&[(header::COOKIE, "quetzal_session=s2")]))
+                .is_err()
+        );
+        assert!(auth.admits(&headers(&[])).is_err());
+        // A wrong bearer token is not rescued by a cookie.
+        assert!(
+            auth.admits(&headers(&[
+                (header::AUTHORIZATION, "Bearer nope"),
+                (header::COOKIE, "quetzal_session=s1")
+            ]))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn types_what_it_serves() {
+        assert_eq!(
+            content_type("/assets/index-abc.js"),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(content_type("/assets/x.css"), "text/css; charset=utf-8");
+        assert_eq!(content_type("/assets/x.bin"), "application/octet-stream");
+    }
+}
