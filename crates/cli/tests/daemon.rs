@@ -445,8 +445,22 @@ fn a_guest_that_ignores_the_power_button_is_forced_off_after_the_timeout() {
 fn quetzal_up_starts_the_daemon_and_a_demo_vm() {
     let data = quetzal_testkit::DataDir::new();
     let marker = data.path().display().to_string();
-    let up = Quetzal::spawn(Path::new(QUETZAL), data.path(), &["up"]);
+    // The dashboard's listener: a port free right now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let up = Quetzal::spawn_with_env(
+        Path::new(QUETZAL),
+        data.path(),
+        &["up"],
+        &[("QUETZAL_LISTEN", &listen)],
+    );
     up.stderr.wait_for("the node is up");
+    up.stderr
+        .wait_for(&format!("dashboard: http://127.0.0.1:{port}/#token="));
 
     let listed = Command::new(QUETZAL)
         .args(["vm", "list", "--output", "json"])
