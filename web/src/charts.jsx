@@ -6,8 +6,9 @@ import 'uplot/dist/uPlot.min.css';
 
 const POINTS = 60;
 
-/** One chart; `series` are [label, colour]; `data` is [times, ...values]. */
-export function Chart({ title, series, data, format }) {
+/** One chart; `series` are [label, colour]; `data` is [times, ...values];
+ * `floor` is the least the y axis shows. */
+export function Chart({ title, series, data, format, floor = 1 }) {
   const box = useRef(null);
   const plot = useRef(null);
   useEffect(() => {
@@ -22,7 +23,9 @@ export function Chart({ title, series, data, format }) {
         height: 150,
         legend: { show: true },
         cursor: { show: false },
-        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.2, 1e-9)] } },
+        // From zero, and never flatter than `floor` (an idle VM reads as
+        // idle, not as noise blown up to the full height).
+        scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.2, floor)] } },
         axes: [
           { stroke: muted, grid: { stroke: grid } },
           { stroke: muted, grid: { stroke: grid }, values: (u, v) => v.map(format), size: 70 },

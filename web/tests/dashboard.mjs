@@ -165,6 +165,11 @@ try {
   const after = await page.evaluate(async () => (await fetch('/api/v1/vms')).status);
   assert.equal(after, 401);
 
+  step('the login link `quetzal up` prints logs in too');
+  await page.goto(`${url}/#token=${token}`);
+  await page.getByRole('heading', { name: 'Overview' }).waitFor();
+  assert.ok(!page.url().includes(token), 'the token stays out of the address bar');
+
   assert.deepEqual(problems, [], 'no script errors in the page');
   step('all passed');
 } finally {

@@ -5,18 +5,21 @@
 //! - `quetzal-bench node`: quetzald against libvirt 9 + QEMU.
 //! - `quetzal-bench clones`: templates, clones, snapshots against libvirt
 //!   and qemu-img.
+//! - `quetzal-bench dashboard`: the dashboard's list render and event
+//!   latency in Chromium (web/bench/dashboard.mjs).
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
 
 mod boot;
 mod clones;
+mod dashboard;
 mod node;
 mod stats;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node|clones [--runs N]";
+const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -25,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" => which = Some(arg),
+            "boot" | "node" | "clones" | "dashboard" => which = Some(arg),
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Some("boot") => boot::run(runs, &bin.join("quetzal")),
         Some("node") => node::run(runs, &bin),
         Some("clones") => clones::run(runs, &bin),
+        Some("dashboard") => dashboard::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

@@ -155,15 +155,8 @@ fn measure(
 /// Checks that libvirt answers and makes a scratch directory: a data
 /// directory for the bench's quetzald (sharing the user's images) and one
 /// for libvirt's files. Domains left by an interrupted run are removed.
-pub(crate) fn scratch() -> anyhow::Result<(tempfile::TempDir, PathBuf, PathBuf)> {
-    let virsh_ok = Command::new("virsh")
-        .args(["-c", "qemu:///system", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !virsh_ok {
-        bail!("libvirt is not running: run scripts/bench-setup first");
-    }
-    cleanup_libvirt();
+/// A scratch quetzald data directory that sees the built images.
+pub(crate) fn scratch_data() -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
     let scratch = tempfile::Builder::new()
         .prefix("qbench-")
         .tempdir_in("/var/tmp")?;
@@ -173,6 +166,19 @@ pub(crate) fn scratch() -> anyhow::Result<(tempfile::TempDir, PathBuf, PathBuf)>
         quetzal_image::data_dir().join("images"),
         data.join("images"),
     )?;
+    Ok((scratch, data))
+}
+
+pub(crate) fn scratch() -> anyhow::Result<(tempfile::TempDir, PathBuf, PathBuf)> {
+    let virsh_ok = Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !virsh_ok {
+        bail!("libvirt is not running: run scripts/bench-setup first");
+    }
+    cleanup_libvirt();
+    let (scratch, data) = scratch_data()?;
     let lv = scratch.path().join("libvirt");
     std::fs::create_dir_all(&lv)?;
     Ok((scratch, data, lv))
@@ -198,7 +204,13 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(binary: &Path, data: &Path) -> anyhow::Result<Self> {
+        Self::start_with(binary, data, &[])
+    }
+
+    /// Starts quetzald with more arguments (`--listen ADDR`).
+    pub(crate) fn start_with(binary: &Path, data: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let child = Command::new(binary)
+            .args(args)
             .env("QUETZAL_DATA_DIR", data)
             .env("QUETZAL_LOG", "warn")
             .stdin(Stdio::null())

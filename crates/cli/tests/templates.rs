@@ -232,3 +232,75 @@ fn bad_template_and_clone_requests_fail_cleanly_and_leave_nothing() {
         .collect();
     assert_eq!(templates, vec!["base".to_owned()]);
 }
+
+/// Unmounts a test's tmpfs, even when the test fails.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn running_out_of_space_mid_copy_is_507_and_leaves_nothing_half_made() {
+    let data = quetzal_testkit::DataDir::new();
+    let vms = data.path().join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    // Room for the source VM's data and its copy's first half only.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=192M", "tmpfs"])
+        .arg(&vms)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a tmpfs (needs root)");
+    let unmount = Unmount(vms.clone());
+    let daemon = Daemon::start_in(Path::new(QUETZALD), data, None);
+
+    ok(&daemon, &["vm", "create", "big", "--start"]);
+    assert_eq!(
+        in_guest(
+            &daemon,
+            "big",
+            "dd if=/dev/urandom of=/root/fill bs=1M count=110 2>/dev/null && sync && echo filled"
+        ),
+        "filled"
+    );
+    ok(&daemon, &["vm", "stop", "big"]);
+    let disk = vms.join("big/root.qcow2");
+    let before = sha256(&disk);
+
+    fails(&daemon, &["vm", "clone", "big", "copy"], "No space left");
+
+    assert!(!vms.join("copy").exists(), "a half-made clone was left");
+    let listed = json(&daemon, &["vm", "list", "--output", "json"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["big"]);
+    assert_eq!(sha256(&disk), before, "the source disk changed");
+    let check = Command::new("qemu-img")
+        .arg("check")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let (status, body) = daemon.request(
+        "POST",
+        "/api/v1/vms/big/clone",
+        Some(r#"{"name": "copy2"}"#),
+    );
+    assert_eq!(status, 507, "{body}");
+    assert!(body.contains("insufficient_storage"), "{body}");
+
+    let data = daemon.stop();
+    drop(unmount);
+    drop(data);
+}

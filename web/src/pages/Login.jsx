@@ -23,7 +23,8 @@ export function Login({ onLogin }) {
   useEffect(() => {
     const fromLink = new URLSearchParams(location.hash.slice(1)).get('token');
     if (fromLink) {
-      history.replaceState(null, '', location.pathname);
+      // Out of the address bar and history, on to the overview.
+      location.replace('#/');
       submit(fromLink);
     }
   }, []);

@@ -111,6 +111,8 @@ export function VmDetail({ name, query }) {
   );
 }
 
+const rate = (v) => `${bytes(v)}/s`;
+
 function NotRunning() {
   return <Empty title="The VM is not running">Start it to use its consoles.</Empty>;
 }
@@ -168,19 +170,21 @@ function Summary({ vm }) {
       </div>
       {vm.state === 'running' ? (
         <div class="charts">
-          <Chart title="CPU" series={[['CPU %', '#10a37f']]} data={[s.t, s.cpu]} format={(v) => `${v.toFixed(0)}%`} />
-          <Chart title="Memory (QEMU resident)" series={[['RSS', '#6366f1']]} data={[s.t, s.mem]} format={bytes} />
+          <Chart title="CPU" series={[['CPU %', '#10a37f']]} data={[s.t, s.cpu]} format={(v) => `${v.toFixed(0)}%`} floor={10} />
+          <Chart title="Memory (QEMU resident)" series={[['RSS', '#6366f1']]} data={[s.t, s.mem]} format={bytes} floor={64 * 1024 * 1024} />
           <Chart
             title="Disk"
-            series={[['read/s', '#0ea5e9'], ['write/s', '#f59e0b']]}
+            series={[['read', '#0ea5e9'], ['write', '#f59e0b']]}
             data={[s.t, s.diskR, s.diskW]}
-            format={bytes}
+            format={rate}
+            floor={64 * 1024}
           />
           <Chart
             title="Network"
-            series={[['in/s', '#22c55e'], ['out/s', '#ef4444']]}
+            series={[['in', '#22c55e'], ['out', '#ef4444']]}
             data={[s.t, s.netR, s.netS]}
-            format={bytes}
+            format={rate}
+            floor={4 * 1024}
           />
         </div>
       ) : (
