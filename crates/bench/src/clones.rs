@@ -140,7 +140,7 @@ fn measure(
         api(daemon, "DELETE", &format!("/api/v1/vms/{name}"), None, 204)?;
         let copy = lv.join(format!("{name}.qcow2"));
         let start = Instant::now();
-        quetzal_engine::disk::copy_onto_base(&fat_disk, &image.root_disk(), &copy)?;
+        quetzal_engine::disk::copy_onto_base(&fat_disk, &image.root_disk(), &copy, &mut |_| {})?;
         theirs.push(start.elapsed());
         std::fs::remove_file(&copy)?;
     }

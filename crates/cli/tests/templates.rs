@@ -149,6 +149,8 @@ fn a_stopped_vm_clones_into_an_independent_vm() {
     golden_vm(&daemon, "golden");
 
     ok(&daemon, &["vm", "clone", "golden", "copy"]);
+    let events = ok(&daemon, &["events", "--vm", "copy"]);
+    assert!(events.contains("copying its disk: 100%"), "{events}");
     ok(&daemon, &["vm", "rm", "golden"]);
     ok(&daemon, &["vm", "start", "copy"]);
 
@@ -282,6 +284,10 @@ fn running_out_of_space_mid_copy_is_507_and_leaves_nothing_half_made() {
         .collect();
     assert_eq!(names, ["big"]);
     assert_eq!(sha256(&disk), before, "the source disk changed");
+    // The copy reported its progress, then why it stopped.
+    let events = ok(&daemon, &["events", "--vm", "copy"]);
+    assert!(events.contains("copying its disk: "), "{events}");
+    assert!(events.contains("create-failed"), "{events}");
     let check = Command::new("qemu-img")
         .arg("check")
         .arg(&disk)

@@ -144,30 +144,70 @@ pub fn create_overlay_sized(
 /// Copies `from` into a new qcow2 image at `to` whose backing file is
 /// `keep_base`: only what differs from the base is copied, and the result
 /// no longer depends on `from` or anything between it and the base.
-pub fn copy_onto_base(from: &Path, keep_base: &Path, to: &Path) -> Result<(), DiskError> {
+/// `progress` hears the percentage done, every 10% and at 100%.
+pub fn copy_onto_base(
+    from: &Path,
+    keep_base: &Path,
+    to: &Path,
+    progress: &mut dyn FnMut(u32),
+) -> Result<(), DiskError> {
+    use std::io::Read;
     let failed = |message: String| DiskError::Overlay {
         path: to.to_owned(),
         message,
     };
     let base = std::fs::canonicalize(keep_base).map_err(|err| failed(err.to_string()))?;
-    let output = qemu_img(&[
-        "convert".as_ref(),
-        "-q".as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        "-B".as_ref(),
-        base.as_os_str(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        from.as_os_str(),
-        to.as_os_str(),
-    ])?;
-    if output.status.success() {
+    let mut child = Command::new("qemu-img")
+        .args(["convert", "-p", "-O", "qcow2", "-B"])
+        .arg(&base)
+        .args(["-F", "qcow2"])
+        .arg(from)
+        .arg(to)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => DiskError::NoQemuImg,
+            _ => failed(err.to_string()),
+        })?;
+    // `-p` prints "    (12.50/100%)" and a carriage return as it goes.
+    let mut out = child.stdout.take().expect("piped");
+    let mut pending = String::new();
+    let mut buf = [0u8; 256];
+    let mut reported = 0;
+    while let Ok(n) = out.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(end) = pending.find(['\r', '\n']) {
+            if let Some(percent) = progress_percent(&pending[..end])
+                && (percent >= reported + 10 || (percent == 100 && reported < 100))
+            {
+                reported = percent;
+                progress(percent);
+            }
+            pending.drain(..=end);
+        }
+    }
+    let mut stderr = Vec::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_end(&mut stderr);
+    }
+    let status = child.wait().map_err(|err| failed(err.to_string()))?;
+    if status.success() {
         Ok(())
     } else {
         let _ = std::fs::remove_file(to);
-        Err(failed(last_line(&output.stderr)))
+        Err(failed(last_line(&stderr)))
     }
+}
+
+/// The whole percent in a `qemu-img -p` progress line.
+fn progress_percent(line: &str) -> Option<u32> {
+    let inside = line.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
+    let whole = inside.split('.').next()?;
+    whole.parse().ok().filter(|p| *p <= 100)
 }
 
 /// What `qemu-img snapshot` does to a stopped VM's disk.
@@ -199,5 +239,19 @@ pub fn snapshot_offline(disk: &Path, action: SnapshotAction, tag: &str) -> Resul
             path: disk.to_owned(),
             message: last_line(&output.stderr),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_qemu_img_progress_lines() {
+        assert_eq!(progress_percent("    (12.50/100%)"), Some(12));
+        assert_eq!(progress_percent("(100.00/100%)"), Some(100));
+        assert_eq!(progress_percent("    (0.00/100%)"), Some(0));
+        assert_eq!(progress_percent("qemu-img: error"), None);
+        assert_eq!(progress_percent("(250.00/100%)"), None);
     }
 }

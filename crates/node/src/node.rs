@@ -363,7 +363,14 @@ impl Node {
             }
             DiskPlan::Copy {
                 from, keep_base, ..
-            } => disk::copy_onto_base(from, keep_base, &disk),
+            } => disk::copy_onto_base(from, keep_base, &disk, &mut |percent| {
+                // The VM is not recorded yet: its events start with these.
+                self.note(
+                    &vm.name,
+                    "copying",
+                    &format!("copying its disk: {percent}%"),
+                );
+            }),
         }
         .map_err(|e| disk_error(&e.to_string()));
         let record = VmRecord {
@@ -378,6 +385,10 @@ impl Node {
             }
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                if plan.is_copy() {
+                    // Its `copying` events are followed by why it stopped.
+                    self.note(&record.vm.name, "create-failed", &err.to_string());
+                }
                 Err(err)
             }
         }
