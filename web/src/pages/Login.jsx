@@ -21,12 +21,18 @@ export function Login({ onLogin }) {
     }
   };
   useEffect(() => {
-    const fromLink = new URLSearchParams(location.hash.slice(1)).get('token');
-    if (fromLink) {
-      // Out of the address bar and history, on to the overview.
-      location.replace('#/');
-      submit(fromLink);
-    }
+    // Opened as a link, or the link pasted while this page shows.
+    const fromLink = () => {
+      const linked = new URLSearchParams(location.hash.slice(1)).get('token');
+      if (linked) {
+        // Out of the address bar and history, on to the overview.
+        location.replace('#/');
+        submit(linked);
+      }
+    };
+    fromLink();
+    window.addEventListener('hashchange', fromLink);
+    return () => window.removeEventListener('hashchange', fromLink);
   }, []);
   return (
     <main class="login">

@@ -1,6 +1,6 @@
 import { useMemo, useState } from 'preact/hooks';
 import { stats, vms } from '../store.js';
-import { ACTIONS, act, allowed, remove } from '../actions.js';
+import { ACTIONS, act, allowed, clone, remove, snapshot, snapshotName } from '../actions.js';
 import { duration, mib, percent, bytes } from '../format.js';
 import { ActionButton, Confirm, Empty, ErrorNote, Loading, StateBadge } from '../ui.jsx';
 
@@ -186,6 +186,27 @@ export function Vms({ query }) {
                             {label}
                           </ActionButton>
                         ))}
+                      <ActionButton
+                        kind="small"
+                        action={() => snapshot(vm.name, snapshotName())}
+                        onError={setError}
+                        aria-label={`Snapshot ${vm.name}`}
+                      >
+                        Snapshot
+                      </ActionButton>
+                      {['stopped', 'crashed'].includes(vm.state) ? (
+                        <ActionButton
+                          kind="small"
+                          action={async () => {
+                            const name = prompt(`Name of the clone of ${vm.name}`, `${vm.name}-clone`);
+                            if (name) await clone(vm.name, name);
+                          }}
+                          onError={setError}
+                          aria-label={`Clone ${vm.name}`}
+                        >
+                          Clone
+                        </ActionButton>
+                      ) : null}
                       {['stopped', 'crashed'].includes(vm.state) ? (
                         <button
                           type="button"
