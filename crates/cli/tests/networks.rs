@@ -243,3 +243,55 @@ fn user_mode_networking_stays_available_per_vm() {
     assert!(host_links(&prefix).iter().all(|link| !link.contains('t')));
     stop_and_check_clean(daemon, &prefix);
 }
+
+#[test]
+fn after_a_host_reboot_the_daemon_remakes_its_networks() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let prefix = prefix(&daemon);
+    cli(&daemon).ok(&["network", "create", "lab"]);
+    let lab = network(&daemon, "lab");
+    let mut daemon = daemon;
+    daemon.kill();
+
+    // What a reboot leaves: no bridges, no rules, no dnsmasq.
+    for pid in processes_mentioning(&format!("{}/networks/", daemon.data.path().display())) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    for link in host_links(&prefix) {
+        assert!(
+            Command::new("ip")
+                .args(["link", "delete", &link])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let table = format!("quetzal_{prefix}");
+    assert!(
+        Command::new("nft")
+            .args(["delete", "table", "ip", &table])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let daemon = daemon.restart(Path::new(QUETZALD));
+    assert_eq!(host_links(&prefix).len(), 2, "{:?}", host_links(&prefix));
+    assert_eq!(masquerade_rules(&prefix), 2);
+    assert_eq!(dnsmasqs(&daemon), 2);
+    assert_eq!(network(&daemon, "lab")["subnet"], lab["subnet"]);
+    // And the network works: a VM on it gets a lease.
+    cli(&daemon).ok(&["vm", "create", "v", "--network", "lab", "--start"]);
+    let address = address(&daemon, "v");
+    let subnet_start = lab["gateway"].as_str().unwrap().rsplit_once('.').unwrap().0;
+    assert!(
+        address.starts_with(subnet_start),
+        "{address} not in {}",
+        lab["subnet"]
+    );
+    stop_and_check_clean(daemon, &prefix);
+}
