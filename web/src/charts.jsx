@@ -6,6 +6,16 @@ import 'uplot/dist/uPlot.min.css';
 
 const POINTS = 60;
 
+/** A colour variable of the current theme, resolved to rgb(). */
+function cssColor(name) {
+  const probe = document.createElement('span');
+  probe.style.color = `var(${name})`;
+  document.body.append(probe);
+  const colour = getComputedStyle(probe).color;
+  probe.remove();
+  return colour;
+}
+
 /** One chart; `series` are [label, colour]; `data` is [times, ...values];
  * `floor` is the least the y axis shows. */
 export function Chart({ title, series, data, format, floor = 1 }) {
@@ -14,9 +24,8 @@ export function Chart({ title, series, data, format, floor = 1 }) {
   useEffect(() => {
     const width = box.current.clientWidth || 320;
     // Canvas strokes cannot use CSS variables: read the theme's colours.
-    const css = getComputedStyle(document.documentElement);
-    const muted = css.getPropertyValue('--muted').trim();
-    const grid = css.getPropertyValue('--grid').trim();
+    const muted = cssColor('--muted');
+    const grid = cssColor('--grid');
     plot.current = new uPlot(
       {
         width,
