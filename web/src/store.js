@@ -25,11 +25,11 @@ export async function start() {
   const [list, hostInfo, page] = await Promise.all([
     get('/vms'),
     get('/host'),
-    get('/events?limit=1000'),
+    get(`/events?before=${Number.MAX_SAFE_INTEGER}&limit=50`),
   ]);
   vms.value = new Map(list.map((vm) => [vm.name, vm]));
   host.value = hostInfo;
-  recentEvents.value = page.events.slice(-50).reverse();
+  recentEvents.value = page.events.reverse();
   closeStream = subscribe(handle);
   pollStats();
   statsTimer = setInterval(pollStats, 3000);

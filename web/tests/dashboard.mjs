@@ -147,10 +147,11 @@ try {
   await shot(page, 'vms-tablet');
   await page.setViewportSize({ width: 1280, height: 800 });
 
-  step('force stop, then delete with confirmation');
+  step('stop it with the bulk action, then delete it with confirmation');
   const row = page.locator('[data-vm="pw1"]');
-  await row.getByRole('button', { name: 'Force stop pw1' }).click();
-  await row.locator('[data-state="stopped"]').waitFor({ timeout: 30_000 });
+  await row.getByLabel('Select pw1').check();
+  await page.getByRole('button', { name: 'Stop selected' }).click();
+  await row.locator('[data-state="stopped"]').waitFor({ timeout: 60_000 });
   await row.getByRole('button', { name: 'Delete pw1' }).click();
   const dialog = page.getByRole('dialog');
   await dialog.getByText('Delete pw1?').waitFor();

@@ -217,6 +217,10 @@ pub struct EventPage {
     pub events: Vec<Event>,
     /// Pass as `after` for the next page; null when this was the last one.
     pub next_after: Option<i64>,
+    /// With `before`: pass as `before` for the page of older events; null
+    /// when there are none.
+    #[serde(default)]
+    pub next_before: Option<i64>,
 }
 
 /// Every error answer: `{"error": {"code": ..., "message": ...}}`.

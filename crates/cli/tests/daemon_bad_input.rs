@@ -189,6 +189,11 @@ fn rejects_bad_queries() {
         "invalid_request",
     );
     assert_error(
+        &api(&daemon, "GET", "/api/v1/events?after=1&before=9", None),
+        400,
+        "invalid_request",
+    );
+    assert_error(
         &api(&daemon, "POST", "/api/v1/vms/x/dance", None),
         404,
         "not_found",

@@ -213,6 +213,16 @@ impl Node {
         Ok(self.store().events(after, limit, vm)?)
     }
 
+    /// The `limit` events just before `before`, oldest first.
+    pub fn events_before(
+        &self,
+        before: i64,
+        limit: u32,
+        vm: Option<&str>,
+    ) -> Result<Vec<Event>, NodeError> {
+        Ok(self.store().events_before(before, limit, vm)?)
+    }
+
     /// Resource use of every running VM.
     pub async fn stats(&self) -> Vec<(String, Stats)> {
         let lives: Vec<(String, Arc<Live>)> = {

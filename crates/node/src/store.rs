@@ -285,20 +285,44 @@ impl Store {
             )
             .map_err(|e| self.sql(e))?;
         let rows = statement
-            .query_map(params![after, vm, limit], |row| {
-                let state: Option<String> = row.get(4)?;
-                Ok(Event {
-                    id: row.get(0)?,
-                    at: row.get(1)?,
-                    vm: row.get(2)?,
-                    kind: row.get(3)?,
-                    state: state.as_deref().and_then(VmState::parse),
-                    cause: row.get(5)?,
-                })
-            })
+            .query_map(params![after, vm, limit], read_event)
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
+    /// The `limit` events just before `before`, oldest first (the end of
+    /// the log, read backwards a page at a time).
+    pub fn events_before(
+        &self,
+        before: i64,
+        limit: u32,
+        vm: Option<&str>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at, vm, kind, state, cause FROM events
+                 WHERE id < ?1 AND (?2 IS NULL OR vm = ?2) ORDER BY id DESC LIMIT ?3",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![before, vm, limit], read_event)
+            .map_err(|e| self.sql(e))?;
+        let mut events: Vec<Event> = rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))?;
+        events.reverse();
+        Ok(events)
+    }
+}
+
+fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let state: Option<String> = row.get(4)?;
+    Ok(Event {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        vm: row.get(2)?,
+        kind: row.get(3)?,
+        state: state.as_deref().and_then(VmState::parse),
+        cause: row.get(5)?,
+    })
 }
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
@@ -695,6 +719,28 @@ mod tests {
         let store = Store::open(&path).unwrap();
 
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reads_the_end_of_the_log_backwards_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store.insert_vm(&record("a"), "test").unwrap();
+        for i in 0..5 {
+            store.note("a", "reset", &format!("reset {i}")).unwrap();
+        }
+        let newest = store.events_before(i64::MAX, 2, None).unwrap();
+        let causes: Vec<&str> = newest.iter().map(|e| e.cause.as_str()).collect();
+        assert_eq!(causes, ["reset 3", "reset 4"]);
+        let older = store.events_before(newest[0].id, 10, Some("a")).unwrap();
+        assert_eq!(older.len(), 4);
+        assert_eq!(older[0].kind, "created");
+        assert!(
+            store
+                .events_before(older[0].id, 10, None)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -41,43 +41,22 @@ const PAGE = 50;
 /** Newest first; older pages on request; new ones arrive live. */
 export function Events({ vm }) {
   const [events, setEvents] = useState([]);
-  const [oldest, setOldest] = useState(null);
-  const [more, setMore] = useState(false);
+  const [older, setOlder] = useState(null); // `before` for the next older page
   const [error, setError] = useState(null);
 
   const filter = vm ? `&vm=${encodeURIComponent(vm)}` : '';
-
-  // The event log pages forward from an id; to read it newest first, find
-  // the end, then step back a page at a time.
-  const loadBefore = async (before) => {
+  const load = async (before) => {
     try {
-      let after = Math.max(0, (before ?? Number.MAX_SAFE_INTEGER) - PAGE);
-      if (before == null) {
-        const all = await get(`/events?limit=1000${filter}`);
-        let page = all;
-        let last = all.events;
-        while (page.next_after) {
-          page = await get(`/events?limit=1000&after=${page.next_after}${filter}`);
-          last = last.concat(page.events);
-        }
-        const newest = last.slice(-PAGE).reverse();
-        setEvents(newest);
-        setOldest(newest.at(-1)?.id ?? null);
-        setMore(last.length > PAGE);
-        return;
-      }
-      const page = await get(`/events?limit=${PAGE}&after=${after}${filter}`);
-      const older = page.events.filter((e) => e.id < before).reverse();
-      setEvents((current) => current.concat(older));
-      setOldest(older.at(-1)?.id ?? before);
-      setMore(after > 0 && older.length > 0);
+      const page = await get(`/events?before=${before}&limit=${PAGE}${filter}`);
+      setEvents((current) => (before === Number.MAX_SAFE_INTEGER ? [] : current).concat(page.events.reverse()));
+      setOlder(page.next_before);
     } catch (err) {
       setError(err.message);
     }
   };
 
   useEffect(() => {
-    loadBefore(null);
+    load(Number.MAX_SAFE_INTEGER);
     return onEvent((event) => {
       if (!vm || event.vm === vm) setEvents((current) => [event, ...current]);
     });
@@ -94,8 +73,8 @@ export function Events({ vm }) {
       <div class="card flush">
         <EventTable events={events} showVm={!vm} />
       </div>
-      {more ? (
-        <button type="button" class="btn" onClick={() => loadBefore(oldest)}>
+      {older ? (
+        <button type="button" class="btn" onClick={() => load(older)}>
           Older events
         </button>
       ) : null}

@@ -380,6 +380,9 @@ struct EventsQuery {
     /// Only events after this id.
     #[serde(default)]
     after: i64,
+    /// Instead of `after`: the `limit` events just before this id, still
+    /// oldest first (a very large id gives the newest).
+    before: Option<i64>,
     /// At most this many (1-1000, default 100).
     limit: Option<u32>,
     /// Only this VM's events.
@@ -401,10 +404,32 @@ async fn list_events(
             "limit must be between 1 and 1000",
         ));
     }
+    let full = |events: &[Event]| events.len() == usize::try_from(limit).unwrap_or(usize::MAX);
+    if let Some(before) = query.before {
+        if query.after != 0 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "after and before cannot be combined",
+            ));
+        }
+        let events = app.node.events_before(before, limit, query.vm.as_deref())?;
+        let next_before = full(&events)
+            .then(|| events.first().map(|e| e.id))
+            .flatten();
+        return Ok(Json(EventPage {
+            events,
+            next_after: None,
+            next_before,
+        }));
+    }
     let events = app.node.events(query.after, limit, query.vm.as_deref())?;
-    let full = events.len() == usize::try_from(limit).unwrap_or(usize::MAX);
-    let next_after = full.then(|| events.last().map(|e| e.id)).flatten();
-    Ok(Json(EventPage { events, next_after }))
+    let next_after = full(&events).then(|| events.last().map(|e| e.id)).flatten();
+    Ok(Json(EventPage {
+        events,
+        next_after,
+        next_before: None,
+    }))
 }
 
 /// Events as they happen (server-sent events, one JSON `Event` each).
