@@ -367,7 +367,9 @@ impl Node {
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
         let disk = dir.join("root.qcow2");
-        let made = match plan {
+        // A copy can take a while: the runtime moves other tasks off this
+        // worker meanwhile (quetzald's runtime is multi-threaded).
+        let made = tokio::task::block_in_place(|| match plan {
             DiskPlan::Overlay { base, .. } => {
                 disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
             }
@@ -381,7 +383,7 @@ impl Node {
                     &format!("copying its disk: {percent}%"),
                 );
             }),
-        }
+        })
         .map_err(|e| disk_error(&e.to_string()));
         let record = VmRecord {
             vm,

@@ -179,7 +179,10 @@ impl Node {
             .and_then(|()| std::fs::hard_link(&vm_disk, &disk))
             .map_err(|e| NodeError::Internal(format!("{}: {e}", disk.display())))
             .and_then(|()| {
-                quetzal_image::sha256_file(&disk).map_err(|e| NodeError::Internal(e.to_string()))
+                // Reading a whole disk: let the runtime move other tasks
+                // off this worker meanwhile.
+                tokio::task::block_in_place(|| quetzal_image::sha256_file(&disk))
+                    .map_err(|e| NodeError::Internal(e.to_string()))
             });
         let sha256 = match made {
             Ok((sha256, _)) => sha256,
