@@ -36,6 +36,7 @@ fn the_dashboard_works_in_a_real_browser() {
         "the browser test failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("dashboard: all passed"), "{stdout}");
+    println!("{stdout}");
 }
 
 #[test]
