@@ -11,6 +11,7 @@ mod vm;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -59,6 +60,16 @@ pub enum Output {
 }
 
 pub use quetzal_image::data_dir;
+
+/// Runs a command's future on a single-threaded runtime (each CLI
+/// command is one short conversation with the daemon or the engine).
+fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(future)
+}
 
 /// An error and its causes on one line, each cause once (our errors often
 /// repeat their source in their own message).

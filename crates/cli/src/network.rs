@@ -37,10 +37,7 @@ pub enum NetworkCommand {
 }
 
 pub fn run(command: NetworkCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let client = Client::from_env();
         match command {
             NetworkCommand::Create {

@@ -78,13 +78,9 @@ enum Outcome {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     // The QEMU process is spawned on this (the main) thread: with
     // Lifetime::TiedToCaller it dies with it.
-    let outcome = runtime.block_on(run_vm(args))?;
+    let outcome = crate::block_on(run_vm(args))?;
     let code = match outcome {
         Outcome::PoweredOff => 0,
         Outcome::StoppedByUser => {

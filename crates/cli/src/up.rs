@@ -29,10 +29,7 @@ fn listen() -> String {
 pub fn run() -> anyhow::Result<ExitCode> {
     let data = crate::data_dir();
     ImageStore::new(&data).build(DEFAULT_IMAGE, &mut |line| eprintln!("quetzal: {line}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(up(data))
+    crate::block_on(up(data))
 }
 
 async fn up(data: PathBuf) -> anyhow::Result<ExitCode> {

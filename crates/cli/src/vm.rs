@@ -112,10 +112,7 @@ pub struct CreateArgs {
 }
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run_async(command))
+    crate::block_on(run_async(command))
 }
 
 async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
@@ -303,10 +300,7 @@ pub struct EventsArgs {
 }
 
 pub fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let client = Client::from_env();
         let filter = args
             .vm
@@ -426,10 +420,7 @@ pub enum TemplateCommand {
 }
 
 pub fn template(command: TemplateCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let client = Client::from_env();
         match command {
             TemplateCommand::Create { name, from, output } => {
