@@ -3,7 +3,7 @@
 // daemon's event to the page. Run by `quetzal-bench dashboard`, which
 // starts quetzald and passes QUETZAL_URL, QUETZAL_TOKEN and RUNS.
 
-import { chromium } from 'playwright-core';
+import { launch } from '../tests/browser.mjs';
 
 const url = process.env.QUETZAL_URL;
 const token = process.env.QUETZAL_TOKEN;
@@ -33,11 +33,7 @@ for (let i = 0; i < VMS; i += 1) {
 await call('POST', '/vms', { name: 'latency', memory_mib: 128 });
 await call('POST', '/vms/latency/start');
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox'],
-});
+const browser = await launch();
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const login = await context.newPage();

@@ -343,3 +343,11 @@ pub struct VmStats {
     pub net_received_bytes: u64,
     pub net_sent_bytes: u64,
 }
+
+/// `POST /api/v1/session`: the dashboard's login.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// The API token (`quetzal token`).
+    pub token: String,
+}

@@ -74,6 +74,12 @@ fn event_kinds(daemon: &Daemon, vm: &str) -> Vec<String> {
         .collect()
 }
 
+/// The kinds of a VM's last `n` lifecycle events.
+fn last_kinds(daemon: &Daemon, vm: &str, n: usize) -> Vec<String> {
+    let kinds = event_kinds(daemon, vm);
+    kinds[kinds.len().saturating_sub(n)..].to_vec()
+}
+
 #[test]
 fn the_whole_lifecycle_through_the_cli() {
     let daemon = daemon();
@@ -262,15 +268,10 @@ fn restart_policy_brings_back_a_killed_qemu() {
     });
     let (_, after) = api(&daemon, "GET", "/api/v1/vms/phoenix", None);
     assert_eq!(after["restarts"], 1);
-    let kinds = event_kinds(&daemon, "phoenix");
-    let tail: Vec<&str> = kinds
-        .iter()
-        .rev()
-        .take(4)
-        .rev()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(tail, ["crashed", "restarting", "starting", "restarted"]);
+    assert_eq!(
+        last_kinds(&daemon, "phoenix", 4),
+        ["crashed", "restarting", "starting", "restarted"]
+    );
 }
 
 #[test]
@@ -509,15 +510,10 @@ fn restart_policy_always_brings_back_a_guest_that_powered_itself_off() {
     console.send_line("poweroff");
 
     wait_for_boots(&daemon, "eternal", 2);
-    let kinds = event_kinds(&daemon, "eternal");
-    let tail: Vec<&str> = kinds
-        .iter()
-        .rev()
-        .take(4)
-        .rev()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(tail, ["stopped", "restarting", "starting", "restarted"]);
+    assert_eq!(
+        last_kinds(&daemon, "eternal", 4),
+        ["stopped", "restarting", "starting", "restarted"]
+    );
     assert_eq!(state(&daemon, "eternal"), "running");
     let (_, vm) = api(&daemon, "GET", "/api/v1/vms/eternal", None);
     assert_eq!(vm["restarts"], 1);

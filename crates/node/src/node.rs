@@ -237,15 +237,21 @@ impl Node {
         };
         let mut stats = Vec::new();
         for (name, live) in lives {
-            if let Some(mut s) = live.stats().await {
-                let tap = self.host_net.tap(name_hash(&name));
-                // What the TAP transmits, the guest receives.
-                s.net_received_bytes = net::tap_counter(&tap, "tx_bytes");
-                s.net_sent_bytes = net::tap_counter(&tap, "rx_bytes");
+            if let Some(s) = self.live_stats(&name, &live).await {
                 stats.push((name, s));
             }
         }
         stats
+    }
+
+    /// A running VM's counters: its supervisor's, and its TAP's.
+    async fn live_stats(&self, name: &str, live: &Live) -> Option<Stats> {
+        let mut s = live.stats().await?;
+        let tap = self.host_net.tap(name_hash(name));
+        // What the TAP transmits, the guest receives.
+        s.net_received_bytes = net::tap_counter(&tap, "tx_bytes");
+        s.net_sent_bytes = net::tap_counter(&tap, "rx_bytes");
+        Some(s)
     }
 
     /// One running VM's counters.
@@ -253,8 +259,7 @@ impl Node {
         self.record(name)?;
         let not_running = || NodeError::Conflict(format!("VM {name} is not running"));
         let live = self.slot(name).live().ok_or_else(not_running)?;
-        let s = live.stats().await.ok_or_else(not_running)?;
-        let tap = self.host_net.tap(name_hash(name));
+        let s = self.live_stats(name, &live).await.ok_or_else(not_running)?;
         #[allow(clippy::cast_precision_loss)] // Exact below 2^53 ms.
         let cpu_seconds = s.cpu_millis as f64 / 1000.0;
         Ok(quetzal_api::VmStats {
@@ -263,8 +268,8 @@ impl Node {
             resident_bytes: s.resident_bytes,
             disk_read_bytes: s.disk_read_bytes,
             disk_written_bytes: s.disk_written_bytes,
-            net_received_bytes: net::tap_counter(&tap, "tx_bytes"),
-            net_sent_bytes: net::tap_counter(&tap, "rx_bytes"),
+            net_received_bytes: s.net_received_bytes,
+            net_sent_bytes: s.net_sent_bytes,
         })
     }
 
@@ -589,6 +594,7 @@ impl Node {
         let vm = &record.vm;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
         let network = self.vm_network(vm)?;
+        let tap = self.host_net.tap(name_hash(&vm.name));
         let dir = self.vm_dir(&vm.name);
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
@@ -608,7 +614,7 @@ impl Node {
                 mac: vm.mac.parse().unwrap_or(Mac::local(name_hash(&vm.name))),
                 backend: match &network {
                     Some(_) => NicBackend::Tap {
-                        ifname: self.host_net.tap(name_hash(&vm.name)),
+                        ifname: tap.clone(),
                     },
                     None => NicBackend::User,
                 },
@@ -620,12 +626,11 @@ impl Node {
             .create(&spec, &dir, Lifetime::Detached)
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(network) = &network {
-            let tap = self.host_net.tap(name_hash(&vm.name));
-            if let Err(err) = self.host_net.plug(&tap, network).await {
-                let _ = qemu.kill().await;
-                return Err(err);
-            }
+        if let Some(network) = &network
+            && let Err(err) = self.host_net.plug(&tap, network).await
+        {
+            let _ = qemu.kill().await;
+            return Err(err);
         }
         let console = qemu.console().await.map_err(|e| e.to_string())?;
         if let Some(tag) = load_snapshot {

@@ -569,12 +569,17 @@ impl Store {
 
     /// The VMs that are linked clones of `template`.
     pub fn linked_clones(&self, template: &str) -> Result<Vec<String>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT name FROM vms WHERE linked_to = ?1 ORDER BY name")
-            .map_err(|e| self.sql(e))?;
+        self.vm_names(
+            "SELECT name FROM vms WHERE linked_to = ?1 ORDER BY name",
+            template,
+        )
+    }
+
+    /// The names a one-parameter query over `vms` selects.
+    fn vm_names(&self, query: &'static str, value: &str) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(query).map_err(|e| self.sql(e))?;
         let rows = statement
-            .query_map(params![template], |row| row.get(0))
+            .query_map(params![value], |row| row.get(0))
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
@@ -831,14 +836,10 @@ impl Store {
 
     /// The VMs attached to `network`.
     pub fn network_users(&self, network: &str) -> Result<Vec<String>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare_cached("SELECT name FROM vms WHERE network = ?1 ORDER BY name")
-            .map_err(|e| self.sql(e))?;
-        let rows = statement
-            .query_map(params![network], |row| row.get(0))
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+        self.vm_names(
+            "SELECT name FROM vms WHERE network = ?1 ORDER BY name",
+            network,
+        )
     }
 
     pub fn delete_network(&mut self, name: &str) -> Result<(), StoreError> {

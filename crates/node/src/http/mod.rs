@@ -171,7 +171,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         ErrorDetail,
         Host,
         quetzal_api::VmStats,
-        web::Login,
+        quetzal_api::Login,
         quetzal_api::RestartPolicy
     ))
 )]

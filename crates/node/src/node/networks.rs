@@ -11,7 +11,7 @@ use quetzal_engine::spec::VmName;
 
 use super::{Node, NodeError};
 use crate::net::{HostNetworks, NetworkSpec, Subnet, subnet};
-use crate::store::NetworkRecord;
+use crate::store::{NetworkRecord, VmRecord};
 
 /// The network the node makes and owns, where VMs go by default.
 pub const DEFAULT_NETWORK: &str = "default";
@@ -79,7 +79,7 @@ impl Node {
         })?;
         let _op = self.net_op.lock().await;
         let record = self.add_network(&request.name, subnet).await?;
-        self.network_view(&record)
+        Ok(self.network_view(&record, &self.store().list()?))
     }
 
     /// Checks and records a network and brings it up; on failure nothing
@@ -154,12 +154,13 @@ impl Node {
 
     pub fn networks(&self) -> Result<Vec<Network>, NodeError> {
         let records = self.store().networks()?;
-        records.iter().map(|r| self.network_view(r)).collect()
+        let vms = self.store().list()?;
+        Ok(records.iter().map(|r| self.network_view(r, &vms)).collect())
     }
 
     pub fn network(&self, name: &str) -> Result<Network, NodeError> {
         let record = self.network_record(name)?;
-        self.network_view(&record)
+        Ok(self.network_view(&record, &self.store().list()?))
     }
 
     fn network_record(&self, name: &str) -> Result<NetworkRecord, NodeError> {
@@ -170,35 +171,39 @@ impl Node {
             .ok_or_else(|| NodeError::NotFound(format!("no network named {name}")))
     }
 
-    fn network_view(&self, record: &NetworkRecord) -> Result<Network, NodeError> {
-        let vms = self.store().network_users(&record.name)?;
-        let by_mac: HashMap<String, String> = self
-            .store()
-            .list()?
-            .into_iter()
-            .map(|r| (r.vm.mac, r.vm.name))
-            .collect();
+    /// A network as the API shows it, with its VMs among `vms` and its
+    /// leases matched to them by MAC.
+    fn network_view(&self, record: &NetworkRecord, vms: &[VmRecord]) -> Network {
+        let vm_with_mac = |mac: &str| {
+            vms.iter()
+                .find(|r| r.vm.mac == mac)
+                .map(|r| r.vm.name.clone())
+        };
         let spec = spec(record);
-        Ok(Network {
+        Network {
             name: record.name.clone(),
             subnet: record.subnet.to_string(),
             gateway: record.subnet.gateway().to_string(),
             bridge: self.host_net.bridge(&spec),
             created_at: record.created_at,
-            vms,
+            vms: vms
+                .iter()
+                .filter(|r| r.vm.network == record.name)
+                .map(|r| r.vm.name.clone())
+                .collect(),
             leases: self
                 .host_net
                 .leases(&spec)
                 .into_iter()
                 .map(|lease| Lease {
-                    vm: by_mac.get(&lease.mac).cloned(),
+                    vm: vm_with_mac(&lease.mac),
                     mac: lease.mac,
                     address: lease.address,
                     hostname: lease.hostname,
                     expires_at: lease.expires.map(|s| s.saturating_mul(1000)),
                 })
                 .collect(),
-        })
+        }
     }
 
     /// Deletes an unused network: its dnsmasq, bridge and rules go.
