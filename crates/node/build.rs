@@ -39,6 +39,10 @@ fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
     let entries = std::fs::read_dir(dir).expect("web/dist is readable");
     for entry in entries.flatten() {
         let path = entry.path();
+        // Dot files are the build's own notes (setup's source stamp).
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if path.is_dir() {
             collect(&path, files);
         } else {
