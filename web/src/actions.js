@@ -29,10 +29,10 @@ export async function snapshot(name, snap) {
   return post(`/vms/${enc(name)}/snapshots`, { name: snap });
 }
 
+/** Clones a stopped VM; resolves when the copy is done. */
 export async function clone(name, newName) {
-  const vm = await post(`/vms/${enc(name)}/clone`, { name: newName });
-  await refreshVm(vm.name);
-  return vm;
+  await post(`/vms/${enc(name)}/clone`, { name: newName });
+  await refreshVm(newName);
 }
 
 /** A name for a snapshot taken now: `snap-20261122-0715`. */

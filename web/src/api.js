@@ -25,6 +25,8 @@ export async function api(method, path, body) {
   });
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);
+  // Long work answers 202 with an operation: wait for it to end.
+  if (response.status === 202 && data?.operation) return waitFor(data.operation);
   if (!response.ok) {
     if (response.status === 401 && path !== '/session') unauthorized();
     throw new ApiError(
@@ -34,6 +36,19 @@ export async function api(method, path, body) {
     );
   }
   return data;
+}
+
+/** Polls an operation until it ends; its final state, or its error thrown. */
+export async function waitFor(operation) {
+  let op = operation;
+  while (op.state === 'running') {
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    op = (await api('GET', `/operations/${encodeURIComponent(op.id)}`)).operation;
+  }
+  if (op.state !== 'succeeded') {
+    throw new ApiError(409, op.error?.code ?? op.state, op.error?.message ?? `the operation ${op.state}`);
+  }
+  return op;
 }
 
 export const get = (path) => api('GET', path);
@@ -49,17 +64,20 @@ export function wsUrl(path) {
 }
 
 /**
- * The daemon's event stream. `handler` gets each event; the browser
+ * The daemon's event stream. `handler` gets each VM event, `onOperation`
+ * each operation as it starts, progresses and ends; the browser
  * reconnects by itself. Returns a function that closes it.
  */
-export function subscribe(handler) {
+export function subscribe(handler, onOperation) {
   const source = new EventSource('/api/v1/events/stream', { withCredentials: true });
-  source.onmessage = (message) => {
+  const parsed = (message, then) => {
     try {
-      handler(JSON.parse(message.data));
+      then(JSON.parse(message.data));
     } catch {
       // A keep-alive or a malformed line: nothing to show.
     }
   };
+  source.onmessage = (message) => parsed(message, handler);
+  source.addEventListener('operation', (message) => parsed(message, (data) => onOperation(data.operation)));
   return () => source.close();
 }

@@ -13,7 +13,7 @@ import { Templates } from './pages/Templates.jsx';
 import { Networks } from './pages/Networks.jsx';
 import { Events } from './pages/Events.jsx';
 import { Login } from './pages/Login.jsx';
-import { ErrorNote, Loading } from './ui.jsx';
+import { ErrorNote, Loading, Operations } from './ui.jsx';
 import './style.css';
 
 const NAV = [
@@ -102,6 +102,7 @@ function App() {
           </a>
         ))}
         <span class="grow" />
+        <Operations operations={[...store.operations.value.values()]} />
         <label class="theme">
           Theme
           <select value={theme} onChange={(e) => setTheme(e.currentTarget.value)}>

@@ -8,6 +8,7 @@ export const vms = signal(null); // Map name -> Vm, or null while loading
 export const host = signal(null);
 export const recentEvents = signal([]);
 export const stats = signal(new Map()); // name -> { cpu, rss, at } for running VMs
+export const operations = signal(new Map()); // id -> Operation, running or just ended
 
 const listeners = new Set();
 
@@ -22,15 +23,17 @@ let statsTimer = null;
 
 export async function start() {
   stop();
-  const [list, hostInfo, page] = await Promise.all([
+  const [list, hostInfo, page, ops] = await Promise.all([
     get('/vms'),
     get('/host'),
     get(`/events?before=${Number.MAX_SAFE_INTEGER}&limit=50`),
+    get('/operations'),
   ]);
+  operations.value = new Map(ops.operations.filter((op) => op.state === 'running').map((op) => [op.id, op]));
   vms.value = new Map(list.map((vm) => [vm.name, vm]));
   host.value = hostInfo;
   recentEvents.value = page.events.reverse();
-  closeStream = subscribe(handle);
+  closeStream = subscribe(handle, handleOperation);
   pollStats();
   statsTimer = setInterval(pollStats, 3000);
 }
@@ -52,6 +55,18 @@ async function handle(event) {
     await refreshVm(event.vm);
   }
   host.value = host.value && { ...host.value, vms_by_state: countStates() };
+}
+
+/** Keeps running operations (and, for a few seconds, how they ended). */
+function handleOperation(op) {
+  operations.value = new Map(operations.value).set(op.id, op);
+  if (op.state !== 'running') {
+    setTimeout(() => {
+      const next = new Map(operations.value);
+      next.delete(op.id);
+      operations.value = next;
+    }, 4000);
+  }
 }
 
 /** Re-reads one VM (after an event or an action). */

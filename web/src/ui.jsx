@@ -76,3 +76,32 @@ export function Empty({ title, children }) {
 export function Loading() {
   return <div class="loading" aria-busy="true">Loading…</div>;
 }
+
+const OPERATION_WORDS = {
+  'full-clone': 'Full clone',
+  'clone-vm': 'Clone',
+  'create-template': 'Template',
+  'build-image': 'Image build',
+  'snapshot-create': 'Snapshot',
+  'snapshot-revert': 'Revert',
+  'snapshot-delete': 'Delete snapshot',
+};
+
+/** Operations running now (and, briefly, how they ended), with progress. */
+export function Operations({ operations }) {
+  if (operations.length === 0) return null;
+  return (
+    <section class="operations" aria-label="Operations" data-testid="operations">
+      {operations.map((op) => (
+        <div key={op.id} class={`operation op-${op.state}`} data-operation={op.id} data-state={op.state}>
+          <div class="operation-head">
+            <span>{OPERATION_WORDS[op.kind] ?? op.kind}</span>
+            <span class="muted">{op.target.replace('/api/v1/', '')}</span>
+          </div>
+          <progress max="100" value={op.progress} aria-label={`${op.kind} ${op.progress}%`} />
+          {op.state === 'running' ? null : <span class="muted small">{op.error?.message ?? op.state}</span>}
+        </div>
+      ))}
+    </section>
+  );
+}

@@ -117,6 +117,8 @@ try {
   await page.getByRole('tab', { name: 'Snapshots' }).click();
   await page.getByLabel('Snapshot name').fill('s1');
   await page.getByRole('button', { name: 'Take snapshot' }).click();
+  // The snapshot runs as an operation, shown in the sidebar as it ends.
+  await page.locator('[data-testid="operations"] [data-state="succeeded"]').waitFor({ timeout: 60_000 });
   await page.locator('[data-snapshot="s1"]').waitFor({ timeout: 60_000 });
   await page.getByRole('button', { name: 'Revert to s1' }).click();
   await page.waitForFunction(

@@ -1,5 +1,6 @@
 //! The REST API's types: what clients send and what quetzald answers.
-//! Requests reject unknown fields.
+//! Requests reject unknown fields; answers do not, so an older client
+//! keeps working against a newer daemon that added some.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,9 @@ use utoipa::ToSchema;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
+    /// Its disk is being made (a full clone copying); an operation says
+    /// how far it is.
+    Creating,
     /// Not running (never started, stopped, or powered off by its guest).
     Stopped,
     /// QEMU is starting.
@@ -25,7 +29,8 @@ pub enum VmState {
 }
 
 impl VmState {
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 7] = [
+        VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
@@ -36,6 +41,7 @@ impl VmState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            VmState::Creating => "creating",
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Running => "running",
@@ -84,23 +90,44 @@ impl RestartPolicy {
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// 1-63 letters, digits, `-` or `_`, starting with a letter or digit.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// A built image [default: `tiny`]; not with `template`.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub image: Option<String>,
     /// Make the VM a clone of this template.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub template: Option<String>,
     /// With `template`: copy the template's disk (an independent VM)
     /// instead of a linked clone (a copy-on-write overlay on it).
     #[serde(default)]
     pub full_clone: bool,
+    /// Virtual CPUs.
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 255, default = 1)]
     pub cpus: u32,
+    /// Memory in MiB: at least 32, at most the host's.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 32, default = 256)]
     pub memory_mib: u64,
-    /// The root disk's size; defaults to the image's.
+    /// The root disk's size in MiB (at most 16 TiB); defaults to the
+    /// image's, and cannot be smaller.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 16777216)]
     pub disk_mib: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -110,6 +137,11 @@ pub struct CreateVm {
     /// [default: `default` where the node has managed networks, else
     /// `user`].
     #[serde(default)]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub network: Option<String>,
 }
 
@@ -123,7 +155,6 @@ fn default_memory() -> u64 {
 
 /// A VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Vm {
     pub name: String,
     pub state: VmState,
@@ -160,15 +191,24 @@ pub struct Vm {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// The stopped VM whose disk becomes the template's (the VM is gone
     /// afterwards).
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub from_vm: String,
 }
 
 /// A template: a read-only disk and the settings clones start from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Template {
     pub name: String,
     pub image: String,
@@ -189,12 +229,16 @@ pub struct Template {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneVm {
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
 }
 
 /// One lifecycle change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Event {
     /// Increasing; page with `?after=ID`.
     pub id: i64,
@@ -212,7 +256,6 @@ pub struct Event {
 
 /// A page of events, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct EventPage {
     pub events: Vec<Event>,
     /// Pass as `after` for the next page; null when this was the last one.
@@ -225,16 +268,15 @@ pub struct EventPage {
 
 /// Every error answer: `{"error": {"code": ..., "message": ...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable, for programs: `not_found`, `conflict`, `invalid_request`,
-    /// `unauthorized`, `insufficient_storage`, `internal`.
+    /// `unauthorized`, `insufficient_storage`, `internal`; an operation's
+    /// error also `cancelled` or `interrupted`.
     pub code: String,
     /// For people.
     pub message: String,
@@ -242,7 +284,6 @@ pub struct ErrorDetail {
 
 /// What the node runs on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Host {
     pub cpu_model: String,
     pub cpus: u32,
@@ -259,12 +300,16 @@ pub struct Host {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
 }
 
 /// A snapshot of a VM: its disks, and its memory when taken while running.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Snapshot {
     pub vm: String,
     pub name: String,
@@ -278,7 +323,6 @@ pub struct Snapshot {
 
 /// A VM's snapshots, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
     /// The snapshot the VM's disks descend from now.
@@ -290,6 +334,11 @@ pub struct SnapshotList {
 #[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     /// 1-63 letters, digits, `-` or `_`; not `user`.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// An IPv4 subnet, `/16` to `/29`, such as `10.90.0.0/24`; one that
     /// overlaps nothing on the host is picked when left out.
@@ -299,7 +348,6 @@ pub struct CreateNetwork {
 
 /// A managed network: a bridge on the host with DHCP, DNS and NAT.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Network {
     pub name: String,
     pub subnet: String,
@@ -316,7 +364,6 @@ pub struct Network {
 
 /// An address the network's DHCP server handed out.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Lease {
     pub mac: String,
     pub address: String,
@@ -330,7 +377,6 @@ pub struct Lease {
 
 /// A running VM's counters, for charts: rates come from two readings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct VmStats {
     /// Unix milliseconds of the reading.
     pub at: i64,
@@ -350,4 +396,119 @@ pub struct VmStats {
 pub struct Login {
     /// The API token (`quetzal token`).
     pub token: String,
+}
+
+/// What long work an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    /// A VM made from a template with a copy of its disk.
+    FullClone,
+    /// A VM made from a stopped VM (a copy of its disk).
+    CloneVm,
+    /// A stopped VM turned into a template.
+    CreateTemplate,
+    /// A guest image built from Debian packages.
+    BuildImage,
+    SnapshotCreate,
+    SnapshotRevert,
+    SnapshotDelete,
+}
+
+impl OperationKind {
+    pub const ALL: [OperationKind; 7] = [
+        OperationKind::FullClone,
+        OperationKind::CloneVm,
+        OperationKind::CreateTemplate,
+        OperationKind::BuildImage,
+        OperationKind::SnapshotCreate,
+        OperationKind::SnapshotRevert,
+        OperationKind::SnapshotDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::FullClone => "full-clone",
+            OperationKind::CloneVm => "clone-vm",
+            OperationKind::CreateTemplate => "create-template",
+            OperationKind::BuildImage => "build-image",
+            OperationKind::SnapshotCreate => "snapshot-create",
+            OperationKind::SnapshotRevert => "snapshot-revert",
+            OperationKind::SnapshotDelete => "snapshot-delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
+
+/// Where an operation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl OperationState {
+    pub const ALL: [OperationState; 4] = [
+        OperationState::Running,
+        OperationState::Succeeded,
+        OperationState::Failed,
+        OperationState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationState::Running => "running",
+            OperationState::Succeeded => "succeeded",
+            OperationState::Failed => "failed",
+            OperationState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
+    }
+
+    pub fn is_finished(self) -> bool {
+        self != OperationState::Running
+    }
+}
+
+/// Long work (a disk copy, a snapshot), followed at
+/// `/api/v1/operations/{id}` and on the event stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub kind: OperationKind,
+    /// The API path of what it works on (`/api/v1/vms/web`).
+    pub target: String,
+    pub state: OperationState,
+    /// 0-100.
+    #[schema(minimum = 0, maximum = 100)]
+    pub progress: u8,
+    /// Whether `DELETE /api/v1/operations/{id}` can stop it.
+    pub cancellable: bool,
+    /// Why it failed (or was cancelled).
+    pub error: Option<ErrorDetail>,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    /// Unix milliseconds; null while it runs.
+    pub finished_at: Option<i64>,
+}
+
+/// An operation, as every endpoint that starts or reads one answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OperationResponse {
+    pub operation: Operation,
+}
+
+/// Operations, newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OperationList {
+    pub operations: Vec<Operation>,
 }

@@ -52,6 +52,32 @@ fn api(
     Ok(answer)
 }
 
+/// A request that starts an operation (`202`), waited for until it
+/// succeeds: what a user waits for.
+fn api_op(daemon: &Daemon, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<()> {
+    let answer = api(daemon, method, path, body, 202)?;
+    let started: serde_json::Value = serde_json::from_str(&answer)?;
+    let id = started["operation"]["id"]
+        .as_str()
+        .context("an operation id")?
+        .to_owned();
+    loop {
+        let answer = api(
+            daemon,
+            "GET",
+            &format!("/api/v1/operations/{id}"),
+            None,
+            200,
+        )?;
+        let op: serde_json::Value = serde_json::from_str(&answer)?;
+        match op["operation"]["state"].as_str() {
+            Some("running") => std::thread::sleep(Duration::from_millis(2)),
+            Some("succeeded") => return Ok(()),
+            _ => bail!("{method} {path}: the operation ended {op}"),
+        }
+    }
+}
+
 fn measure(
     runs: usize,
     daemon: &Daemon,
@@ -67,12 +93,11 @@ fn measure(
         Some(r#"{"name": "gold"}"#),
         201,
     )?;
-    api(
+    api_op(
         daemon,
         "POST",
         "/api/v1/templates",
         Some(r#"{"name": "tpl", "from_vm": "gold"}"#),
-        201,
     )?;
     api(
         daemon,
@@ -95,12 +120,11 @@ fn measure(
     if !filled.status.success() {
         bail!("qemu-io: {}", String::from_utf8_lossy(&filled.stderr));
     }
-    api(
+    api_op(
         daemon,
         "POST",
         "/api/v1/templates",
         Some(r#"{"name": "fat", "from_vm": "heavy"}"#),
-        201,
     )?;
     let tpl_disk = daemon.data.join("templates/tpl/disk.qcow2");
     let fat_disk = daemon.data.join("templates/fat/disk.qcow2");
@@ -135,12 +159,12 @@ fn measure(
         let name = format!("{PREFIX}-f{run}");
         let body = format!(r#"{{"name": "{name}", "template": "fat", "full_clone": true}}"#);
         let start = Instant::now();
-        api(daemon, "POST", "/api/v1/vms", Some(&body), 201)?;
+        api_op(daemon, "POST", "/api/v1/vms", Some(&body))?;
         ours.push(start.elapsed());
         api(daemon, "DELETE", &format!("/api/v1/vms/{name}"), None, 204)?;
         let copy = lv.join(format!("{name}.qcow2"));
         let start = Instant::now();
-        quetzal_engine::disk::copy_onto_base(&fat_disk, &image.root_disk(), &copy, &mut |_| {})?;
+        quetzal_engine::disk::copy_onto_base(&fat_disk, &image.root_disk(), &copy, &mut |_| true)?;
         theirs.push(start.elapsed());
         std::fs::remove_file(&copy)?;
     }
@@ -164,21 +188,19 @@ fn measure(
     for run in 0..runs {
         let snap = format!("s{run}");
         let start = Instant::now();
-        api(
+        api_op(
             daemon,
             "POST",
             "/api/v1/vms/snappy/snapshots",
             Some(&format!(r#"{{"name": "{snap}"}}"#)),
-            201,
         )?;
         ours_save.push(start.elapsed());
         let start = Instant::now();
-        api(
+        api_op(
             daemon,
             "POST",
             &format!("/api/v1/vms/snappy/snapshots/{snap}/revert"),
             None,
-            200,
         )?;
         ours_revert.push(start.elapsed());
         let start = Instant::now();

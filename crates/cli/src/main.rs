@@ -5,6 +5,7 @@ mod console;
 mod host;
 mod image;
 mod network;
+mod operation;
 mod run;
 mod up;
 mod vm;
@@ -41,6 +42,9 @@ enum Command {
     /// Managed networks (bridges with DHCP, DNS and NAT).
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Long work (copies, snapshots) and how far it is.
+    #[command(subcommand)]
+    Operation(operation::OperationCommand),
     /// quetzald's event log (--follow to keep watching).
     Events(vm::EventsArgs),
     /// Print the API token for quetzald's TCP listener.
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         Command::Vm(command) => vm::run(command),
         Command::Template(command) => vm::template(command),
         Command::Network(command) => network::run(command),
+        Command::Operation(command) => operation::command(command),
         Command::Events(args) => vm::events(args),
         Command::Token => vm::token(),
         Command::Up => up::run(),

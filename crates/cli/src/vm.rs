@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::Output;
 use crate::client::{Client, encode};
+use crate::operation::{self, Outcome, WaitArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -68,7 +69,12 @@ pub enum VmCommand {
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Make a new, stopped VM from a stopped one (a copy of its disk).
-    Clone { source: String, name: String },
+    Clone {
+        source: String,
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
     /// VM keeps running).
     Console { name: String },
@@ -109,6 +115,10 @@ pub struct CreateArgs {
     start: bool,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// A full clone copies its disk: print the operation's id instead of
+    /// waiting for the copy.
+    #[command(flatten)]
+    wait: WaitArgs,
 }
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
@@ -144,9 +154,22 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
                 "restart_policy": restart,
                 "network": args.network,
             });
-            let mut vm: Vm = client
-                .call_as(Method::POST, "/api/v1/vms", Some(&body))
+            let answer = client
+                .call(Method::POST, "/api/v1/vms", Some(&body))
                 .await?;
+            let mut vm: Vm = match answer.get("operation") {
+                Some(op) => {
+                    let op: quetzal_api::Operation = serde_json::from_value(op.clone())?;
+                    if args.wait.no_wait() {
+                        println!("{}", op.id);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    operation::finish(&client, op, "copying the disk").await?;
+                    let path = format!("/api/v1/vms/{}", encode(&args.name));
+                    client.call_as(Method::GET, &path, None).await?
+                }
+                None => serde_json::from_value(answer)?,
+            };
             if args.start {
                 vm = action(&client, &vm.name, "start").await?;
             }
@@ -201,12 +224,15 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             println!("{name} deleted");
         }
         VmCommand::Snapshot(command) => snapshot(&client, command).await?,
-        VmCommand::Clone { source, name } => {
+        VmCommand::Clone { source, name, wait } => {
             let path = format!("/api/v1/vms/{}/clone", encode(&source));
-            let vm: Vm = client
-                .call_as(Method::POST, &path, Some(&json!({ "name": name })))
-                .await?;
-            println!("{} cloned from {source}", vm.name);
+            let body = json!({ "name": name });
+            let what = "copying the disk";
+            if let Outcome::Done =
+                operation::run(&client, Method::POST, &path, Some(&body), wait, what).await?
+            {
+                println!("{name} cloned from {source}");
+            }
         }
         VmCommand::Console { name } => return crate::console::attach_remote(&client, &name).await,
     }
@@ -344,6 +370,10 @@ async fn follow(client: &Client, vm: Option<&str>, output: Output) -> anyhow::Re
         pending.push_str(&String::from_utf8_lossy(&data));
         while let Some(end) = pending.find("\n\n") {
             let message: String = pending.drain(..end + 2).collect();
+            // Named messages (`event: operation`) are not VM events.
+            if message.lines().any(|line| line.starts_with("event:")) {
+                continue;
+            }
             for line in message.lines() {
                 let Some(json) = line.strip_prefix("data:") else {
                     continue;
@@ -403,6 +433,8 @@ pub enum TemplateCommand {
         from: String,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// List templates and their linked clones.
     List {
@@ -423,12 +455,22 @@ pub fn template(command: TemplateCommand) -> anyhow::Result<ExitCode> {
     crate::block_on(async {
         let client = Client::from_env();
         match command {
-            TemplateCommand::Create { name, from, output } => {
+            TemplateCommand::Create {
+                name,
+                from,
+                output,
+                wait,
+            } => {
                 let body = json!({ "name": name, "from_vm": from });
-                let template: Template = client
-                    .call_as(Method::POST, "/api/v1/templates", Some(&body))
-                    .await?;
-                print_templates(&[template], output)?;
+                let path = "/api/v1/templates";
+                let what = "hashing the disk";
+                if let Outcome::Done =
+                    operation::run(&client, Method::POST, path, Some(&body), wait, what).await?
+                {
+                    let path = format!("/api/v1/templates/{}", encode(&name));
+                    let template: Template = client.call_as(Method::GET, &path, None).await?;
+                    print_templates(&[template], output)?;
+                }
             }
             TemplateCommand::List { output } => {
                 let templates: Vec<Template> = client
@@ -497,7 +539,12 @@ fn print_templates(templates: &[Template], output: Output) -> anyhow::Result<()>
 pub enum SnapshotCommand {
     /// Take a snapshot: disks and memory while the VM runs, disks only
     /// while it is stopped.
-    Create { vm: String, name: String },
+    Create {
+        vm: String,
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// List a VM's snapshots (* marks the one it is at).
     List {
         vm: String,
@@ -505,24 +552,42 @@ pub enum SnapshotCommand {
         output: Output,
     },
     /// Go back to a snapshot.
-    Revert { vm: String, name: String },
+    Revert {
+        vm: String,
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Delete a snapshot.
-    Rm { vm: String, name: String },
+    Rm {
+        vm: String,
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 async fn snapshot(client: &Client, command: SnapshotCommand) -> anyhow::Result<()> {
     match command {
-        SnapshotCommand::Create { vm, name } => {
+        SnapshotCommand::Create { vm, name, wait } => {
             let path = format!("/api/v1/vms/{}/snapshots", encode(&vm));
-            let snapshot: Snapshot = client
-                .call_as(Method::POST, &path, Some(&json!({ "name": name })))
-                .await?;
-            let kind = if snapshot.with_memory {
-                "disks and memory"
-            } else {
-                "disks only"
-            };
-            println!("snapshot {} of {vm} taken ({kind})", snapshot.name);
+            let body = json!({ "name": name });
+            let what = "taking the snapshot";
+            if let Outcome::Done =
+                operation::run(client, Method::POST, &path, Some(&body), wait, what).await?
+            {
+                let list: SnapshotList = client.call_as(Method::GET, &path, None).await?;
+                let with_memory = list
+                    .snapshots
+                    .iter()
+                    .any(|s: &Snapshot| s.name == name && s.with_memory);
+                let kind = if with_memory {
+                    "disks and memory"
+                } else {
+                    "disks only"
+                };
+                println!("snapshot {name} of {vm} taken ({kind})");
+            }
         }
         SnapshotCommand::List { vm, output } => {
             let path = format!("/api/v1/vms/{}/snapshots", encode(&vm));
@@ -547,23 +612,33 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> anyhow::Result<(
                 }
             }
         }
-        SnapshotCommand::Revert { vm, name } => {
+        SnapshotCommand::Revert { vm, name, wait } => {
             let path = format!(
                 "/api/v1/vms/{}/snapshots/{}/revert",
                 encode(&vm),
                 encode(&name)
             );
-            let vm: Vm = client.call_as(Method::POST, &path, None).await?;
-            println!(
-                "{} reverted to {name}; it is {}",
-                vm.name,
-                vm.state.as_str()
-            );
+            let what = "reverting";
+            if let Outcome::Done =
+                operation::run(client, Method::POST, &path, None, wait, what).await?
+            {
+                let path = format!("/api/v1/vms/{}", encode(&vm));
+                let vm: Vm = client.call_as(Method::GET, &path, None).await?;
+                println!(
+                    "{} reverted to {name}; it is {}",
+                    vm.name,
+                    vm.state.as_str()
+                );
+            }
         }
-        SnapshotCommand::Rm { vm, name } => {
+        SnapshotCommand::Rm { vm, name, wait } => {
             let path = format!("/api/v1/vms/{}/snapshots/{}", encode(&vm), encode(&name));
-            client.call(Method::DELETE, &path, None).await?;
-            println!("snapshot {name} of {vm} deleted");
+            let what = "deleting the snapshot";
+            if let Outcome::Done =
+                operation::run(client, Method::DELETE, &path, None, wait, what).await?
+            {
+                println!("snapshot {name} of {vm} deleted");
+            }
         }
     }
     Ok(())

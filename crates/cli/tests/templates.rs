@@ -149,8 +149,19 @@ fn a_stopped_vm_clones_into_an_independent_vm() {
     golden_vm(&daemon, "golden");
 
     ok(&daemon, &["vm", "clone", "golden", "copy"]);
+    // The copy ran as an operation that reached 100%; the VM was
+    // `creating` until then.
+    let ops = json(&daemon, &["operation", "list", "--output", "json"]);
+    let op = &ops.as_array().unwrap()[0];
+    assert_eq!(op["kind"], "clone-vm", "{ops}");
+    assert_eq!(op["target"], "/api/v1/vms/copy");
+    assert_eq!(
+        (op["state"].as_str(), op["progress"].as_u64()),
+        (Some("succeeded"), Some(100))
+    );
     let events = ok(&daemon, &["events", "--vm", "copy"]);
-    assert!(events.contains("copying its disk: 100%"), "{events}");
+    let creating = events.find("creating").expect("a creating event");
+    assert!(events[creating..].contains("created"), "{events}");
     ok(&daemon, &["vm", "rm", "golden"]);
     ok(&daemon, &["vm", "start", "copy"]);
 
@@ -245,7 +256,7 @@ impl Drop for Unmount {
 }
 
 #[test]
-fn running_out_of_space_mid_copy_is_507_and_leaves_nothing_half_made() {
+fn running_out_of_space_mid_copy_fails_the_operation_and_leaves_nothing_half_made() {
     let data = quetzal_testkit::DataDir::new();
     let vms = data.path().join("vms");
     std::fs::create_dir_all(&vms).unwrap();
@@ -284,9 +295,13 @@ fn running_out_of_space_mid_copy_is_507_and_leaves_nothing_half_made() {
         .collect();
     assert_eq!(names, ["big"]);
     assert_eq!(sha256(&disk), before, "the source disk changed");
-    // The copy reported its progress, then why it stopped.
+    // The copy's operation got part of the way, then failed saying why.
+    let ops = json(&daemon, &["operation", "list", "--output", "json"]);
+    let op = &ops.as_array().unwrap()[0];
+    assert_eq!(op["state"], "failed", "{ops}");
+    assert_eq!(op["error"]["code"], "insufficient_storage", "{ops}");
+    assert!(op["progress"].as_u64().unwrap() > 0, "{ops}");
     let events = ok(&daemon, &["events", "--vm", "copy"]);
-    assert!(events.contains("copying its disk: "), "{events}");
     assert!(events.contains("create-failed"), "{events}");
     let check = Command::new("qemu-img")
         .arg("check")
@@ -298,13 +313,19 @@ fn running_out_of_space_mid_copy_is_507_and_leaves_nothing_half_made() {
         "{}",
         String::from_utf8_lossy(&check.stdout)
     );
+    // Through the API: accepted, then the operation fails the same way.
     let (status, body) = daemon.request(
         "POST",
         "/api/v1/vms/big/clone",
         Some(r#"{"name": "copy2"}"#),
     );
-    assert_eq!(status, 507, "{body}");
-    assert!(body.contains("insufficient_storage"), "{body}");
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["operation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fails(&daemon, &["operation", "wait", &id], "No space left");
+    assert!(!vms.join("copy2").exists(), "a half-made clone was left");
 
     let data = daemon.stop();
     drop(unmount);

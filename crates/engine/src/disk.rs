@@ -20,6 +20,32 @@ pub enum DiskError {
     Format { path: PathBuf, format: String },
     #[error("cannot create overlay {path}: {message}")]
     Overlay { path: PathBuf, message: String },
+    #[error("no space left for {path}: {message}")]
+    NoSpace { path: PathBuf, message: String },
+    #[error("the copy to {path} was cancelled")]
+    Cancelled { path: PathBuf },
+}
+
+impl DiskError {
+    /// qemu-img's failure at `path` from its last line of stderr: the
+    /// errno text of ENOSPC (qemu-img reports errors as text only) is
+    /// the one a caller acts on differently.
+    fn failed(path: &Path, message: String) -> Self {
+        let no_space = std::io::Error::from_raw_os_error(nix::libc::ENOSPC).to_string();
+        // "No space left on device (os error 28)": compare the words.
+        let words = no_space.split(" (os error").next().unwrap_or(&no_space);
+        if message.contains(words) {
+            DiskError::NoSpace {
+                path: path.to_owned(),
+                message,
+            }
+        } else {
+            DiskError::Overlay {
+                path: path.to_owned(),
+                message,
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -144,18 +170,17 @@ pub fn create_overlay_sized(
 /// Copies `from` into a new qcow2 image at `to` whose backing file is
 /// `keep_base`: only what differs from the base is copied, and the result
 /// no longer depends on `from` or anything between it and the base.
-/// `progress` hears the percentage done, every 10% and at 100%.
+/// `progress` hears the percentage done as it grows; when it answers
+/// `false` the copy stops, the partial copy is removed and the answer is
+/// [`DiskError::Cancelled`].
 pub fn copy_onto_base(
     from: &Path,
     keep_base: &Path,
     to: &Path,
-    progress: &mut dyn FnMut(u32),
+    progress: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(), DiskError> {
     use std::io::Read;
-    let failed = |message: String| DiskError::Overlay {
-        path: to.to_owned(),
-        message,
-    };
+    let failed = |message: String| DiskError::failed(to, message);
     let base = std::fs::canonicalize(keep_base).map_err(|err| failed(err.to_string()))?;
     let mut child = Command::new("qemu-img")
         .args(["convert", "-p", "-O", "qcow2", "-B"])
@@ -174,7 +199,8 @@ pub fn copy_onto_base(
     let mut out = child.stdout.take().expect("piped");
     let mut pending = String::new();
     let mut buf = [0u8; 256];
-    let mut reported = 0;
+    let mut reported = None;
+    let mut cancelled = false;
     while let Ok(n) = out.read(&mut buf) {
         if n == 0 {
             break;
@@ -182,12 +208,18 @@ pub fn copy_onto_base(
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(end) = pending.find(['\r', '\n']) {
             if let Some(percent) = progress_percent(&pending[..end])
-                && (percent >= reported + 10 || (percent == 100 && reported < 100))
+                && reported.is_none_or(|last| percent > last)
             {
-                reported = percent;
-                progress(percent);
+                reported = Some(percent);
+                if !progress(percent) {
+                    cancelled = true;
+                }
             }
             pending.drain(..=end);
+        }
+        if cancelled {
+            let _ = child.kill();
+            break;
         }
     }
     let mut stderr = Vec::new();
@@ -195,6 +227,12 @@ pub fn copy_onto_base(
         let _ = err.read_to_end(&mut stderr);
     }
     let status = child.wait().map_err(|err| failed(err.to_string()))?;
+    if cancelled {
+        let _ = std::fs::remove_file(to);
+        return Err(DiskError::Cancelled {
+            path: to.to_owned(),
+        });
+    }
     if status.success() {
         Ok(())
     } else {

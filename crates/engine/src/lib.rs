@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod disk;
+pub mod failpoint;
 pub mod host;
 pub mod qemu;
 pub mod qmp;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quetzal_api::{CreateVm, Event, RestartPolicy, Vm, VmState};
+use quetzal_api::{Event, RestartPolicy, Vm, VmState};
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
     Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
@@ -21,9 +21,15 @@ use crate::net::{self, HostNetworks};
 use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{self, Command, Exit, Live, Stats};
 
+mod create;
 mod networks;
+mod operations;
+mod recovery;
 mod snapshots;
 mod templates;
+
+pub use create::Created;
+pub use operations::Progress;
 
 pub use networks::{DEFAULT_NETWORK, USER_NETWORK};
 
@@ -51,6 +57,38 @@ pub enum NodeError {
     InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
+    /// Long work stopped because a user asked.
+    #[error("{0}")]
+    Cancelled(String),
+}
+
+impl NodeError {
+    /// The stable code clients see (`error.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            NodeError::NotFound(_) => "not_found",
+            NodeError::Conflict(_) => "conflict",
+            NodeError::Invalid(_) => "invalid_request",
+            NodeError::InsufficientStorage(_) => "insufficient_storage",
+            NodeError::Internal(_) => "internal",
+            NodeError::Cancelled(_) => "cancelled",
+        }
+    }
+}
+
+/// What the event stream carries.
+#[derive(Clone, Debug)]
+pub enum Published {
+    /// A VM's event, as stored in the log.
+    Event(Event),
+    /// An operation started, progressed or ended.
+    Operation(quetzal_api::Operation),
+}
+
+impl From<Event> for Published {
+    fn from(event: Event) -> Self {
+        Published::Event(event)
+    }
 }
 
 impl From<StoreError> for NodeError {
@@ -68,11 +106,16 @@ impl From<StoreError> for NodeError {
 /// and, while it runs, its supervisor.
 #[derive(Debug, Default)]
 struct Slot {
-    op: tokio::sync::Mutex<()>,
+    op: Arc<tokio::sync::Mutex<()>>,
     live: Mutex<Option<Arc<Live>>>,
 }
 
 impl Slot {
+    /// Takes the VM's operation lock; an operation carries it along.
+    async fn lock(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        Arc::clone(&self.op).lock_owned().await
+    }
+
     fn live(&self) -> Option<Arc<Live>> {
         self.live
             .lock()
@@ -94,7 +137,8 @@ pub struct Node {
     store: Mutex<Store>,
     engine: QemuEngine,
     images: ImageStore,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Published>,
+    running: operations::Running,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
@@ -120,6 +164,7 @@ impl Node {
             engine: QemuEngine::new(),
             images: ImageStore::new(data),
             events,
+            running: operations::Running::default(),
             slots: Mutex::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
@@ -154,13 +199,15 @@ impl Node {
         self.data.join("vms").join(name)
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
         self.events.subscribe()
     }
 
-    fn publish(&self, event: Event) {
-        tracing::info!(vm = %event.vm, kind = %event.kind, cause = %event.cause, "vm event");
-        let _ = self.events.send(event);
+    fn publish(&self, published: Published) {
+        if let Published::Event(event) = &published {
+            tracing::info!(vm = %event.vm, kind = %event.kind, cause = %event.cause, "vm event");
+        }
+        let _ = self.events.send(published);
     }
 
     fn record(&self, name: &str) -> Result<VmRecord, NodeError> {
@@ -171,14 +218,14 @@ impl Node {
 
     fn change(&self, name: &str, change: &Change<'_>) -> Result<(), NodeError> {
         let event = self.store().change(name, change)?;
-        self.publish(event);
+        self.publish(event.into());
         Ok(())
     }
 
     /// Records an event that changes no state.
     pub fn note(&self, name: &str, kind: &str, cause: &str) {
         match self.store().note(name, kind, cause) {
-            Ok(event) => self.publish(event),
+            Ok(event) => self.publish(event.into()),
             Err(err) => tracing::warn!(vm = %name, error = %err, "cannot record event"),
         }
     }
@@ -291,129 +338,9 @@ impl Node {
         ))
     }
 
-    /// Creates a stopped VM with a qcow2 overlay on its image's base disk.
-    pub async fn create(&self, request: CreateVm) -> Result<Vm, NodeError> {
-        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
-        Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
-        MemoryMib::new(request.memory_mib, self.host_memory_mib)
-            .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
-        let source = self.disk_source(&request)?;
-        let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
-        if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
-            return Err(NodeError::Invalid(format!(
-                "disk_mib must be between the base disk's {} and {MAX_DISK_MIB}, not {disk_mib}",
-                source.base_mib
-            )));
-        }
-        if source.plan.is_copy() && disk_mib != source.base_mib {
-            return Err(NodeError::Invalid(
-                "disk_mib cannot be changed on a full clone".to_owned(),
-            ));
-        }
-        let vm = Vm {
-            name: name.to_string(),
-            state: VmState::Stopped,
-            image: source.image.manifest.name.clone(),
-            cpus: request.cpus,
-            memory_mib: request.memory_mib,
-            disk_mib,
-            labels: request.labels,
-            restart_policy: request.restart_policy,
-            pid: None,
-            created_at: now_millis(),
-            started_at: None,
-            restarts: 0,
-            linked_to: source.plan.linked_to(),
-            machine_id: Some(new_machine_id()?),
-            network: String::new(),
-            mac: Mac::local(name_hash(name.as_str())).to_string(),
-            addresses: Vec::new(),
-        };
-        let cause = match &request.template {
-            Some(template) if request.full_clone => format!("full clone of template {template}"),
-            Some(template) => format!("linked clone of template {template}"),
-            None => "created by request".to_owned(),
-        };
-        let slot = self.slot(&vm.name);
-        let _op = slot.op.lock().await;
-        let _net = self.net_op.lock().await;
-        let vm = Vm {
-            network: self.choose_network(request.network.as_deref())?,
-            ..vm
-        };
-        self.make_vm(vm, &source.image.dir, &source.plan, &cause)
-    }
-
-    /// Makes a new VM's directory and disk, then records it; on any failure
-    /// nothing is left behind. Called with the new VM's lock held.
-    fn make_vm(
-        &self,
-        vm: Vm,
-        image_dir: &Path,
-        plan: &DiskPlan,
-        cause: &str,
-    ) -> Result<Vm, NodeError> {
-        let free = free_mib(&self.data.join("vms"))?;
-        if free < MIN_FREE_MIB {
-            return Err(NodeError::InsufficientStorage(format!(
-                "only {free} MiB free in {}; a VM needs at least {MIN_FREE_MIB} MiB",
-                self.data.display()
-            )));
-        }
-        if self.store().get(&vm.name)?.is_some() {
-            return Err(NodeError::Conflict(format!(
-                "a VM named {} already exists",
-                vm.name
-            )));
-        }
-        let dir = self.vm_dir(&vm.name);
-        // A directory without a VM is left from a create cut short.
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
-        let disk = dir.join("root.qcow2");
-        // A copy can take a while: the runtime moves other tasks off this
-        // worker meanwhile (quetzald's runtime is multi-threaded).
-        let made = tokio::task::block_in_place(|| match plan {
-            DiskPlan::Overlay { base, .. } => {
-                disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
-            }
-            DiskPlan::Copy {
-                from, keep_base, ..
-            } => disk::copy_onto_base(from, keep_base, &disk, &mut |percent| {
-                // The VM is not recorded yet: its events start with these.
-                self.note(
-                    &vm.name,
-                    "copying",
-                    &format!("copying its disk: {percent}%"),
-                );
-            }),
-        })
-        .map_err(|e| disk_error(&e.to_string()));
-        let record = VmRecord {
-            vm,
-            image_dir: image_dir.to_owned(),
-        };
-        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, cause)?));
-        match inserted {
-            Ok(event) => {
-                self.publish(event);
-                Ok(record.vm)
-            }
-            Err(err) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                if plan.is_copy() {
-                    // Its `copying` events are followed by why it stopped.
-                    self.note(&record.vm.name, "create-failed", &err.to_string());
-                }
-                Err(err)
-            }
-        }
-    }
-
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Start).map_err(NodeError::Conflict)?;
         self.launch(&slot, &record, 0, "started", "start requested", None)
@@ -423,7 +350,7 @@ impl Node {
 
     pub async fn stop(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Stop).map_err(NodeError::Conflict)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
@@ -432,7 +359,7 @@ impl Node {
 
     pub async fn force_stop(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::ForceStop).map_err(NodeError::Conflict)?;
         self.shut_down(&slot, &record, None).await?;
@@ -441,7 +368,7 @@ impl Node {
 
     pub async fn restart(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Restart).map_err(NodeError::Conflict)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
@@ -461,7 +388,7 @@ impl Node {
 
     async fn pause_or_resume(&self, name: &str, action: Action) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, action).map_err(NodeError::Conflict)?;
         let live = slot
@@ -494,7 +421,7 @@ impl Node {
     /// Deletes a stopped VM and, unless `keep_disks`, its directory.
     pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), NodeError> {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let record = self.record(name)?;
         lifecycle::check(record.vm.state, Action::Delete).map_err(NodeError::Conflict)?;
         let cause = if keep_disks {
@@ -509,7 +436,7 @@ impl Node {
                 tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
             }
         }
-        self.publish(event);
+        self.publish(event.into());
         self.forget_slot(name);
         Ok(())
     }
@@ -621,23 +548,38 @@ impl Node {
             }],
             graphics: true,
         };
+        quetzal_engine::failpoint::crash("start-before-spawn");
         let mut qemu = self
             .engine
             .create(&spec, &dir, Lifetime::Detached)
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(network) = &network
-            && let Err(err) = self.host_net.plug(&tap, network).await
-        {
-            let _ = qemu.kill().await;
-            return Err(err);
+        // From here on a failed step ends the QEMU it started: nothing runs
+        // that the store does not show as running.
+        let started = async {
+            if let Some(network) = &network {
+                self.host_net.plug(&tap, network).await?;
+            }
+            let console = qemu.console().await.map_err(|e| e.to_string())?;
+            if let Some(tag) = load_snapshot {
+                qemu.snapshots()
+                    .load(tag)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            quetzal_engine::failpoint::crash("start-before-cont");
+            qemu.start().await.map_err(|e| e.to_string())?;
+            quetzal_engine::failpoint::crash("start-after-cont");
+            Ok(console)
         }
-        let console = qemu.console().await.map_err(|e| e.to_string())?;
-        if let Some(tag) = load_snapshot {
-            qemu.snapshot_load(tag).await.map_err(|e| e.to_string())?;
+        .await;
+        match started {
+            Ok(console) => Ok((qemu, console)),
+            Err(err) => {
+                let _ = qemu.kill().await;
+                Err(err)
+            }
         }
-        qemu.start().await.map_err(|e| e.to_string())?;
-        Ok((qemu, console))
     }
 
     /// Stops a running VM: the power button, up to `graceful` for the guest
@@ -674,6 +616,7 @@ impl Node {
                 let _ = live.call(Command::Resume).await;
             }
             if live.call(Command::Powerdown).await.is_ok() {
+                quetzal_engine::failpoint::crash("stop-powerdown-sent");
                 exit = live.wait_exit(timeout).await;
             }
             if exit.is_none() {
@@ -702,7 +645,7 @@ impl Node {
     /// policy.
     pub async fn vm_exited(self: &Arc<Self>, name: &str, generation: u64, exit: Exit) {
         let slot = self.slot(name);
-        let _op = slot.op.lock().await;
+        let _op = slot.lock().await;
         let current = slot
             .live()
             .is_some_and(|live| live.generation == generation);
@@ -769,7 +712,7 @@ impl Node {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let slot = node.slot(&name);
-            let _op = slot.op.lock().await;
+            let _op = slot.lock().await;
             let Ok(record) = node.record(&name) else {
                 return;
             };
@@ -782,86 +725,12 @@ impl Node {
                 .await
             {
                 tracing::warn!(vm = %name, error = %err, "restart failed");
+                // Tried again, a little later each time.
+                if let Ok(record) = node.record(&name) {
+                    node.apply_policy(&record, VmState::Crashed, &err.to_string());
+                }
             }
         });
-    }
-
-    /// After a daemon start: re-attach to every VM whose QEMU still runs,
-    /// and mark (and handle per policy) those that died meanwhile.
-    async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
-        let records = self.store().list()?;
-        for record in records {
-            let name = record.vm.name.clone();
-            let was_up = matches!(
-                record.vm.state,
-                VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
-            );
-            if !was_up {
-                continue;
-            }
-            let slot = self.slot(&name);
-            let _op = slot.op.lock().await;
-            let attached = match record.vm.pid {
-                Some(pid) => self
-                    .engine
-                    .attach(&self.vm_dir(&name), pid, 1)
-                    .await
-                    .map_err(|e| e.to_string()),
-                None => Err("it had no QEMU process".to_owned()),
-            };
-            let attached = match attached {
-                Ok(qemu) => {
-                    let state = qemu.state().await.map_err(|e| e.to_string());
-                    match qemu.console().await {
-                        Ok(console) => state.map(|state| (qemu, console, state)),
-                        Err(err) => Err(err.to_string()),
-                    }
-                }
-                Err(err) => Err(err),
-            };
-            match attached {
-                Ok((qemu, console, state)) => {
-                    let generation = self
-                        .generation
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let live = supervisor::spawn(
-                        Arc::clone(self),
-                        name.clone(),
-                        generation,
-                        qemu,
-                        console,
-                    );
-                    slot.set_live(Some(Arc::new(live)));
-                    let state = match state {
-                        quetzal_engine::VmState::Paused => VmState::Paused,
-                        _ => VmState::Running,
-                    };
-                    self.change(
-                        &name,
-                        &Change {
-                            state,
-                            pid: record.vm.pid,
-                            started_at: record.vm.started_at,
-                            restarts: record.vm.restarts,
-                            kind: "reattached",
-                            cause: "quetzald restarted; the VM kept running",
-                        },
-                    )?;
-                }
-                Err(err) => {
-                    let cause = format!("its QEMU ended while quetzald was down ({err})");
-                    self.change(
-                        &name,
-                        &Change {
-                            state: VmState::Crashed,
-                            ..stopped("crashed", &cause)
-                        },
-                    )?;
-                    self.apply_policy(&record, VmState::Crashed, &cause);
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -921,23 +790,6 @@ fn free_mib(dir: &Path) -> Result<u64, NodeError> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
     Ok(stat.blocks_available() * stat.fragment_size() / (1 << 20))
-}
-
-fn disk_error(message: &str) -> NodeError {
-    if message.contains("No space left") {
-        NodeError::InsufficientStorage(message.to_owned())
-    } else {
-        NodeError::Internal(message.to_owned())
-    }
-}
-
-/// The CLI's wording (`--cpus`) becomes the API's (`cpus`).
-fn cpus_message(message: &str) -> String {
-    message.replace("--cpus", "cpus")
-}
-
-fn memory_message(message: &str) -> String {
-    message.replace("--memory", "memory_mib")
 }
 
 #[cfg(test)]

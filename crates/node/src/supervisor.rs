@@ -22,11 +22,18 @@ pub enum Command {
     /// End QEMU now.
     Quit,
     Kill,
-    /// Save a snapshot with memory.
-    SnapshotSave(String),
-    /// Go back to a snapshot (disks and memory).
-    SnapshotLoad(String),
-    SnapshotDelete(String),
+    /// A snapshot job on the snapshot with this tag.
+    Snapshot(SnapshotJob, String),
+}
+
+/// What a snapshot job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotJob {
+    /// Save one with memory.
+    Save,
+    /// Go back to one (disks and memory).
+    Load,
+    Delete,
 }
 
 /// How a VM's QEMU ended.
@@ -182,9 +189,21 @@ impl Task {
                         Command::Powerdown => self.vm.powerdown().await,
                         Command::Quit => self.vm.stop().await,
                         Command::Kill => self.vm.kill().await.map(drop),
-                        Command::SnapshotSave(tag) => self.vm.snapshot_save(&tag).await,
-                        Command::SnapshotLoad(tag) => self.vm.snapshot_load(&tag).await,
-                        Command::SnapshotDelete(tag) => self.vm.snapshot_delete(&tag).await,
+                        // A snapshot job can run for long: it runs beside
+                        // this loop, which keeps relaying the console and
+                        // answering for stats meanwhile.
+                        Command::Snapshot(job, tag) => {
+                            let snapshots = self.vm.snapshots();
+                            tokio::spawn(async move {
+                                let result = match job {
+                                    SnapshotJob::Save => snapshots.save(&tag).await,
+                                    SnapshotJob::Load => snapshots.load(&tag).await,
+                                    SnapshotJob::Delete => snapshots.delete(&tag).await,
+                                };
+                                let _ = reply.send(result.map_err(|err| err.to_string()));
+                            });
+                            continue;
+                        }
                     };
                     let _ = reply.send(result.map_err(|err| err.to_string()));
                 }

@@ -314,6 +314,16 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (up to [`GUEST_TIMEOUT`]) until `check` holds; panics naming
+/// `what` when it never does.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until no live process mentions `needle` (an orphan may take a
 /// moment to die), then asserts so.
 pub fn assert_no_process_mentions(needle: &str) {
@@ -348,7 +358,20 @@ impl Daemon {
 
     /// Starts `quetzald` on `data`, also on TCP `listen` when given.
     pub fn start_in(binary: &Path, data: DataDir, listen: Option<&str>) -> Self {
+        Self::start_with(binary, data, listen, "")
+    }
+
+    /// Starts a `quetzald` with fault injection armed: `failpoints` as
+    /// its `FAILPOINTS` (`name=return;other=return`).
+    pub fn start_armed(binary: &Path, data: DataDir, failpoints: &str) -> Self {
+        Self::start_with(binary, data, None, failpoints)
+    }
+
+    fn start_with(binary: &Path, data: DataDir, listen: Option<&str>, failpoints: &str) -> Self {
         let mut command = Command::new(binary);
+        if !failpoints.is_empty() {
+            command.env("FAILPOINTS", failpoints);
+        }
         // --data-dir puts the directory in the command line, where
         // scripts/test looks for processes a test left behind.
         command
@@ -404,6 +427,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Waits for the daemon to end by itself (an armed fail point killed
+    /// it) and says how it ended.
+    pub fn wait_for_death(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("quetzald is our child")
+    }
+
     /// Kills the daemon and its VMs and hands back the data directory.
     pub fn stop(mut self) -> DataDir {
         self.kill_all();
@@ -425,17 +454,41 @@ impl Daemon {
             std::os::unix::net::UnixStream::connect(self.socket()).expect("quetzald listens");
         http(stream, method, path, body, &[])
     }
+
+    /// [`Daemon::request`] with the answer's head: (status, head, body).
+    pub fn request_with_head(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, String, String) {
+        let stream =
+            std::os::unix::net::UnixStream::connect(self.socket()).expect("quetzald listens");
+        http_with_head(stream, method, path, body, &[])
+    }
 }
 
 /// Sends one HTTP/1.1 request with `Connection: close` and reads the whole
 /// answer: (status, body). Chunked bodies are decoded.
 pub fn http(
-    mut stream: impl Read + std::io::Write,
+    stream: impl Read + std::io::Write,
     method: &str,
     path: &str,
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    let (status, _, body) = http_with_head(stream, method, path, body, headers);
+    (status, body)
+}
+
+/// [`http`], with the answer's head (status line and headers) too.
+pub fn http_with_head(
+    mut stream: impl Read + std::io::Write,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (name, value) in headers {
@@ -471,7 +524,7 @@ pub fn http(
     } else {
         rest.to_owned()
     };
-    (status, body)
+    (status, head.to_owned(), body)
 }
 
 fn dechunk(mut text: &str) -> String {

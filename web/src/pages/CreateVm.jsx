@@ -49,10 +49,11 @@ export function CreateVm() {
     if (form.disk !== '') body.disk_mib = Number(form.disk);
     if (form.network) body.network = form.network;
     try {
-      const vm = await post('/vms', body);
-      if (form.start) await post(`/vms/${encodeURIComponent(vm.name)}/start`);
-      await refreshVm(vm.name);
-      location.hash = `#/vms/${encodeURIComponent(vm.name)}`;
+      // A full clone answers with its operation, waited for here.
+      await post('/vms', body);
+      if (form.start) await post(`/vms/${encodeURIComponent(form.name)}/start`);
+      await refreshVm(form.name);
+      location.hash = `#/vms/${encodeURIComponent(form.name)}`;
     } catch (err) {
       setError(err.message);
     } finally {

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    quetzal_engine::failpoint::setup();
     let config = quetzal_node::Config {
         data_dir: args.data_dir.unwrap_or_else(quetzal_image::data_dir),
         listen: args.listen,

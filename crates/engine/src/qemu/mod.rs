@@ -5,6 +5,7 @@ mod process;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
@@ -67,6 +68,8 @@ pub struct RunPaths {
     pub log: PathBuf,
     /// The VNC server of a VM with graphics.
     pub vnc: PathBuf,
+    /// QEMU's pid, written by the process itself before it execs.
+    pub pidfile: PathBuf,
 }
 
 impl RunPaths {
@@ -78,6 +81,7 @@ impl RunPaths {
             console_log: dir.join("console.log"),
             log: dir.join("qemu.log"),
             vnc: dir.join("vnc.sock"),
+            pidfile: dir.join("qemu.pid"),
         }
     }
 }
@@ -135,7 +139,20 @@ impl Engine for QemuEngine {
         }
         prepare_run_dir(&paths)?;
         let spawned = Instant::now();
-        let mut child = process::spawn(&binary, &argv(spec, &paths), &paths.log, lifetime)?;
+        let child = process::spawn(
+            &binary,
+            &argv(spec, &paths),
+            &paths.log,
+            &paths.pidfile,
+            lifetime,
+        )?;
+        // Until it is handed over, a failure below kills what we started.
+        let mut guard = SpawnGuard {
+            child: Some(child),
+            pidfile: paths.pidfile.clone(),
+        };
+        crate::failpoint::crash("qemu-spawned");
+        let child = guard.child.as_mut().expect("held until handed over");
         let (qmp, events) = loop {
             match QmpClient::connect(&paths.qmp).await {
                 Ok(connected) => break connected,
@@ -152,17 +169,17 @@ impl Engine for QemuEngine {
                 });
             }
             if spawned.elapsed() > QMP_READY_TIMEOUT {
-                let _ = child.start_kill();
                 return Err(QemuError::QmpNotReady);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        let child = guard.hand_over();
         let qmp_ready = spawned.elapsed();
         tracing::debug!(vm = %spec.name, pid = ?child.id(), ?qmp_ready, "qemu ready");
         Ok(QemuVm {
             pid: child.id(),
             process: Process::Child(child),
-            qmp,
+            qmp: Arc::new(qmp),
             events,
             paths,
             qmp_ready,
@@ -172,7 +189,52 @@ impl Engine for QemuEngine {
     }
 }
 
+/// A QEMU just spawned and not yet handed to its [`QemuVm`]: dropped
+/// before then (a step of its start failed), it kills the process.
+struct SpawnGuard {
+    child: Option<tokio::process::Child>,
+    pidfile: PathBuf,
+}
+
+impl SpawnGuard {
+    fn hand_over(mut self) -> tokio::process::Child {
+        self.child.take().expect("handed over once")
+    }
+}
+
+impl Drop for SpawnGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // Reaped by tokio's orphan queue; the file no longer names a
+            // live QEMU either way.
+            let _ = std::fs::remove_file(&self.pidfile);
+        }
+    }
+}
+
 impl QemuEngine {
+    /// The pid of a QEMU started in `run_dir` that still runs (its
+    /// pidfile names a live process serving that directory's QMP socket).
+    pub fn leftover(&self, run_dir: &Path) -> Option<u32> {
+        let paths = RunPaths::new(run_dir);
+        process::pid_from_file(&paths.pidfile, &paths.qmp)
+    }
+
+    /// Kills a QEMU left running in `run_dir` that cannot be taken over
+    /// (its QMP socket is not there yet) and waits for it to be gone.
+    pub async fn end_leftover(&self, run_dir: &Path) {
+        let Some(pid) = self.leftover(run_dir) else {
+            return;
+        };
+        tracing::warn!(pid, dir = %run_dir.display(), "ending a QEMU left from an earlier daemon");
+        process::kill(pid);
+        let deadline = Instant::now() + QMP_READY_TIMEOUT;
+        while process::is_alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Takes over a QEMU that a previous owner started in `run_dir` with
     /// process id `pid` (a daemon restarting): connects to its QMP socket.
     /// Fails with [`QemuError::Gone`] when that QEMU is no longer there.
@@ -196,7 +258,7 @@ impl QemuEngine {
         Ok(QemuVm {
             pid: Some(pid),
             process: Process::Adopted(pid),
-            qmp,
+            qmp: Arc::new(qmp),
             events,
             paths,
             qmp_ready: Duration::ZERO,
@@ -222,6 +284,58 @@ fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
     Ok(())
 }
 
+/// Snapshot jobs of one VM (internal qcow2 snapshots of every disk).
+#[derive(Clone, Debug)]
+pub struct Snapshots {
+    qmp: Arc<QmpClient>,
+    /// How many disks it has (`disk0`…): what a snapshot covers.
+    disks: usize,
+}
+
+impl Snapshots {
+    /// Saves snapshot `tag` of every disk with the VM's memory (kept in
+    /// the first disk). The guest is paused while it is written and
+    /// resumes after.
+    pub async fn save(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.job("save", tag, true)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotSave(job), &format!("save-{tag}"))
+            .await?)
+    }
+
+    /// Loads snapshot `tag`: disks and memory go back to that moment. The
+    /// vCPUs are stopped afterwards; resume them.
+    pub async fn load(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.job("load", tag, true)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotLoad(job), &format!("load-{tag}"))
+            .await?)
+    }
+
+    /// Deletes snapshot `tag` from every disk.
+    pub async fn delete(&self, tag: &str) -> Result<(), QemuError> {
+        let job = self.job("delete", tag, false)?;
+        Ok(self
+            .qmp
+            .run_job(qmp::Command::SnapshotDelete(job), &format!("delete-{tag}"))
+            .await?)
+    }
+
+    fn job(&self, kind: &str, tag: &str, memory: bool) -> Result<qmp::SnapshotJob, QemuError> {
+        if self.disks == 0 {
+            return Err(QemuError::NoDisk);
+        }
+        Ok(qmp::SnapshotJob {
+            job_id: format!("{kind}-{tag}"),
+            tag: tag.to_owned(),
+            vmstate: memory.then(|| "disk0".to_owned()),
+            devices: (0..self.disks).map(|i| format!("disk{i}")).collect(),
+        })
+    }
+}
+
 /// How we know the QEMU process.
 #[derive(Debug)]
 enum Process {
@@ -236,7 +350,7 @@ enum Process {
 pub struct QemuVm {
     pid: Option<u32>,
     process: Process,
-    qmp: QmpClient,
+    qmp: Arc<QmpClient>,
     events: mpsc::UnboundedReceiver<qmp::Event>,
     paths: RunPaths,
     qmp_ready: Duration,
@@ -294,51 +408,14 @@ impl QemuVm {
         process::usage(self.pid?)
     }
 
-    /// Saves an internal snapshot `tag` of every disk with the VM's memory
-    /// (kept in the first disk). The guest is paused while it is written
-    /// and resumes after.
-    pub async fn snapshot_save(&self, tag: &str) -> Result<(), QemuError> {
-        let job = self.snapshot_job("save", tag, true)?;
-        Ok(self
-            .qmp
-            .run_job(qmp::Command::SnapshotSave(job), &format!("save-{tag}"))
-            .await?)
-    }
-
-    /// Loads snapshot `tag`: disks and memory go back to that moment. The
-    /// vCPUs are stopped afterwards; resume them.
-    pub async fn snapshot_load(&self, tag: &str) -> Result<(), QemuError> {
-        let job = self.snapshot_job("load", tag, true)?;
-        Ok(self
-            .qmp
-            .run_job(qmp::Command::SnapshotLoad(job), &format!("load-{tag}"))
-            .await?)
-    }
-
-    /// Deletes snapshot `tag` from every disk.
-    pub async fn snapshot_delete(&self, tag: &str) -> Result<(), QemuError> {
-        let job = self.snapshot_job("delete", tag, false)?;
-        Ok(self
-            .qmp
-            .run_job(qmp::Command::SnapshotDelete(job), &format!("delete-{tag}"))
-            .await?)
-    }
-
-    fn snapshot_job(
-        &self,
-        kind: &str,
-        tag: &str,
-        memory: bool,
-    ) -> Result<qmp::SnapshotJob, QemuError> {
-        if self.disks == 0 {
-            return Err(QemuError::NoDisk);
+    /// What runs this VM's snapshot jobs, apart from its owner: a job
+    /// can take long, and the owner keeps serving events and the console
+    /// meanwhile.
+    pub fn snapshots(&self) -> Snapshots {
+        Snapshots {
+            qmp: Arc::clone(&self.qmp),
+            disks: self.disks,
         }
-        Ok(qmp::SnapshotJob {
-            job_id: format!("{kind}-{tag}"),
-            tag: tag.to_owned(),
-            vmstate: memory.then(|| "disk0".to_owned()),
-            devices: (0..self.disks).map(|i| format!("disk{i}")).collect(),
-        })
     }
 
     /// Bytes read and written by the guest's disks since QEMU started.

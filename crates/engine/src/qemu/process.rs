@@ -34,16 +34,22 @@ pub fn resolve(binary: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Starts `binary`. The child writes its own pid to `pidfile` before it
+/// execs: whatever happens to us from then on, the process is on record
+/// (a daemon killed at any moment finds it again through the file).
 pub fn spawn(
     binary: &Path,
     args: &[OsString],
     log: &Path,
+    pidfile: &Path,
     lifetime: Lifetime,
 ) -> Result<tokio::process::Child, QemuError> {
     let spawn_failed = |source| QemuError::Spawn {
         binary: binary.to_owned(),
         source,
     };
+    let pidfile = std::ffi::CString::new(pidfile.as_os_str().as_encoded_bytes())
+        .map_err(|_| spawn_failed(std::io::Error::other("a NUL byte in the pidfile path")))?;
     let log = File::create(log).map_err(spawn_failed)?;
     let mut command = tokio::process::Command::new(binary);
     command
@@ -53,12 +59,14 @@ pub fn spawn(
         .stderr(log);
     let parent = Pid::this();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe system calls (setsid, prctl, getppid); it
-    // allocates nothing and touches no lock.
+    // makes async-signal-safe system calls (setsid, getpid, open, write,
+    // close, prctl, getppid); it allocates nothing and touches no lock
+    // (the pidfile's path was made before the fork).
     unsafe {
         command.pre_exec(move || {
             // Its own session: a Ctrl-C on our terminal does not reach QEMU.
             setsid()?;
+            write_own_pid(&pidfile)?;
             if lifetime == Lifetime::TiedToCaller {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 // The parent may have died before prctl took effect.
@@ -70,6 +78,42 @@ pub fn spawn(
         });
     }
     command.spawn().map_err(spawn_failed)
+}
+
+/// Writes this process's pid (decimal and a newline) to `path`, making
+/// no allocation: it runs between fork and exec.
+fn write_own_pid(path: &std::ffi::CStr) -> std::io::Result<()> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    let mut digits = [0u8; 12];
+    let mut at = digits.len() - 1;
+    digits[at] = b'\n';
+    let mut pid = u32::try_from(nix::unistd::getpid().as_raw()).unwrap_or(0);
+    loop {
+        at -= 1;
+        digits[at] = b'0' + u8::try_from(pid % 10).unwrap_or(0);
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let fd = open(
+        path,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let written = nix::unistd::write(&fd, &digits[at..]);
+    drop(fd);
+    written.map(drop).map_err(std::io::Error::from)
+}
+
+/// The pid a spawned process wrote to `pidfile`, if that process still
+/// runs with `socket` in its command line.
+pub fn pid_from_file(pidfile: &Path, socket: &Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    runs_with(pid, socket).then_some(pid)
 }
 
 /// The last few lines of QEMU's log, on one line, for error messages.

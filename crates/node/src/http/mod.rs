@@ -3,6 +3,7 @@
 
 mod console;
 mod metrics;
+mod operations;
 mod vnc;
 pub mod web;
 
@@ -22,13 +23,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use quetzal_api::{
     CloneVm, CreateNetwork, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail,
-    Event, EventPage, Host, Network, Snapshot, SnapshotList, Template, Vm, VmState,
+    Event, EventPage, Host, Network, OperationResponse, Snapshot, SnapshotList, Template, Vm,
+    VmState,
 };
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
 use utoipa::OpenApi;
 
-use crate::node::{DEFAULT_STOP_TIMEOUT, Node, NodeError};
+use crate::node::{Created, DEFAULT_STOP_TIMEOUT, Node, NodeError, Published};
 
 /// What every handler can reach.
 #[derive(Clone, Debug)]
@@ -69,16 +71,14 @@ impl IntoResponse for ApiError {
 
 impl From<NodeError> for ApiError {
     fn from(err: NodeError) -> Self {
-        let (status, code) = match &err {
-            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            NodeError::InsufficientStorage(_) => {
-                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
-            }
-            NodeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        let status = match &err {
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Conflict(_) | NodeError::Cancelled(_) => StatusCode::CONFLICT,
+            NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            NodeError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, code, err.to_string())
+        ApiError::new(status, err.code(), err.to_string())
     }
 }
 
@@ -149,6 +149,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         delete_network,
         list_events,
         vm_stats,
+        operations::list,
+        operations::get,
+        operations::cancel,
         web::login,
         host
     ),
@@ -172,7 +175,12 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         Host,
         quetzal_api::VmStats,
         quetzal_api::Login,
-        quetzal_api::RestartPolicy
+        quetzal_api::RestartPolicy,
+        quetzal_api::Operation,
+        quetzal_api::OperationKind,
+        quetzal_api::OperationState,
+        OperationResponse,
+        quetzal_api::OperationList
     ))
 )]
 pub struct ApiDoc;
@@ -215,6 +223,11 @@ pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
             get(get_network).delete(delete_network),
         )
         .route("/api/v1/vms/{name}/{action}", post(vm_action))
+        .route("/api/v1/operations", get(operations::list))
+        .route(
+            "/api/v1/operations/{id}",
+            get(operations::get).delete(operations::cancel),
+        )
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream_events))
         .route("/api/v1/host", get(host))
@@ -296,15 +309,19 @@ async fn list_vms(
     Ok(Json(app.node.list(state, &labels)?))
 }
 
-/// Create a VM (stopped).
+/// Create a VM (stopped). A full clone copies its disk in an operation.
 #[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVm,
-    responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+    responses((status = 201, body = Vm), (status = 202, body = OperationResponse),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 507, body = ErrorBody)))]
 async fn create_vm(
     State(app): State<AppState>,
     Body(request): Body<CreateVm>,
-) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    Ok((StatusCode::CREATED, Json(app.node.create(request).await?)))
+) -> Result<Response, ApiError> {
+    Ok(match app.node.create(request).await? {
+        Created::Vm(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
+        Created::Operation(op) => operations::accepted(op),
+    })
 }
 
 /// One VM.
@@ -439,11 +456,15 @@ async fn stream_events(
     let events =
         tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(|event| {
             let event = event.ok()?;
-            SseEvent::default()
-                .id(event.id.to_string())
-                .json_data(&event)
-                .ok()
-                .map(Ok)
+            let sse = match event {
+                Published::Event(event) => SseEvent::default()
+                    .id(event.id.to_string())
+                    .json_data(&event),
+                Published::Operation(op) => SseEvent::default()
+                    .event("operation")
+                    .json_data(&OperationResponse { operation: op }),
+            };
+            sse.ok().map(Ok)
         });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
@@ -473,15 +494,14 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
 
 /// Clone a stopped VM into a new, stopped VM.
 #[utoipa::path(post, path = "/api/v1/vms/{name}/clone", request_body = CloneVm,
-    responses((status = 201, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn clone_vm(
     State(app): State<AppState>,
     Path(name): Path<String>,
     Body(request): Body<CloneVm>,
-) -> Result<(StatusCode, Json<Vm>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.node.clone_vm(&name, request).await?),
+) -> Result<Response, ApiError> {
+    Ok(operations::accepted(
+        app.node.clone_vm(&name, request).await?,
     ))
 }
 
@@ -493,15 +513,14 @@ async fn list_templates(State(app): State<AppState>) -> Result<Json<Vec<Template
 
 /// Turn a stopped VM into a template (the VM is consumed).
 #[utoipa::path(post, path = "/api/v1/templates", request_body = CreateTemplate,
-    responses((status = 201, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 async fn create_template(
     State(app): State<AppState>,
     Body(request): Body<CreateTemplate>,
-) -> Result<(StatusCode, Json<Template>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.node.create_template(request).await?),
+) -> Result<Response, ApiError> {
+    Ok(operations::accepted(
+        app.node.create_template(request).await?,
     ))
 }
 
@@ -590,36 +609,38 @@ async fn list_snapshots(
 
 /// Take a snapshot (with memory while running, disk-only while stopped).
 #[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", request_body = CreateSnapshot,
-    responses((status = 201, body = Snapshot), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 async fn create_snapshot(
     State(app): State<AppState>,
     Path(name): Path<String>,
     Body(request): Body<CreateSnapshot>,
-) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.node.snapshot_create(&name, request).await?),
+) -> Result<Response, ApiError> {
+    Ok(operations::accepted(
+        app.node.snapshot_create(&name, request).await?,
     ))
 }
 
 /// Go back to a snapshot.
 #[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn revert_snapshot(
     State(app): State<AppState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(app.node.snapshot_revert(&name, &snapshot).await?))
+) -> Result<Response, ApiError> {
+    Ok(operations::accepted(
+        app.node.snapshot_revert(&name, &snapshot).await?,
+    ))
 }
 
 /// Delete a snapshot.
 #[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}",
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_snapshot(
     State(app): State<AppState>,
     Path((name, snapshot)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    app.node.snapshot_delete(&name, &snapshot).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> Result<Response, ApiError> {
+    Ok(operations::accepted(
+        app.node.snapshot_delete(&name, &snapshot).await?,
+    ))
 }

@@ -4,14 +4,15 @@
 //! disk-only (`qemu-img snapshot`). The store keeps the tree (each
 //! snapshot's parent) and the snapshot the VM is at.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use quetzal_api::{CreateSnapshot, Snapshot, SnapshotList, Vm, VmState};
+use quetzal_api::{CreateSnapshot, Operation, OperationKind, Snapshot, SnapshotList, Vm, VmState};
 use quetzal_engine::disk::{self, SnapshotAction};
 use quetzal_engine::spec::VmName;
 
 use super::{Node, NodeError, now_millis};
-use crate::supervisor::Command;
+use crate::supervisor::{Command, Live, SnapshotJob};
 
 impl Node {
     pub fn snapshots(&self, vm: &str) -> Result<SnapshotList, NodeError> {
@@ -28,17 +29,17 @@ impl Node {
             .ok_or_else(|| NodeError::NotFound(format!("VM {vm} has no snapshot named {name}")))
     }
 
-    /// Takes a snapshot: with memory while the VM runs or is paused,
-    /// disk-only while it is stopped.
+    /// Takes a snapshot, as an operation: with memory while the VM runs or
+    /// is paused, disk-only while it is stopped.
     pub async fn snapshot_create(
-        &self,
+        self: &Arc<Self>,
         vm: &str,
         request: CreateSnapshot,
-    ) -> Result<Snapshot, NodeError> {
+    ) -> Result<Operation, NodeError> {
         let name = VmName::new(&request.name)
             .map_err(|e| NodeError::Invalid(e.to_string().replace("VM name", "snapshot name")))?;
         let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let lock = slot.lock().await;
         let record = self.record(vm)?;
         let (existing, current) = self.store().snapshots(vm)?;
         if existing.iter().any(|s| s.name == name.as_str()) {
@@ -46,140 +47,178 @@ impl Node {
                 "VM {vm} already has a snapshot named {name}"
             )));
         }
-        let with_memory = match record.vm.state {
-            VmState::Running | VmState::Paused => {
-                let live = slot
-                    .live()
-                    .ok_or_else(|| NodeError::Conflict(format!("VM {vm} is not running")))?;
-                live.call(Command::SnapshotSave(name.to_string()))
-                    .await
-                    .map_err(|e| snapshot_error(&e))?;
-                true
-            }
-            VmState::Stopped | VmState::Crashed => {
-                disk::snapshot_offline(
-                    &self.vm_dir(vm).join("root.qcow2"),
-                    SnapshotAction::Create,
-                    name.as_str(),
-                )
-                .map_err(|e| snapshot_error(&e.to_string()))?;
-                false
-            }
-            other => {
-                return Err(NodeError::Conflict(format!(
-                    "cannot snapshot a VM that is {}",
-                    other.as_str()
-                )));
-            }
-        };
-        let snapshot = Snapshot {
-            vm: vm.to_owned(),
-            name: name.to_string(),
-            created_at: now_millis(),
-            with_memory,
-            parent: current,
-        };
-        let cause = format!(
-            "snapshot {name} taken ({})",
-            if with_memory {
-                "disks and memory"
-            } else {
-                "disks only"
-            }
-        );
-        let event = self.store().add_snapshot(&snapshot, &cause)?;
-        self.publish(event);
-        Ok(snapshot)
+        let how = self.snapshot_target(&slot, &record.vm, "snapshot")?;
+        let node = Arc::clone(self);
+        let vm = vm.to_owned();
+        let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
+        self.start_operation(
+            OperationKind::SnapshotCreate,
+            target,
+            false,
+            move |_| async move {
+                let _lock = lock;
+                let with_memory = matches!(how, On::Live(_));
+                match how {
+                    On::Live(live) => live
+                        .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
+                        .await
+                        .map_err(|e| snapshot_error(&e))?,
+                    On::Disk(disk) => {
+                        run_offline(disk, SnapshotAction::Create, name.to_string()).await?
+                    }
+                }
+                quetzal_engine::failpoint::crash("snapshot-taken");
+                let snapshot = Snapshot {
+                    vm: vm.clone(),
+                    name: name.to_string(),
+                    created_at: now_millis(),
+                    with_memory,
+                    parent: current,
+                };
+                let cause = format!(
+                    "snapshot {name} taken ({})",
+                    if with_memory {
+                        "disks and memory"
+                    } else {
+                        "disks only"
+                    }
+                );
+                let event = node.store().add_snapshot(&snapshot, &cause)?;
+                node.publish(event.into());
+                Ok(())
+            },
+        )
     }
 
-    /// Goes back to a snapshot. A running VM resumes where the snapshot
-    /// was taken; a stopped VM with a memory snapshot is started into it;
-    /// a stopped VM with a disk-only snapshot gets its disk back.
-    pub async fn snapshot_revert(self: &Arc<Self>, vm: &str, name: &str) -> Result<Vm, NodeError> {
+    /// Where a snapshot job on `vm` runs: its supervisor while it is up,
+    /// its disk file while it is down.
+    fn snapshot_target(&self, slot: &super::Slot, vm: &Vm, what: &str) -> Result<On, NodeError> {
+        match vm.state {
+            VmState::Running | VmState::Paused => slot
+                .live()
+                .map(On::Live)
+                .ok_or_else(|| NodeError::Conflict(format!("VM {} is not running", vm.name))),
+            VmState::Stopped | VmState::Crashed => {
+                Ok(On::Disk(self.vm_dir(&vm.name).join("root.qcow2")))
+            }
+            other => Err(NodeError::Conflict(format!(
+                "cannot {what} a VM that is {}",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// Goes back to a snapshot, as an operation. A running VM resumes
+    /// where the snapshot was taken; a stopped VM with a memory snapshot
+    /// is started into it; a stopped VM with a disk-only snapshot gets its
+    /// disk back.
+    pub async fn snapshot_revert(
+        self: &Arc<Self>,
+        vm: &str,
+        name: &str,
+    ) -> Result<Operation, NodeError> {
         let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let lock = slot.lock().await;
         let record = self.record(vm)?;
         let snapshot = self.snapshot(vm, name)?;
-        let cause = format!("reverted to snapshot {name}");
-        match (record.vm.state, snapshot.with_memory) {
-            (VmState::Running | VmState::Paused, true) => {
-                let live = slot
-                    .live()
-                    .ok_or_else(|| NodeError::Conflict(format!("VM {vm} is not running")))?;
-                live.call(Command::SnapshotLoad(name.to_owned()))
-                    .await
-                    .map_err(|e| snapshot_error(&e))?;
-                if record.vm.state == VmState::Running {
-                    live.call(Command::Resume)
-                        .await
-                        .map_err(NodeError::Internal)?;
-                }
-            }
-            (VmState::Running | VmState::Paused, false) => {
-                return Err(NodeError::Conflict(format!(
-                    "snapshot {name} has no memory state (it was taken while {vm} was stopped); stop the VM to revert to it"
-                )));
-            }
-            (VmState::Stopped | VmState::Crashed, true) => {
-                self.launch(&slot, &record, 0, "started", &cause, Some(name))
-                    .await?;
-            }
-            (VmState::Stopped | VmState::Crashed, false) => {
-                disk::snapshot_offline(
-                    &self.vm_dir(vm).join("root.qcow2"),
-                    SnapshotAction::Apply,
-                    name,
-                )
-                .map_err(|e| snapshot_error(&e.to_string()))?;
-            }
-            (other, _) => {
-                return Err(NodeError::Conflict(format!(
-                    "cannot revert a VM that is {}",
-                    other.as_str()
-                )));
-            }
+        let how = self.snapshot_target(&slot, &record.vm, "revert")?;
+        if matches!(how, On::Live(_)) && !snapshot.with_memory {
+            return Err(NodeError::Conflict(format!(
+                "snapshot {name} has no memory state (it was taken while {vm} was stopped); stop the VM to revert to it"
+            )));
         }
-        let event = self.store().set_current_snapshot(vm, name, &cause)?;
-        self.publish(event);
-        self.get(vm)
+        let node = Arc::clone(self);
+        let (vm, name) = (vm.to_owned(), name.to_owned());
+        let target = format!("/api/v1/vms/{vm}");
+        self.start_operation(
+            OperationKind::SnapshotRevert,
+            target,
+            false,
+            move |_| async move {
+                let _lock = lock;
+                let cause = format!("reverted to snapshot {name}");
+                match how {
+                    On::Live(live) => {
+                        live.call(Command::Snapshot(SnapshotJob::Load, name.clone()))
+                            .await
+                            .map_err(|e| snapshot_error(&e))?;
+                        if record.vm.state == VmState::Running {
+                            live.call(Command::Resume)
+                                .await
+                                .map_err(NodeError::Internal)?;
+                        }
+                    }
+                    On::Disk(_) if snapshot.with_memory => {
+                        node.launch(&slot, &record, 0, "started", &cause, Some(&name))
+                            .await?;
+                    }
+                    On::Disk(disk) => {
+                        run_offline(disk, SnapshotAction::Apply, name.clone()).await?
+                    }
+                }
+                let event = node.store().set_current_snapshot(&vm, &name, &cause)?;
+                node.publish(event.into());
+                Ok(())
+            },
+        )
     }
 
-    /// Deletes a snapshot (its space in the disk image is reused).
-    pub async fn snapshot_delete(&self, vm: &str, name: &str) -> Result<(), NodeError> {
+    /// Deletes a snapshot (its space in the disk image is reused), as an
+    /// operation.
+    pub async fn snapshot_delete(
+        self: &Arc<Self>,
+        vm: &str,
+        name: &str,
+    ) -> Result<Operation, NodeError> {
         let slot = self.slot(vm);
-        let _op = slot.op.lock().await;
+        let lock = slot.lock().await;
         let record = self.record(vm)?;
         self.snapshot(vm, name)?;
-        match record.vm.state {
-            VmState::Running | VmState::Paused => {
-                let live = slot
-                    .live()
-                    .ok_or_else(|| NodeError::Conflict(format!("VM {vm} is not running")))?;
-                live.call(Command::SnapshotDelete(name.to_owned()))
-                    .await
-                    .map_err(|e| snapshot_error(&e))?;
-            }
-            VmState::Stopped | VmState::Crashed => {
-                disk::snapshot_offline(
-                    &self.vm_dir(vm).join("root.qcow2"),
-                    SnapshotAction::Delete,
-                    name,
-                )
-                .map_err(|e| snapshot_error(&e.to_string()))?;
-            }
-            other => {
-                return Err(NodeError::Conflict(format!(
-                    "cannot delete a snapshot of a VM that is {}",
-                    other.as_str()
-                )));
-            }
-        }
-        let event = self
-            .store()
-            .remove_snapshot(vm, name, &format!("snapshot {name} deleted"))?;
-        self.publish(event);
-        Ok(())
+        let how = self.snapshot_target(&slot, &record.vm, "delete a snapshot of")?;
+        let node = Arc::clone(self);
+        let (vm, name) = (vm.to_owned(), name.to_owned());
+        let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
+        self.start_operation(
+            OperationKind::SnapshotDelete,
+            target,
+            false,
+            move |_| async move {
+                let _lock = lock;
+                match how {
+                    On::Live(live) => live
+                        .call(Command::Snapshot(SnapshotJob::Delete, name.clone()))
+                        .await
+                        .map_err(|e| snapshot_error(&e))?,
+                    On::Disk(disk) => {
+                        run_offline(disk, SnapshotAction::Delete, name.clone()).await?
+                    }
+                }
+                let event = node.store().remove_snapshot(
+                    &vm,
+                    &name,
+                    &format!("snapshot {name} deleted"),
+                )?;
+                node.publish(event.into());
+                Ok(())
+            },
+        )
     }
+}
+
+/// Where a snapshot job runs.
+#[derive(Debug)]
+enum On {
+    /// The running VM's supervisor (QMP jobs, with memory).
+    Live(Arc<Live>),
+    /// The stopped VM's disk file (disk only).
+    Disk(PathBuf),
+}
+
+async fn run_offline(disk: PathBuf, action: SnapshotAction, tag: String) -> Result<(), NodeError> {
+    tokio::task::spawn_blocking(move || disk::snapshot_offline(&disk, action, &tag))
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .map_err(|e| snapshot_error(&e.to_string()))
 }
 
 fn snapshot_error(message: &str) -> NodeError {

@@ -7,11 +7,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use quetzal_api::{CloneVm, CreateTemplate, CreateVm, Template, Vm, VmState};
+use quetzal_api::{
+    CloneVm, CreateTemplate, CreateVm, Operation, OperationKind, Template, Vm, VmState,
+};
 use quetzal_engine::spec::VmName;
 use quetzal_image::{Image, ImageError};
 
-use super::{Node, NodeError, image_disk_mib, now_millis};
+use super::create::Made;
+use super::{Node, NodeError, Published, image_disk_mib, now_millis};
 use crate::store::TemplateRecord;
 
 /// How a new VM's disk is made.
@@ -55,11 +58,11 @@ pub struct DiskSource {
 }
 
 impl Node {
-    fn templates_dir(&self) -> PathBuf {
+    pub(super) fn templates_dir(&self) -> PathBuf {
         self.data.join("templates")
     }
 
-    fn template_disk(&self, name: &str) -> PathBuf {
+    pub(super) fn template_disk(&self, name: &str) -> PathBuf {
         self.templates_dir().join(name).join("disk.qcow2")
     }
 
@@ -146,11 +149,15 @@ impl Node {
 
     /// Turns a stopped VM into a template: its disk moves to
     /// `templates/NAME/disk.qcow2` and becomes read-only; the VM is gone.
-    pub async fn create_template(&self, request: CreateTemplate) -> Result<Template, NodeError> {
+    /// An operation: hashing the disk takes a while.
+    pub async fn create_template(
+        self: &Arc<Self>,
+        request: CreateTemplate,
+    ) -> Result<Operation, NodeError> {
         let name = VmName::new(&request.name)
             .map_err(|e| NodeError::Invalid(e.to_string().replace("VM name", "template name")))?;
         let slot = self.slot(&request.from_vm);
-        let _op = slot.op.lock().await;
+        let lock = slot.lock().await;
         let record = self.record(&request.from_vm)?;
         if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
             return Err(NodeError::Conflict(format!(
@@ -169,22 +176,46 @@ impl Node {
                 "a template named {name} already exists"
             )));
         }
-        let dir = self.templates_dir().join(name.as_str());
+        let node = Arc::clone(self);
+        let target = format!("/api/v1/templates/{name}");
+        self.start_operation(
+            OperationKind::CreateTemplate,
+            target,
+            false,
+            move |_| async move {
+                let _lock = lock;
+                node.templatize(name.as_str(), record).await
+            },
+        )
+    }
+
+    /// The work of [`Node::create_template`], with the VM's lock held.
+    async fn templatize(
+        &self,
+        name: &str,
+        record: crate::store::VmRecord,
+    ) -> Result<(), NodeError> {
+        let dir = self.templates_dir().join(name);
         let disk = dir.join("disk.qcow2");
         let vm_disk = self.vm_dir(&record.vm.name).join("root.qcow2");
         // A directory without a template is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
-        let made = std::fs::create_dir_all(&dir)
+        let linked = std::fs::create_dir_all(&dir)
             // A hard link: until the store says otherwise, the VM keeps its disk.
             .and_then(|()| std::fs::hard_link(&vm_disk, &disk))
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", disk.display())))
-            .and_then(|()| {
-                // Reading a whole disk: let the runtime move other tasks
-                // off this worker meanwhile.
-                tokio::task::block_in_place(|| quetzal_image::sha256_file(&disk))
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", disk.display())));
+        let hashed = match linked {
+            Ok(()) => {
+                let disk = disk.clone();
+                tokio::task::spawn_blocking(move || quetzal_image::sha256_file(&disk))
+                    .await
                     .map_err(|e| NodeError::Internal(e.to_string()))
-            });
-        let sha256 = match made {
+                    .and_then(|hashed| hashed.map_err(|e| NodeError::Internal(e.to_string())))
+            }
+            Err(err) => Err(err),
+        };
+        quetzal_engine::failpoint::crash("template-hashed");
+        let sha256 = match hashed {
             Ok((sha256, _)) => sha256,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -192,7 +223,7 @@ impl Node {
             }
         };
         let template = TemplateRecord {
-            name: name.to_string(),
+            name: name.to_owned(),
             image: record.vm.image.clone(),
             image_dir: record.image_dir.clone(),
             cpus: record.vm.cpus,
@@ -209,13 +240,14 @@ impl Node {
                 return Err(err.into());
             }
         };
+        quetzal_engine::failpoint::crash("template-recorded");
         let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
         if let Err(err) = std::fs::remove_dir_all(self.vm_dir(&record.vm.name)) {
             tracing::warn!(vm = %record.vm.name, error = %err, "cannot remove the VM's directory");
         }
-        self.publish(event);
+        self.publish(Published::Event(event));
         self.forget_slot(&record.vm.name);
-        self.template(name.as_str())
+        Ok(())
     }
 
     /// Deletes a template that no VM is a linked clone of.
@@ -236,12 +268,13 @@ impl Node {
     }
 
     /// A new, stopped VM with a copy of a stopped VM's disk and settings (a
-    /// linked clone stays linked to the same template).
+    /// linked clone stays linked to the same template): an operation that
+    /// holds both VMs until the copy is done.
     pub async fn clone_vm(
         self: &Arc<Self>,
         source: &str,
         request: CloneVm,
-    ) -> Result<Vm, NodeError> {
+    ) -> Result<Operation, NodeError> {
         let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
         if name.as_str() == source {
             return Err(NodeError::Conflict(format!(
@@ -255,8 +288,7 @@ impl Node {
         } else {
             (self.slot(name.as_str()), self.slot(source))
         };
-        let _first = first.op.lock().await;
-        let _second = second.op.lock().await;
+        let locks = vec![first.lock().await, second.lock().await];
         let record = self.record(source)?;
         if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
             return Err(NodeError::Conflict(format!(
@@ -287,11 +319,16 @@ impl Node {
             addresses: Vec::new(),
             ..record.vm.clone()
         };
-        self.make_vm(
-            vm,
-            &record.image_dir,
-            &plan,
-            &format!("cloned from {source}"),
-        )
+        let cause = format!("cloned from {source}");
+        let made = {
+            let _net = self.net_op.lock().await;
+            self.make_vm(vm, &record.image_dir, &plan, &cause)?
+        };
+        match made {
+            Made::Copy(pending) => self.copy_in_operation(pending, locks, cause),
+            Made::Done(_) => Err(NodeError::Internal(
+                "a clone of a VM is always a copy".to_owned(),
+            )),
+        }
     }
 }

@@ -12,6 +12,8 @@ use quetzal_api::{Event, RestartPolicy, Snapshot, Vm, VmState};
 use crate::net::Subnet;
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod operations;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
@@ -83,6 +85,19 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';
     ALTER TABLE vms ADD COLUMN mac TEXT NOT NULL DEFAULT '';",
+    "CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        state TEXT NOT NULL,
+        progress INTEGER NOT NULL,
+        cancellable INTEGER NOT NULL,
+        error_code TEXT,
+        error_message TEXT,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX operations_by_start ON operations (started_at);",
 ];
 
 /// A VM as stored: the API's view plus what only the node needs.
@@ -163,8 +178,14 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new VM and its `created` event.
-    pub fn insert_vm(&mut self, record: &VmRecord, cause: &str) -> Result<Event, StoreError> {
+    /// Inserts a new VM and its first event (`created`, or `creating`
+    /// for one whose disk is still being made).
+    pub fn insert_vm(
+        &mut self,
+        record: &VmRecord,
+        kind: &str,
+        cause: &str,
+    ) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let vm = &record.vm;
         let tx = self.conn.transaction().map_err(sql)?;
@@ -199,7 +220,7 @@ impl Store {
             }
             Err(err) => return Err(sql(err)),
         }
-        let event = insert_event(&tx, &vm.name, "created", Some(vm.state), cause).map_err(sql)?;
+        let event = insert_event(&tx, &vm.name, kind, Some(vm.state), cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -667,7 +688,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
 
-        let event = store.insert_vm(&record("web"), "created by test").unwrap();
+        let event = store
+            .insert_vm(&record("web"), "created", "created by test")
+            .unwrap();
 
         assert_eq!(store.get("web").unwrap(), Some(record("web")));
         assert_eq!(event.kind, "created");
@@ -678,9 +701,9 @@ mod tests {
     fn refuses_a_second_vm_with_the_same_name() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("web"), "x").unwrap();
+        store.insert_vm(&record("web"), "created", "x").unwrap();
 
-        let result = store.insert_vm(&record("web"), "x");
+        let result = store.insert_vm(&record("web"), "created", "x");
 
         assert!(matches!(result, Err(StoreError::Exists(name)) if name == "web"));
     }
@@ -689,7 +712,7 @@ mod tests {
     fn a_change_updates_state_and_logs_its_cause() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("web"), "x").unwrap();
+        store.insert_vm(&record("web"), "created", "x").unwrap();
 
         store
             .change(
@@ -718,7 +741,7 @@ mod tests {
         let path = dir.path().join("q.db");
         Store::open(&path)
             .unwrap()
-            .insert_vm(&record("web"), "x")
+            .insert_vm(&record("web"), "created", "x")
             .unwrap();
 
         let store = Store::open(&path).unwrap();
@@ -730,7 +753,7 @@ mod tests {
     fn reads_the_end_of_the_log_backwards_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("a"), "test").unwrap();
+        store.insert_vm(&record("a"), "created", "test").unwrap();
         for i in 0..5 {
             store.note("a", "reset", &format!("reset {i}")).unwrap();
         }
@@ -753,7 +776,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
         for name in ["a", "b", "c"] {
-            store.insert_vm(&record(name), "x").unwrap();
+            store.insert_vm(&record(name), "created", "x").unwrap();
         }
 
         let first = store.events(0, 2, None).unwrap();

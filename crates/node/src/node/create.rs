@@ -1,0 +1,265 @@
+//! Making new VMs: validating a create request, choosing the network, and
+//! making the VM's directory and disk. An overlay is made in
+//! milliseconds, inside the request; a copy (a full clone, a clone of a
+//! VM) is an operation: the VM is recorded `creating` first, so its
+//! network counts it and a listing shows it, and becomes `stopped` when
+//! its disk is complete — or is removed with everything it made when the
+//! copy fails or is cancelled.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quetzal_api::{CreateVm, Operation, OperationKind, Vm, VmState};
+use quetzal_engine::disk::{self, DiskError};
+use quetzal_engine::spec::{Cpus, DiskFormat, Mac, MemoryMib, VmName};
+use tokio::sync::OwnedMutexGuard;
+
+use super::templates::DiskPlan;
+use super::{MAX_DISK_MIB, MIN_FREE_MIB, Node, NodeError, free_mib, name_hash, new_machine_id};
+use crate::store::{Change, VmRecord, now_millis};
+
+/// What a create request made: a VM, or an operation that is making one.
+#[derive(Debug)]
+pub enum Created {
+    Vm(Vm),
+    Operation(Operation),
+}
+
+/// A VM whose disk is still to be copied, recorded `creating`.
+#[derive(Debug)]
+pub(super) struct PendingCopy {
+    name: String,
+    from: PathBuf,
+    keep_base: PathBuf,
+    disk: PathBuf,
+    dir: PathBuf,
+    kind: OperationKind,
+}
+
+impl Node {
+    /// Creates a stopped VM: a qcow2 overlay on its image's base disk or
+    /// on a template's (at once), or a full clone (an operation).
+    pub async fn create(self: &Arc<Self>, request: CreateVm) -> Result<Created, NodeError> {
+        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
+        MemoryMib::new(request.memory_mib, self.host_memory_mib)
+            .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
+        let source = self.disk_source(&request)?;
+        let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
+        if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
+            return Err(NodeError::Invalid(format!(
+                "disk_mib must be between the base disk's {} and {MAX_DISK_MIB}, not {disk_mib}",
+                source.base_mib
+            )));
+        }
+        if source.plan.is_copy() && disk_mib != source.base_mib {
+            return Err(NodeError::Invalid(
+                "disk_mib cannot be changed on a full clone".to_owned(),
+            ));
+        }
+        let vm = Vm {
+            name: name.to_string(),
+            state: VmState::Stopped,
+            image: source.image.manifest.name.clone(),
+            cpus: request.cpus,
+            memory_mib: request.memory_mib,
+            disk_mib,
+            labels: request.labels,
+            restart_policy: request.restart_policy,
+            pid: None,
+            created_at: now_millis(),
+            started_at: None,
+            restarts: 0,
+            linked_to: source.plan.linked_to(),
+            machine_id: Some(new_machine_id()?),
+            network: String::new(),
+            mac: Mac::local(name_hash(name.as_str())).to_string(),
+            addresses: Vec::new(),
+        };
+        let cause = match &request.template {
+            Some(template) if request.full_clone => format!("full clone of template {template}"),
+            Some(template) => format!("linked clone of template {template}"),
+            None => "created by request".to_owned(),
+        };
+        let guard = self.slot(&vm.name).lock().await;
+        let made = {
+            // Held only while the network is chosen and the VM recorded on
+            // it, never through a copy.
+            let _net = self.net_op.lock().await;
+            let vm = Vm {
+                network: self.choose_network(request.network.as_deref())?,
+                ..vm
+            };
+            self.make_vm(vm, &source.image.dir, &source.plan, &cause)?
+        };
+        match made {
+            Made::Done(vm) => Ok(Created::Vm(vm)),
+            Made::Copy(pending) => Ok(Created::Operation(self.copy_in_operation(
+                pending,
+                vec![guard],
+                cause,
+            )?)),
+        }
+    }
+
+    /// Makes a new VM's directory and disk and records it; a copy is only
+    /// prepared (the VM recorded `creating`). On any failure nothing is
+    /// left behind. Called with the new VM's lock held.
+    pub(super) fn make_vm(
+        &self,
+        vm: Vm,
+        image_dir: &Path,
+        plan: &DiskPlan,
+        cause: &str,
+    ) -> Result<Made, NodeError> {
+        let free = free_mib(&self.data.join("vms"))?;
+        if free < MIN_FREE_MIB {
+            return Err(NodeError::InsufficientStorage(format!(
+                "only {free} MiB free in {}; a VM needs at least {MIN_FREE_MIB} MiB",
+                self.data.display()
+            )));
+        }
+        if self.store().get(&vm.name)?.is_some() {
+            return Err(NodeError::Conflict(format!(
+                "a VM named {} already exists",
+                vm.name
+            )));
+        }
+        let dir = self.vm_dir(&vm.name);
+        // A directory without a VM is left from a create cut short.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+        let disk = dir.join("root.qcow2");
+        let (state, kind, made) = match plan {
+            DiskPlan::Overlay { base, .. } => (
+                VmState::Stopped,
+                "created",
+                disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
+                    .map_err(disk_error),
+            ),
+            DiskPlan::Copy { .. } => (VmState::Creating, "creating", Ok(())),
+        };
+        let record = VmRecord {
+            vm: Vm { state, ..vm },
+            image_dir: image_dir.to_owned(),
+        };
+        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, kind, cause)?));
+        match inserted {
+            Ok(event) => self.publish(event.into()),
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err);
+            }
+        }
+        Ok(match plan {
+            DiskPlan::Overlay { .. } => Made::Done(record.vm),
+            DiskPlan::Copy {
+                from, keep_base, ..
+            } => Made::Copy(PendingCopy {
+                name: record.vm.name,
+                from: from.clone(),
+                keep_base: keep_base.clone(),
+                disk,
+                dir,
+                kind: if cause.starts_with("full clone") {
+                    OperationKind::FullClone
+                } else {
+                    OperationKind::CloneVm
+                },
+            }),
+        })
+    }
+
+    /// Copies a `creating` VM's disk in an operation that holds `locks`
+    /// until it ends: the VM becomes `stopped`, or is removed.
+    pub(super) fn copy_in_operation(
+        self: &Arc<Self>,
+        pending: PendingCopy,
+        locks: Vec<OwnedMutexGuard<()>>,
+        cause: String,
+    ) -> Result<Operation, NodeError> {
+        let node = Arc::clone(self);
+        let target = format!("/api/v1/vms/{}", pending.name);
+        self.start_operation(pending.kind, target, true, move |progress| async move {
+            let _locks = locks;
+            let copied = {
+                let (from, keep_base, disk) = (
+                    pending.from.clone(),
+                    pending.keep_base.clone(),
+                    pending.disk.clone(),
+                );
+                let progress = progress.clone();
+                tokio::task::spawn_blocking(move || {
+                    disk::copy_onto_base(&from, &keep_base, &disk, &mut |percent| {
+                        progress.set(percent);
+                        quetzal_engine::failpoint::stall_until("copy-stall", || {
+                            progress.cancelled()
+                        });
+                        !progress.cancelled()
+                    })
+                })
+                .await
+                .map_err(|e| NodeError::Internal(format!("the copy failed: {e}")))
+                .and_then(|copied| copied.map_err(disk_error))
+            };
+            let name = pending.name.as_str();
+            let done = copied.and_then(|()| {
+                node.change(
+                    name,
+                    &Change {
+                        state: VmState::Stopped,
+                        pid: None,
+                        started_at: None,
+                        restarts: 0,
+                        kind: "created",
+                        cause: &cause,
+                    },
+                )
+            });
+            if let Err(err) = &done {
+                node.note(name, "create-failed", &err.to_string());
+                node.remove_vm_record(name, &pending.dir, "its disk could not be made");
+            }
+            done
+        })
+    }
+
+    /// Removes a VM that never became whole: its record and its directory.
+    pub(super) fn remove_vm_record(&self, name: &str, dir: &Path, cause: &str) {
+        match self.store().delete_vm(name, cause) {
+            Ok(event) => self.publish(event.into()),
+            Err(err) => tracing::warn!(vm = %name, error = %err, "cannot remove the VM's record"),
+        }
+        if let Err(err) = std::fs::remove_dir_all(dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
+        }
+        self.forget_slot(name);
+    }
+}
+
+/// What [`Node::make_vm`] did.
+#[derive(Debug)]
+pub(super) enum Made {
+    Done(Vm),
+    Copy(PendingCopy),
+}
+
+pub(super) fn disk_error(err: DiskError) -> NodeError {
+    match err {
+        DiskError::NoSpace { .. } => NodeError::InsufficientStorage(err.to_string()),
+        DiskError::Cancelled { .. } => NodeError::Cancelled("cancelled by request".to_owned()),
+        other => NodeError::Internal(other.to_string()),
+    }
+}
+
+/// The CLI's wording (`--cpus`) becomes the API's (`cpus`).
+fn cpus_message(message: &str) -> String {
+    message.replace("--cpus", "cpus")
+}
+
+fn memory_message(message: &str) -> String {
+    message.replace("--memory", "memory_mib")
+}

@@ -1,0 +1,207 @@
+//! Long work as operations: the request that starts one is answered at
+//! once (`202` with the operation), the work runs in its own task, its
+//! progress is stored and published on the event stream, and a
+//! cancellable one stops when asked. What an operation works on stays
+//! locked (its VM's operation lock) until it ends.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use quetzal_api::{ErrorDetail, Operation, OperationKind, OperationState};
+use tokio::sync::watch;
+
+use super::{Node, NodeError, Published, now_millis, random_hex};
+
+/// How many operations a listing shows.
+const LIST_LIMIT: u32 = 200;
+
+/// The operations running in this daemon: how to cancel each.
+#[derive(Debug, Default)]
+pub(super) struct Running {
+    cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+impl Running {
+    fn insert(&self, id: &str, cancel: watch::Sender<bool>) {
+        self.lock().insert(id.to_owned(), cancel);
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Asks a running operation to stop; false when it is not running here.
+    fn cancel(&self, id: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|cancel| cancel.send(true).is_ok())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
+        self.cancels
+            .lock()
+            .expect("never poisoned: no panics while held")
+    }
+}
+
+/// What an operation's work gets: a way to report progress and to learn
+/// that it was cancelled.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    node: Arc<Node>,
+    id: String,
+    cancel: watch::Receiver<bool>,
+    last: Arc<Mutex<u8>>,
+}
+
+impl Progress {
+    /// Records how far the work is (0-100); only a rise is recorded.
+    pub fn set(&self, percent: u32) {
+        let percent = u8::try_from(percent.min(100)).expect("at most 100");
+        {
+            let mut last = self.last.lock().expect("never poisoned");
+            if percent <= *last {
+                return;
+            }
+            *last = percent;
+        }
+        self.node
+            .update_operation(&self.id, |op| op.progress = percent);
+    }
+
+    /// Whether a user asked to stop it.
+    pub fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+}
+
+impl Node {
+    /// Starts `work` as an operation on `target` (an API path) and returns
+    /// it, running. `work` runs in its own task; what it returns ends the
+    /// operation (a [`NodeError::Cancelled`] as `cancelled`).
+    pub(super) fn start_operation<F, Fut>(
+        self: &Arc<Self>,
+        kind: OperationKind,
+        target: String,
+        cancellable: bool,
+        work: F,
+    ) -> Result<Operation, NodeError>
+    where
+        F: FnOnce(Progress) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), NodeError>> + Send + 'static,
+    {
+        let op = Operation {
+            id: random_hex(8)?,
+            kind,
+            target,
+            state: OperationState::Running,
+            progress: 0,
+            cancellable,
+            error: None,
+            started_at: now_millis(),
+            finished_at: None,
+        };
+        self.store().insert_operation(&op)?;
+        let (cancel_tx, cancel) = watch::channel(false);
+        self.running.insert(&op.id, cancel_tx);
+        let progress = Progress {
+            node: Arc::clone(self),
+            id: op.id.clone(),
+            cancel,
+            last: Arc::default(),
+        };
+        tracing::info!(operation = %op.id, kind = op.kind.as_str(), target = %op.target, "operation started");
+        self.publish(Published::Operation(op.clone()));
+        let node = Arc::clone(self);
+        let id = op.id.clone();
+        tokio::spawn(async move {
+            // Its own task, so that a panic in the work still ends the
+            // operation (as failed) instead of leaving it running.
+            let result = match tokio::spawn(work(progress)).await {
+                Ok(result) => result,
+                Err(err) => Err(NodeError::Internal(format!("the operation failed: {err}"))),
+            };
+            node.running.remove(&id);
+            node.update_operation(&id, |op| {
+                op.finished_at = Some(now_millis());
+                match &result {
+                    Ok(()) => {
+                        op.state = OperationState::Succeeded;
+                        op.progress = 100;
+                    }
+                    Err(err) => {
+                        op.state = match err {
+                            NodeError::Cancelled(_) => OperationState::Cancelled,
+                            _ => OperationState::Failed,
+                        };
+                        op.error = Some(ErrorDetail {
+                            code: err.code().to_owned(),
+                            message: err.to_string(),
+                        });
+                    }
+                }
+            });
+        });
+        Ok(op)
+    }
+
+    /// Changes a stored operation and publishes it.
+    fn update_operation(&self, id: &str, change: impl FnOnce(&mut Operation)) {
+        let updated = {
+            let mut store = self.store();
+            store.operation(id).and_then(|op| {
+                let Some(mut op) = op else { return Ok(None) };
+                change(&mut op);
+                store.update_operation(&op).map(|()| Some(op))
+            })
+        };
+        match updated {
+            Ok(Some(op)) => {
+                if op.state.is_finished() {
+                    tracing::info!(operation = %op.id, state = op.state.as_str(), "operation ended");
+                }
+                self.publish(Published::Operation(op));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(operation = %id, error = %err, "cannot record the operation")
+            }
+        }
+    }
+
+    /// The newest operations, newest first.
+    pub fn operations(&self) -> Result<Vec<Operation>, NodeError> {
+        Ok(self.store().operations(LIST_LIMIT)?)
+    }
+
+    pub fn operation(&self, id: &str) -> Result<Operation, NodeError> {
+        self.store()
+            .operation(id)?
+            .ok_or_else(|| NodeError::NotFound(format!("no operation with id {id}")))
+    }
+
+    /// Asks a running, cancellable operation to stop. It ends `cancelled`
+    /// once its work has undone what it made.
+    pub fn cancel_operation(&self, id: &str) -> Result<Operation, NodeError> {
+        let op = self.operation(id)?;
+        if op.state.is_finished() {
+            return Err(NodeError::Conflict(format!(
+                "operation {id} has already {}",
+                op.state.as_str()
+            )));
+        }
+        if !op.cancellable {
+            return Err(NodeError::Conflict(format!(
+                "a {} operation cannot be cancelled",
+                op.kind.as_str()
+            )));
+        }
+        if !self.running.cancel(id) {
+            return Err(NodeError::Conflict(format!(
+                "operation {id} is ending already"
+            )));
+        }
+        self.operation(id)
+    }
+}

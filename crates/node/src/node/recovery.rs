@@ -1,0 +1,191 @@
+//! After a daemon start: operations that were running failed with the
+//! last daemon, and what they made half-way is removed; VMs whose QEMU
+//! still runs are re-attached, and those that died meanwhile are marked
+//! (and handled per their restart policy).
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use quetzal_api::VmState;
+use quetzal_engine::EngineVm;
+
+use super::{Node, NodeError, Published, stopped, supervisor};
+use crate::store::Change;
+
+impl Node {
+    pub(super) async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
+        let interrupted = self.store().fail_interrupted_operations()?;
+        for op in interrupted {
+            tracing::warn!(operation = %op.id, kind = op.kind.as_str(), target = %op.target, "operation interrupted by a daemon restart");
+            self.publish(Published::Operation(op));
+        }
+        self.remove_half_made()?;
+        self.reattach().await
+    }
+
+    /// Removes what an operation cut short by the last daemon's end left:
+    /// VMs still `creating` (a copy that did not finish), template
+    /// directories no template owns, and the directories of VMs that
+    /// became templates.
+    fn remove_half_made(&self) -> Result<(), NodeError> {
+        let records = self.store().list()?;
+        for record in records.iter().filter(|r| r.vm.state == VmState::Creating) {
+            let name = &record.vm.name;
+            tracing::warn!(vm = %name, "removing a VM whose disk copy was interrupted");
+            self.note(
+                name,
+                "create-failed",
+                "quetzald stopped while its disk was copied",
+            );
+            self.remove_vm_record(name, &self.vm_dir(name), "its disk copy was interrupted");
+        }
+        let templates = self.store().templates()?;
+        let dir = self.templates_dir();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !templates.iter().any(|t| t.name == name) {
+                tracing::warn!(template = %name, "removing a template directory no template owns");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        for template in &templates {
+            let disk = self.template_disk(&template.name);
+            let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
+            let source = self.vm_dir(&template.source_vm);
+            let recorded = records.iter().any(|r| r.vm.name == template.source_vm);
+            if !recorded && source.join("root.qcow2").exists() {
+                tracing::warn!(vm = %template.source_vm, "removing the directory of a VM that became a template");
+                let _ = std::fs::remove_dir_all(&source);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a daemon start: re-attach to every VM whose QEMU still runs,
+    /// and mark (and handle per policy) those that died meanwhile.
+    /// Finds each VM's QEMU again (by the pidfile its process wrote, or
+    /// the pid in the store) and makes the store agree with what runs:
+    /// a running VM has exactly one QEMU, a stopped one none.
+    async fn reattach(self: &Arc<Self>) -> Result<(), NodeError> {
+        let records = self.store().list()?;
+        for record in records {
+            let name = record.vm.name.clone();
+            let dir = self.vm_dir(&name);
+            let slot = self.slot(&name);
+            let _op = slot.lock().await;
+            let pid = self.engine.leftover(&dir).or(record.vm.pid);
+            let attached = match pid {
+                Some(pid) => self.engine.attach(&dir, pid, 1).await.ok(),
+                None => None,
+            };
+            let state = record.vm.state;
+            let Some(mut qemu) = attached else {
+                // One that runs but cannot be taken over is ended too.
+                self.engine.end_leftover(&dir).await;
+                match state {
+                    VmState::Running | VmState::Paused | VmState::Starting => {
+                        let cause = if state == VmState::Starting {
+                            "quetzald stopped during its start; its QEMU is gone".to_owned()
+                        } else {
+                            "its QEMU ended while quetzald was down".to_owned()
+                        };
+                        self.mark_crashed(&record, &cause)?;
+                    }
+                    VmState::Stopping => {
+                        self.change(
+                            &name,
+                            &stopped("stopped", "stopped while quetzald was down"),
+                        )?;
+                    }
+                    VmState::Stopped | VmState::Crashed | VmState::Creating => {}
+                }
+                continue;
+            };
+            let engine_state = qemu.state().await.ok();
+            let reattach = match state {
+                VmState::Running | VmState::Paused => true,
+                // A start cut short: keep it if its vCPUs already ran.
+                VmState::Starting => matches!(
+                    engine_state,
+                    Some(quetzal_engine::VmState::Running | quetzal_engine::VmState::Paused)
+                ),
+                VmState::Stopping | VmState::Stopped | VmState::Crashed | VmState::Creating => {
+                    false
+                }
+            };
+            if !reattach {
+                // Nothing may run that the store does not show running.
+                let _ = qemu.kill().await;
+                match state {
+                    VmState::Starting => {
+                        self.mark_crashed(
+                            &record,
+                            "quetzald stopped during its start; its QEMU was ended before it ran",
+                        )?;
+                    }
+                    VmState::Stopping => {
+                        self.change(
+                            &name,
+                            &stopped("stopped", "the stop was finished after quetzald restarted"),
+                        )?;
+                    }
+                    _ => {
+                        tracing::warn!(vm = %name, state = state.as_str(), "ended a QEMU the store did not know was running")
+                    }
+                }
+                continue;
+            }
+            let console = match qemu.console().await {
+                Ok(console) => console,
+                Err(err) => {
+                    let _ = qemu.kill().await;
+                    self.mark_crashed(
+                        &record,
+                        &format!("its console could not be reached after a daemon restart ({err})"),
+                    )?;
+                    continue;
+                }
+            };
+            let generation = self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let pid = qemu.pid();
+            let live = supervisor::spawn(Arc::clone(self), name.clone(), generation, qemu, console);
+            slot.set_live(Some(Arc::new(live)));
+            let now = match engine_state {
+                Some(quetzal_engine::VmState::Paused) => VmState::Paused,
+                _ => VmState::Running,
+            };
+            self.change(
+                &name,
+                &Change {
+                    state: now,
+                    pid,
+                    started_at: record.vm.started_at.or(Some(super::now_millis())),
+                    restarts: record.vm.restarts,
+                    kind: "reattached",
+                    cause: "quetzald restarted; the VM kept running",
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records that a VM's QEMU is gone without a stop, and applies its
+    /// restart policy.
+    fn mark_crashed(
+        self: &Arc<Self>,
+        record: &crate::store::VmRecord,
+        cause: &str,
+    ) -> Result<(), NodeError> {
+        self.change(
+            &record.vm.name,
+            &Change {
+                state: VmState::Crashed,
+                ..stopped("crashed", cause)
+            },
+        )?;
+        self.apply_policy(record, VmState::Crashed, cause);
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! Operations in the store: one row each, updated as they progress, so
+//! they outlive the daemon (one that was running when it stopped is
+//! marked failed at the next start, never left running).
+
+use quetzal_api::{ErrorDetail, Operation, OperationKind, OperationState};
+use rusqlite::{OptionalExtension, params};
+
+use super::{Store, StoreError, now_millis};
+
+/// How many finished operations the store keeps.
+const KEEP_FINISHED: u32 = 1000;
+
+const SELECT_OPERATION: &str = "SELECT id, kind, target, state, progress, cancellable,
+    error_code, error_message, started_at, finished_at FROM operations";
+
+impl Store {
+    pub fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO operations (id, kind, target, state, progress, cancellable,
+                    error_code, error_message, started_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    op.id,
+                    op.kind.as_str(),
+                    op.target,
+                    op.state.as_str(),
+                    op.progress,
+                    op.cancellable,
+                    op.error.as_ref().map(|e| e.code.as_str()),
+                    op.error.as_ref().map(|e| e.message.as_str()),
+                    op.started_at,
+                    op.finished_at,
+                ],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Writes an operation's progress, state, error and end.
+    pub fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE operations SET state = ?2, progress = ?3, error_code = ?4,
+                    error_message = ?5, finished_at = ?6 WHERE id = ?1",
+                params![
+                    op.id,
+                    op.state.as_str(),
+                    op.progress,
+                    op.error.as_ref().map(|e| e.code.as_str()),
+                    op.error.as_ref().map(|e| e.message.as_str()),
+                    op.finished_at,
+                ],
+            )
+            .map_err(|e| self.sql(e))?;
+        if op.state.is_finished() {
+            self.conn
+                .execute(
+                    "DELETE FROM operations WHERE state != 'running' AND id NOT IN
+                        (SELECT id FROM operations WHERE state != 'running'
+                         ORDER BY started_at DESC LIMIT ?1)",
+                    params![KEEP_FINISHED],
+                )
+                .map_err(|e| self.sql(e))?;
+        }
+        Ok(())
+    }
+
+    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("{SELECT_OPERATION} WHERE id = ?1"),
+                params![id],
+                read_operation,
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?
+            .transpose()
+    }
+
+    /// The newest `limit` operations, newest first.
+    pub fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!(
+                "{SELECT_OPERATION} ORDER BY started_at DESC, id LIMIT ?1"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![limit], read_operation)
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e))?;
+        rows.into_iter().collect()
+    }
+
+    /// At daemon start: what was running when the last daemon stopped
+    /// failed with it. Returns those operations.
+    pub fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError> {
+        let running: Vec<Operation> = self
+            .operations(u32::MAX)?
+            .into_iter()
+            .filter(|op| op.state == OperationState::Running)
+            .collect();
+        let mut failed = Vec::new();
+        for op in running {
+            let op = Operation {
+                state: OperationState::Failed,
+                error: Some(ErrorDetail {
+                    code: "interrupted".to_owned(),
+                    message: "quetzald stopped while it ran; what it had made was removed"
+                        .to_owned(),
+                }),
+                finished_at: Some(now_millis()),
+                ..op
+            };
+            self.update_operation(&op)?;
+            failed.push(op);
+        }
+        Ok(failed)
+    }
+}
+
+type Row = Result<Operation, StoreError>;
+
+fn read_operation(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let id: String = row.get(0)?;
+    let kind: String = row.get(1)?;
+    let state: String = row.get(3)?;
+    let code: Option<String> = row.get(6)?;
+    let message: Option<String> = row.get(7)?;
+    let Some(kind) = OperationKind::parse(&kind) else {
+        return Ok(Err(StoreError::Corrupt(format!(
+            "kind of operation {id}: {kind}"
+        ))));
+    };
+    let Some(state) = OperationState::parse(&state) else {
+        return Ok(Err(StoreError::Corrupt(format!(
+            "state of operation {id}: {state}"
+        ))));
+    };
+    Ok(Ok(Operation {
+        id,
+        kind,
+        target: row.get(2)?,
+        state,
+        progress: row.get(4)?,
+        cancellable: row.get(5)?,
+        error: code.map(|code| ErrorDetail {
+            code,
+            message: message.unwrap_or_default(),
+        }),
+        started_at: row.get(8)?,
+        finished_at: row.get(9)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(id: &str, started_at: i64) -> Operation {
+        Operation {
+            id: id.to_owned(),
+            kind: OperationKind::FullClone,
+            target: "/api/v1/vms/c1".to_owned(),
+            state: OperationState::Running,
+            progress: 0,
+            cancellable: true,
+            error: None,
+            started_at,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn keeps_an_operation_and_its_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store.insert_operation(&running("a", 1)).unwrap();
+
+        let done = Operation {
+            state: OperationState::Succeeded,
+            progress: 100,
+            finished_at: Some(2),
+            ..running("a", 1)
+        };
+        store.update_operation(&done).unwrap();
+
+        assert_eq!(store.operation("a").unwrap(), Some(done));
+        assert_eq!(store.operation("b").unwrap(), None);
+    }
+
+    #[test]
+    fn a_restart_fails_what_was_running_and_leaves_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store.insert_operation(&running("a", 1)).unwrap();
+        let done = Operation {
+            state: OperationState::Succeeded,
+            ..running("b", 2)
+        };
+        store.insert_operation(&done).unwrap();
+
+        let failed = store.fail_interrupted_operations().unwrap();
+
+        assert_eq!(failed.len(), 1);
+        let a = store.operation("a").unwrap().unwrap();
+        assert_eq!(a.state, OperationState::Failed);
+        assert_eq!(a.error.unwrap().code, "interrupted");
+        assert_eq!(store.operation("b").unwrap(), Some(done));
+        let ids: Vec<String> = store
+            .operations(10)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(ids, ["b", "a"]);
+    }
+}
