@@ -460,7 +460,7 @@ fn the_openapi_document_matches_real_answers() {
     let started = api(&daemon, "POST", "/api/v1/vms/doc/start", None);
     conforms(
         &doc,
-        response_schema(&doc, "/api/v1/vms/{name}/{action}", "post", 200),
+        response_schema(&doc, "/api/v1/vms/{name}/start", "post", 200),
         &started.1,
         "start",
     );

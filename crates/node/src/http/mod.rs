@@ -2,6 +2,9 @@
 //! its result. Errors are always `{"error": {"code", "message"}}`.
 
 mod console;
+mod contract;
+
+use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
 mod operations;
 mod vnc;
@@ -12,8 +15,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
@@ -23,8 +27,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use quetzal_api::{
     CloneVm, CreateNetwork, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail,
-    Event, EventPage, Host, Network, OperationResponse, Snapshot, SnapshotList, Template, Vm,
-    VmState,
+    Event, EventPage, Host, Network, OperationResponse, SnapshotList, Template, Vm, VmState,
 };
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
@@ -104,6 +107,27 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
     }
 }
 
+/// Path parameters, rejected the same way (a bad percent-encoding).
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|rejection: PathRejection| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    rejection.body_text(),
+                )
+            })
+    }
+}
+
 /// A query string, rejected the same way.
 #[derive(Debug)]
 pub struct Query<T>(pub T);
@@ -128,12 +152,18 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "Quetzal API", description = "quetzald's REST API"),
+    modifiers(&Contract),
     paths(
         list_vms,
         create_vm,
         get_vm,
         delete_vm,
-        vm_action,
+        start_vm,
+        stop_vm,
+        force_stop_vm,
+        restart_vm,
+        pause_vm,
+        resume_vm,
         clone_vm,
         list_templates,
         create_template,
@@ -161,7 +191,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         CloneVm,
         Template,
         CreateTemplate,
-        Snapshot,
+        quetzal_api::Snapshot,
         SnapshotList,
         CreateSnapshot,
         Network,
@@ -222,7 +252,13 @@ pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
             "/api/v1/networks/{name}",
             get(get_network).delete(delete_network),
         )
-        .route("/api/v1/vms/{name}/{action}", post(vm_action))
+        .route("/api/v1/vms/{name}/start", post(start_vm))
+        .route("/api/v1/vms/{name}/stop", post(stop_vm))
+        .route("/api/v1/vms/{name}/force-stop", post(force_stop_vm))
+        .route("/api/v1/vms/{name}/restart", post(restart_vm))
+        .route("/api/v1/vms/{name}/pause", post(pause_vm))
+        .route("/api/v1/vms/{name}/resume", post(resume_vm))
+        .route("/api/v1/vms/{name}/{action}", post(unknown_action))
         .route("/api/v1/operations", get(operations::list))
         .route(
             "/api/v1/operations/{id}",
@@ -268,6 +304,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only VMs in this state.
@@ -325,16 +362,17 @@ async fn create_vm(
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/api/v1/vms/{name}",
+#[utoipa::path(get, path = "/api/v1/vms/{name}", params(contract::NamePath),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
 async fn get_vm(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<Vm>, ApiError> {
     Ok(Json(app.node.get(&name)?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DeleteQuery {
     /// Keep the VM's disk files.
@@ -343,11 +381,11 @@ struct DeleteQuery {
 }
 
 /// Delete a stopped VM (and its disks unless `keep_disks`).
-#[utoipa::path(delete, path = "/api/v1/vms/{name}", params(DeleteQuery),
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", params(contract::NamePath, DeleteQuery),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_vm(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
     Query(query): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete(&name, query.keep_disks).await?;
@@ -355,43 +393,81 @@ async fn delete_vm(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ActionQuery {
     /// For stop and restart: seconds to wait for the guest before forcing it off.
     timeout_secs: Option<u64>,
 }
 
-/// Run a lifecycle action: `start`, `stop`, `force-stop`, `restart`, `pause`, `resume`.
-#[utoipa::path(post, path = "/api/v1/vms/{name}/{action}", params(ActionQuery),
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn vm_action(
-    State(app): State<AppState>,
-    Path((name, action)): Path<(String, String)>,
-    Query(query): Query<ActionQuery>,
-) -> Result<Json<Vm>, ApiError> {
-    let timeout = query
-        .timeout_secs
-        .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
-    let node = &app.node;
-    let vm = match action.as_str() {
-        "start" => node.start(&name).await?,
-        "stop" => node.stop(&name, timeout).await?,
-        "force-stop" => node.force_stop(&name).await?,
-        "restart" => node.restart(&name, timeout).await?,
-        "pause" => node.pause(&name).await?,
-        "resume" => node.resume(&name).await?,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no action '{other}' (start, stop, force-stop, restart, pause, resume)"),
-            ));
+macro_rules! vm_action {
+    ($handler:ident, $path:literal, $doc:literal, |$node:ident, $name:ident, $timeout:ident| $call:expr) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, params(contract::NamePath, ActionQuery),
+                    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+                        (status = 409, body = ErrorBody)))]
+        async fn $handler(
+            State(app): State<AppState>,
+            Path(NamePath { name: $name }): Path<NamePath>,
+            Query(query): Query<ActionQuery>,
+        ) -> Result<Json<Vm>, ApiError> {
+            let $timeout = query
+                .timeout_secs
+                .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+            let $node = &app.node;
+            Ok(Json($call))
         }
     };
-    Ok(Json(vm))
+}
+
+vm_action!(
+    start_vm,
+    "/api/v1/vms/{name}/start",
+    "Start a stopped or crashed VM.",
+    |node, name, _timeout| node.start(&name).await?
+);
+vm_action!(
+    stop_vm,
+    "/api/v1/vms/{name}/stop",
+    "Stop a VM: the power button, then forced off after `timeout_secs`.",
+    |node, name, timeout| node.stop(&name, timeout).await?
+);
+vm_action!(
+    force_stop_vm,
+    "/api/v1/vms/{name}/force-stop",
+    "End a VM's QEMU at once.",
+    |node, name, _timeout| node.force_stop(&name).await?
+);
+vm_action!(
+    restart_vm,
+    "/api/v1/vms/{name}/restart",
+    "Stop, then start a running VM.",
+    |node, name, timeout| node.restart(&name, timeout).await?
+);
+vm_action!(
+    pause_vm,
+    "/api/v1/vms/{name}/pause",
+    "Freeze a running VM's vCPUs.",
+    |node, name, _timeout| node.pause(&name).await?
+);
+vm_action!(
+    resume_vm,
+    "/api/v1/vms/{name}/resume",
+    "Let a paused VM run again.",
+    |node, name, _timeout| node.resume(&name).await?
+);
+
+/// Any other action on a VM: not one (404, naming those there are).
+async fn unknown_action(Path((_, action)): Path<(String, String)>) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no action '{action}' (start, stop, force-stop, restart, pause, resume)"),
+    )
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Only events after this id.
@@ -493,11 +569,11 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
 }
 
 /// Clone a stopped VM into a new, stopped VM.
-#[utoipa::path(post, path = "/api/v1/vms/{name}/clone", request_body = CloneVm,
+#[utoipa::path(post, path = "/api/v1/vms/{name}/clone", params(contract::NamePath), request_body = CloneVm,
     responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn clone_vm(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
     Body(request): Body<CloneVm>,
 ) -> Result<Response, ApiError> {
     Ok(operations::accepted(
@@ -525,33 +601,33 @@ async fn create_template(
 }
 
 /// One template.
-#[utoipa::path(get, path = "/api/v1/templates/{name}",
+#[utoipa::path(get, path = "/api/v1/templates/{name}", params(contract::NamePath),
     responses((status = 200, body = Template), (status = 404, body = ErrorBody)))]
 async fn get_template(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<Template>, ApiError> {
     Ok(Json(app.node.template(&name)?))
 }
 
 /// Delete a template no VM is a linked clone of.
-#[utoipa::path(delete, path = "/api/v1/templates/{name}",
+#[utoipa::path(delete, path = "/api/v1/templates/{name}", params(contract::NamePath),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_template(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// A running VM's resource counters (the dashboard's charts poll these).
-#[utoipa::path(get, path = "/api/v1/vms/{name}/stats",
+#[utoipa::path(get, path = "/api/v1/vms/{name}/stats", params(contract::NamePath),
     responses((status = 200, body = quetzal_api::VmStats), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 async fn vm_stats(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<quetzal_api::VmStats>, ApiError> {
     Ok(Json(app.node.vm_stats(&name).await?))
 }
@@ -577,43 +653,43 @@ async fn create_network(
 }
 
 /// One network, with its leases.
-#[utoipa::path(get, path = "/api/v1/networks/{name}",
+#[utoipa::path(get, path = "/api/v1/networks/{name}", params(contract::NamePath),
     responses((status = 200, body = Network), (status = 404, body = ErrorBody)))]
 async fn get_network(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<Network>, ApiError> {
     Ok(Json(app.node.network(&name)?))
 }
 
 /// Delete a network no VM uses.
-#[utoipa::path(delete, path = "/api/v1/networks/{name}",
+#[utoipa::path(delete, path = "/api/v1/networks/{name}", params(contract::NamePath),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_network(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_network(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// A VM's snapshots and the one it is at.
-#[utoipa::path(get, path = "/api/v1/vms/{name}/snapshots",
+#[utoipa::path(get, path = "/api/v1/vms/{name}/snapshots", params(contract::NamePath),
     responses((status = 200, body = SnapshotList), (status = 404, body = ErrorBody)))]
 async fn list_snapshots(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<SnapshotList>, ApiError> {
     Ok(Json(app.node.snapshots(&name)?))
 }
 
 /// Take a snapshot (with memory while running, disk-only while stopped).
-#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", request_body = CreateSnapshot,
+#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", params(contract::NamePath), request_body = CreateSnapshot,
     responses((status = 202, body = OperationResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 async fn create_snapshot(
     State(app): State<AppState>,
-    Path(name): Path<String>,
+    Path(NamePath { name }): Path<NamePath>,
     Body(request): Body<CreateSnapshot>,
 ) -> Result<Response, ApiError> {
     Ok(operations::accepted(
@@ -622,11 +698,11 @@ async fn create_snapshot(
 }
 
 /// Go back to a snapshot.
-#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
+#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots/{snapshot}/revert", params(contract::SnapshotPath),
     responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn revert_snapshot(
     State(app): State<AppState>,
-    Path((name, snapshot)): Path<(String, String)>,
+    Path(SnapshotPath { name, snapshot }): Path<SnapshotPath>,
 ) -> Result<Response, ApiError> {
     Ok(operations::accepted(
         app.node.snapshot_revert(&name, &snapshot).await?,
@@ -634,11 +710,11 @@ async fn revert_snapshot(
 }
 
 /// Delete a snapshot.
-#[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}",
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}", params(contract::SnapshotPath),
     responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_snapshot(
     State(app): State<AppState>,
-    Path((name, snapshot)): Path<(String, String)>,
+    Path(SnapshotPath { name, snapshot }): Path<SnapshotPath>,
 ) -> Result<Response, ApiError> {
     Ok(operations::accepted(
         app.node.snapshot_delete(&name, &snapshot).await?,

@@ -1,12 +1,13 @@
 //! `/api/v1/operations`: long work, read and cancelled.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use quetzal_api::{ErrorBody, Operation, OperationList, OperationResponse};
 
-use super::{ApiError, AppState};
+use super::contract::IdPath;
+use super::{ApiError, AppState, Path};
 
 /// `202 Accepted` with the operation and where to follow it.
 pub(super) fn accepted(operation: Operation) -> Response {
@@ -29,11 +30,11 @@ pub(super) async fn list(State(app): State<AppState>) -> Result<Json<OperationLi
 }
 
 /// One operation.
-#[utoipa::path(get, path = "/api/v1/operations/{id}",
+#[utoipa::path(get, path = "/api/v1/operations/{id}", params(IdPath),
     responses((status = 200, body = OperationResponse), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<OperationResponse>, ApiError> {
     Ok(Json(OperationResponse {
         operation: app.node.operation(&id)?,
@@ -42,12 +43,12 @@ pub(super) async fn get(
 
 /// Cancel a running operation that can be cancelled; it ends `cancelled`
 /// once what it made is removed.
-#[utoipa::path(delete, path = "/api/v1/operations/{id}",
+#[utoipa::path(delete, path = "/api/v1/operations/{id}", params(IdPath),
     responses((status = 202, body = OperationResponse), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 pub(super) async fn cancel(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Response, ApiError> {
     Ok(accepted(app.node.cancel_operation(&id)?))
 }
