@@ -113,3 +113,50 @@ fn parameters_security_and_errors_are_declared_where_they_are() {
     let full_clone = &doc["paths"]["/api/v1/vms"]["post"]["responses"]["202"];
     assert!(full_clone.is_object(), "a full clone's 202 is documented");
 }
+
+#[test]
+fn a_schema_driven_fuzzer_finds_no_server_error_and_no_undocumented_answer() {
+    let data = quetzal_testkit::DataDir::new();
+    let daemon = Daemon::start_in(Path::new(QUETZALD), data, Some("127.0.0.1:0"));
+    let addr = daemon.tcp_addr().unwrap().to_owned();
+    let token = std::fs::read_to_string(daemon.data.path().join("token")).unwrap();
+    let (_, doc) = served_document(&daemon);
+    let operations: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis.toml");
+
+    let run = Command::new(tool("st"))
+        .arg("--config-file")
+        .arg(&config)
+        .args(["run", &format!("http://{addr}/api/v1/openapi.json")])
+        .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
+            "--seed",
+            "1",
+            "--max-examples",
+            "10",
+            "--no-color",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .current_dir(daemon.data.path())
+        .output()
+        .unwrap();
+
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let tested = format!("Tested: {operations}");
+    assert!(
+        report.contains(&tested),
+        "not every operation was tested ({tested}): {report}"
+    );
+}

@@ -510,3 +510,25 @@ fn the_openapi_document_matches_real_answers() {
     assert_eq!(started.1["state"], "running");
     assert_eq!(host.1["vms_by_state"]["running"], 1);
 }
+
+#[test]
+fn a_name_too_long_for_the_data_directorys_sockets_is_refused() {
+    let daemon = daemon();
+    let name = "n".repeat(63);
+
+    let answer = api(
+        &daemon,
+        "POST",
+        "/api/v1/vms",
+        Some(&format!(r#"{{"name": "{name}"}}"#)),
+    );
+
+    let message = assert_error(&answer, 400, "invalid_request");
+    assert!(
+        message.contains("too long for this node's data directory"),
+        "{message}"
+    );
+    assert_nothing_created(&daemon);
+    let (status, _) = daemon.request("POST", "/api/v1/vms/web/stop?timeout_secs=3601", None);
+    assert_eq!(status, 400);
+}

@@ -73,6 +73,17 @@ pub struct RunPaths {
 }
 
 impl RunPaths {
+    /// How long a run directory's own name under `parent` may be for all
+    /// its sockets to fit in a Unix socket address.
+    pub fn max_dir_name(parent: &Path) -> usize {
+        let longest = ["qmp.sock", "console.sock", "vnc.sock"]
+            .iter()
+            .map(|name| name.len())
+            .max()
+            .unwrap_or(0);
+        MAX_SOCKET_PATH.saturating_sub(parent.as_os_str().len() + 2 + longest)
+    }
+
     pub fn new(dir: &Path) -> Self {
         RunPaths {
             dir: dir.to_owned(),

@@ -183,6 +183,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         operations::get,
         operations::cancel,
         web::login,
+        web::logout,
         host
     ),
     components(schemas(
@@ -308,8 +309,10 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only VMs in this state.
+    #[param(value_type = Option<VmState>)]
     state: Option<String>,
     /// Only VMs with this label, as `key=value`.
+    #[param(pattern = "^[^=]+=.*$")]
     label: Option<String>,
 }
 
@@ -349,7 +352,7 @@ async fn list_vms(
 /// Create a VM (stopped). A full clone copies its disk in an operation.
 #[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVm,
     responses((status = 201, body = Vm), (status = 202, body = OperationResponse),
-        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 507, body = ErrorBody)))]
 async fn create_vm(
     State(app): State<AppState>,
@@ -396,24 +399,37 @@ async fn delete_vm(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ActionQuery {
-    /// For stop and restart: seconds to wait for the guest before forcing it off.
+    /// For stop and restart: seconds to wait for the guest before forcing
+    /// it off (default 30, at most 3600).
+    #[param(minimum = 0, maximum = 3600)]
     timeout_secs: Option<u64>,
 }
+
+/// The longest graceful stop a request may ask for.
+const MAX_STOP_TIMEOUT_SECS: u64 = 3600;
 
 macro_rules! vm_action {
     ($handler:ident, $path:literal, $doc:literal, |$node:ident, $name:ident, $timeout:ident| $call:expr) => {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, params(contract::NamePath, ActionQuery),
-                    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-                        (status = 409, body = ErrorBody)))]
+                            responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+                                (status = 409, body = ErrorBody)))]
         async fn $handler(
             State(app): State<AppState>,
             Path(NamePath { name: $name }): Path<NamePath>,
             Query(query): Query<ActionQuery>,
         ) -> Result<Json<Vm>, ApiError> {
-            let $timeout = query
-                .timeout_secs
-                .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+            let $timeout = match query.timeout_secs {
+                None => DEFAULT_STOP_TIMEOUT,
+                Some(secs) if secs <= MAX_STOP_TIMEOUT_SECS => Duration::from_secs(secs),
+                Some(secs) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!("timeout_secs must be at most {MAX_STOP_TIMEOUT_SECS}, not {secs}"),
+                    ));
+                }
+            };
             let $node = &app.node;
             Ok(Json($call))
         }
@@ -477,6 +493,7 @@ struct EventsQuery {
     /// oldest first (a very large id gives the newest).
     before: Option<i64>,
     /// At most this many (1-1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Only this VM's events.
     vm: Option<String>,

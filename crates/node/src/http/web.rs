@@ -104,6 +104,7 @@ pub async fn login(
 }
 
 /// Log out: the session ends and its cookie is cleared.
+#[utoipa::path(delete, path = "/api/v1/session", responses((status = 204)))]
 pub async fn logout(State(auth): State<Option<Arc<Auth>>>, headers: HeaderMap) -> Response {
     if let (Some(auth), Some(session)) = (auth, session_cookie(&headers)) {
         auth.sessions

@@ -119,6 +119,13 @@ impl Node {
                 self.data.display()
             )));
         }
+        let room = quetzal_engine::qemu::RunPaths::max_dir_name(&self.data.join("vms"));
+        if vm.name.len() > room {
+            return Err(NodeError::Invalid(format!(
+                "the name {} is too long for this node's data directory: at most {room} characters here",
+                vm.name
+            )));
+        }
         if self.store().get(&vm.name)?.is_some() {
             return Err(NodeError::Conflict(format!(
                 "a VM named {} already exists",
