@@ -26,10 +26,16 @@ pub enum VmState {
     Stopping,
     /// Its QEMU died or its guest panicked, and it was not restarted.
     Crashed,
+    /// Moving to another node (cluster only).
+    Migrating,
+    /// Its node cannot be reached, so what it does is not known (cluster
+    /// only). An older client also shows states it does not know as this.
+    #[serde(other)]
+    Unknown,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
@@ -37,6 +43,8 @@ impl VmState {
         VmState::Paused,
         VmState::Stopping,
         VmState::Crashed,
+        VmState::Migrating,
+        VmState::Unknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +56,8 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Crashed => "crashed",
+            VmState::Migrating => "migrating",
+            VmState::Unknown => "unknown",
         }
     }
 
@@ -245,13 +255,121 @@ pub struct Event {
     /// Unix milliseconds.
     pub at: i64,
     pub vm: String,
-    /// `created`, `started`, `stopped`, `paused`, `resumed`, `crashed`,
-    /// `restarting`, `deleted`, `reattached`...
-    pub kind: String,
+    pub kind: EventKind,
     /// The VM's state after the change.
     pub state: Option<VmState>,
     /// Why, in words.
     pub cause: String,
+}
+
+/// What an event tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A VM recorded while its disk is copied.
+    Creating,
+    Created,
+    /// Its disk could not be made; the VM is gone.
+    CreateFailed,
+    /// Disk copy progress (written by daemons before operations existed).
+    Copying,
+    Starting,
+    Started,
+    StartFailed,
+    /// The restart policy will start it again.
+    Restarting,
+    /// Started again by the restart policy.
+    Restarted,
+    /// A new quetzald took over its running QEMU.
+    Reattached,
+    Stopping,
+    Stopped,
+    Crashed,
+    Paused,
+    Resumed,
+    /// The guest rebooted, or the host reset it.
+    Reset,
+    Deleted,
+    /// It became a template.
+    Templated,
+    SnapshotTaken,
+    Reverted,
+    SnapshotDeleted,
+    /// Its network's DHCP server gave it an address.
+    Address,
+    /// Events of this kind came too fast; some were not logged.
+    Suppressed,
+    /// A kind this client does not know (from a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 24] = [
+        EventKind::Creating,
+        EventKind::Created,
+        EventKind::CreateFailed,
+        EventKind::Copying,
+        EventKind::Starting,
+        EventKind::Started,
+        EventKind::StartFailed,
+        EventKind::Restarting,
+        EventKind::Restarted,
+        EventKind::Reattached,
+        EventKind::Stopping,
+        EventKind::Stopped,
+        EventKind::Crashed,
+        EventKind::Paused,
+        EventKind::Resumed,
+        EventKind::Reset,
+        EventKind::Deleted,
+        EventKind::Templated,
+        EventKind::SnapshotTaken,
+        EventKind::Reverted,
+        EventKind::SnapshotDeleted,
+        EventKind::Address,
+        EventKind::Suppressed,
+        EventKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Creating => "creating",
+            EventKind::Created => "created",
+            EventKind::CreateFailed => "create-failed",
+            EventKind::Copying => "copying",
+            EventKind::Starting => "starting",
+            EventKind::Started => "started",
+            EventKind::StartFailed => "start-failed",
+            EventKind::Restarting => "restarting",
+            EventKind::Restarted => "restarted",
+            EventKind::Reattached => "reattached",
+            EventKind::Stopping => "stopping",
+            EventKind::Stopped => "stopped",
+            EventKind::Crashed => "crashed",
+            EventKind::Paused => "paused",
+            EventKind::Resumed => "resumed",
+            EventKind::Reset => "reset",
+            EventKind::Deleted => "deleted",
+            EventKind::Templated => "templated",
+            EventKind::SnapshotTaken => "snapshot-taken",
+            EventKind::Reverted => "reverted",
+            EventKind::SnapshotDeleted => "snapshot-deleted",
+            EventKind::Address => "address",
+            EventKind::Suppressed => "suppressed",
+            EventKind::Other => "other",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A page of events, oldest first.

@@ -395,7 +395,11 @@ fn print_event(event: &Event, output: Output) -> anyhow::Result<()> {
             let state = event.state.map_or("-", |s| s.as_str());
             println!(
                 "{:>6}  {}  {:<12} {:<8} {}",
-                event.id, event.vm, event.kind, state, event.cause
+                event.id,
+                event.vm,
+                event.kind.as_str(),
+                state,
+                event.cause
             );
         }
     }

@@ -39,7 +39,16 @@ pub enum VmState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmEvent {
     Running,
+    /// The vCPUs stopped: asked for, or by the engine itself (after a
+    /// [`VmEvent::DiskError`]).
     Paused,
+    /// A disk request failed and the engine paused the VM for it (a full
+    /// host disk); it resumes when asked and fails again while the cause
+    /// lasts.
+    DiskError {
+        no_space: bool,
+        reason: String,
+    },
     /// The power button was pressed; the guest decides what to do.
     PowerdownRequested,
     Reset {

@@ -13,6 +13,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod net;
 pub mod node;
+pub mod ratelimit;
 pub mod store;
 pub mod supervisor;
 pub mod token;

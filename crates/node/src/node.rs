@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quetzal_api::{Event, RestartPolicy, Vm, VmState};
+use quetzal_api::{Event, EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
     Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
@@ -16,7 +16,7 @@ use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, disk};
 use quetzal_image::{Image, ImageStore};
 use tokio::sync::broadcast;
 
-use crate::lifecycle::{self, Action};
+use crate::lifecycle::{self, Cause};
 use crate::net::{self, HostNetworks};
 use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{self, Command, Exit, Live, Stats};
@@ -35,6 +35,8 @@ pub use networks::{DEFAULT_NETWORK, USER_NETWORK};
 
 pub use templates::{DiskPlan, DiskSource};
 
+/// How many events of one kind a guest can make us log per minute.
+pub const GUEST_EVENTS_PER_MINUTE: u32 = 10;
 /// How long a graceful stop waits for the guest before forcing it off.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long QEMU gets to quit before it is killed.
@@ -97,6 +99,10 @@ impl From<StoreError> for NodeError {
             StoreError::Exists(name) => {
                 NodeError::Conflict(format!("a VM named {name} already exists"))
             }
+            StoreError::Missing(name) => NodeError::NotFound(format!("no VM named {name}")),
+            StoreError::Stale { name, .. } => {
+                NodeError::Conflict(format!("VM {name} changed meanwhile; try again"))
+            }
             other => NodeError::Internal(other.to_string()),
         }
     }
@@ -108,6 +114,8 @@ impl From<StoreError> for NodeError {
 struct Slot {
     op: Arc<tokio::sync::Mutex<()>>,
     live: Mutex<Option<Arc<Live>>>,
+    /// Bounds on the events its guest can trigger at will, by kind.
+    limits: Mutex<HashMap<EventKind, crate::ratelimit::Limiter>>,
 }
 
 impl Slot {
@@ -216,14 +224,57 @@ impl Node {
             .ok_or_else(|| NodeError::NotFound(format!("no VM named {name}")))
     }
 
-    fn change(&self, name: &str, change: &Change<'_>) -> Result<(), NodeError> {
-        let event = self.store().change(name, change)?;
+    /// Moves a VM through the state machine ([`lifecycle::transition`])
+    /// and records the change with its event. The store takes it only if
+    /// the VM is still at the revision the new state was computed from.
+    fn change(&self, name: &str, cause: Cause, change: &Change<'_>) -> Result<(), NodeError> {
+        let record = self.record(name)?;
+        let state = lifecycle::transition(record.vm.state, cause)
+            .map_err(|refused| NodeError::Conflict(refused.to_string()))?;
+        let event = self.store().change(name, record.revision, state, change)?;
         self.publish(event.into());
         Ok(())
     }
 
+    /// Whether the state machine allows `cause` now: a request's check.
+    fn allowed(record: &VmRecord, cause: Cause) -> Result<(), NodeError> {
+        lifecycle::transition(record.vm.state, cause)
+            .map(drop)
+            .map_err(|refused| NodeError::Conflict(refused.to_string()))
+    }
+
+    /// Records an event its guest triggered (a reset, a new address),
+    /// within [`GUEST_EVENTS_PER_MINUTE`] per kind.
+    pub fn note_from_guest(&self, name: &str, kind: EventKind, cause: &str) {
+        use crate::ratelimit::{Limiter, Verdict};
+        let verdict = self
+            .slot(name)
+            .limits
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .entry(kind)
+            .or_insert_with(|| Limiter::new(GUEST_EVENTS_PER_MINUTE, Duration::from_secs(60)))
+            .admit(std::time::Instant::now());
+        match verdict {
+            Verdict::Log { left_out: 0 } => self.note(name, kind, cause),
+            Verdict::Log { left_out } => self.note(
+                name,
+                kind,
+                &format!(
+                    "{cause} ({left_out} more {kind} events in the last minute were not logged)"
+                ),
+            ),
+            Verdict::LogLimitReached => self.note(
+                name,
+                EventKind::Suppressed,
+                &format!("{kind} events come too fast; the rest of this minute's are not logged"),
+            ),
+            Verdict::Drop => {}
+        }
+    }
+
     /// Records an event that changes no state.
-    pub fn note(&self, name: &str, kind: &str, cause: &str) {
+    pub fn note(&self, name: &str, kind: EventKind, cause: &str) {
         match self.store().note(name, kind, cause) {
             Ok(event) => self.publish(event.into()),
             Err(err) => tracing::warn!(vm = %name, error = %err, "cannot record event"),
@@ -342,9 +393,16 @@ impl Node {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, Action::Start).map_err(NodeError::Conflict)?;
-        self.launch(&slot, &record, 0, "started", "start requested", None)
-            .await?;
+        Self::allowed(&record, Cause::Start)?;
+        self.launch(
+            &slot,
+            &record,
+            0,
+            EventKind::Started,
+            "start requested",
+            None,
+        )
+        .await?;
         self.get(name)
     }
 
@@ -352,7 +410,7 @@ impl Node {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, Action::Stop).map_err(NodeError::Conflict)?;
+        Self::allowed(&record, Cause::Stop)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
         self.get(name)
     }
@@ -361,7 +419,7 @@ impl Node {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, Action::ForceStop).map_err(NodeError::Conflict)?;
+        Self::allowed(&record, Cause::ForceStop)?;
         self.shut_down(&slot, &record, None).await?;
         self.get(name)
     }
@@ -370,44 +428,46 @@ impl Node {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, Action::Restart).map_err(NodeError::Conflict)?;
+        Self::allowed(&record, Cause::Restart)?;
         self.shut_down(&slot, &record, Some(timeout)).await?;
         let record = self.record(name)?;
-        self.launch(&slot, &record, 0, "started", "restart requested", None)
-            .await?;
+        self.launch(
+            &slot,
+            &record,
+            0,
+            EventKind::Started,
+            "restart requested",
+            None,
+        )
+        .await?;
         self.get(name)
     }
 
     pub async fn pause(&self, name: &str) -> Result<Vm, NodeError> {
-        self.pause_or_resume(name, Action::Pause).await
+        self.pause_or_resume(name, Cause::Pause).await
     }
 
     pub async fn resume(&self, name: &str) -> Result<Vm, NodeError> {
-        self.pause_or_resume(name, Action::Resume).await
+        self.pause_or_resume(name, Cause::Resume).await
     }
 
-    async fn pause_or_resume(&self, name: &str, action: Action) -> Result<Vm, NodeError> {
+    async fn pause_or_resume(&self, name: &str, action: Cause) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, action).map_err(NodeError::Conflict)?;
+        Self::allowed(&record, action)?;
         let live = slot
             .live()
             .ok_or_else(|| NodeError::Conflict(format!("VM {name} is not running")))?;
-        let (command, state, kind, cause) = match action {
-            Action::Pause => (Command::Pause, VmState::Paused, "paused", "pause requested"),
-            _ => (
-                Command::Resume,
-                VmState::Running,
-                "resumed",
-                "resume requested",
-            ),
+        let (command, kind, cause) = match action {
+            Cause::Pause => (Command::Pause, EventKind::Paused, "pause requested"),
+            _ => (Command::Resume, EventKind::Resumed, "resume requested"),
         };
         live.call(command).await.map_err(NodeError::Internal)?;
         self.change(
             name,
+            action,
             &Change {
-                state,
                 pid: record.vm.pid,
                 started_at: record.vm.started_at,
                 restarts: record.vm.restarts,
@@ -423,7 +483,7 @@ impl Node {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
-        lifecycle::check(record.vm.state, Action::Delete).map_err(NodeError::Conflict)?;
+        Self::allowed(&record, Cause::Delete)?;
         let cause = if keep_disks {
             "deleted by request; disks kept"
         } else {
@@ -456,19 +516,19 @@ impl Node {
         slot: &Slot,
         record: &VmRecord,
         restarts: u32,
-        kind: &str,
+        kind: EventKind,
         cause: &str,
         load_snapshot: Option<&str>,
     ) -> Result<(), NodeError> {
         let name = record.vm.name.as_str();
         self.change(
             name,
+            Cause::Start,
             &Change {
-                state: VmState::Starting,
                 pid: None,
                 started_at: None,
                 restarts,
-                kind: "starting",
+                kind: EventKind::Starting,
                 cause,
             },
         )?;
@@ -478,13 +538,19 @@ impl Node {
                     .generation
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let pid = vm.pid();
-                let live =
-                    supervisor::spawn(Arc::clone(self), name.to_owned(), generation, vm, console);
+                let live = supervisor::spawn(
+                    Arc::clone(self),
+                    name.to_owned(),
+                    generation,
+                    vm,
+                    console,
+                    false,
+                );
                 slot.set_live(Some(Arc::new(live)));
                 self.change(
                     name,
+                    Cause::Booted,
                     &Change {
-                        state: VmState::Running,
                         pid,
                         started_at: Some(now_millis()),
                         restarts,
@@ -497,12 +563,12 @@ impl Node {
                 let reason = format!("start failed: {err}");
                 self.change(
                     name,
+                    Cause::BootFailed,
                     &Change {
-                        state: VmState::Crashed,
                         pid: None,
                         started_at: None,
                         restarts,
-                        kind: "start-failed",
+                        kind: EventKind::StartFailed,
                         cause: &reason,
                     },
                 )?;
@@ -591,17 +657,18 @@ impl Node {
         graceful: Option<Duration>,
     ) -> Result<(), NodeError> {
         let name = record.vm.name.as_str();
-        let Some(live) = slot.live() else {
-            return self.change(name, &stopped("stopped", "it was not running"));
-        };
         self.change(
             name,
+            if graceful.is_some() {
+                Cause::Stop
+            } else {
+                Cause::ForceStop
+            },
             &Change {
-                state: VmState::Stopping,
                 pid: record.vm.pid,
                 started_at: record.vm.started_at,
                 restarts: record.vm.restarts,
-                kind: "stopping",
+                kind: EventKind::Stopping,
                 cause: if graceful.is_some() {
                     "stop requested"
                 } else {
@@ -609,6 +676,13 @@ impl Node {
                 },
             },
         )?;
+        let Some(live) = slot.live() else {
+            return self.change(
+                name,
+                Cause::StopDone,
+                &down(EventKind::Stopped, "it was not running"),
+            );
+        };
         let mut cause = "stopped by request".to_owned();
         let mut exit = None;
         if let Some(timeout) = graceful {
@@ -637,7 +711,7 @@ impl Node {
             live.wait_exit(QUIT_TIMEOUT).await;
         }
         slot.set_live(None);
-        self.change(name, &stopped("stopped", &cause))
+        self.change(name, Cause::StopDone, &down(EventKind::Stopped, &cause))
     }
 
     /// Called by a VM's supervisor when its QEMU is gone. Records how it
@@ -659,35 +733,77 @@ impl Node {
         if !matches!(record.vm.state, VmState::Running | VmState::Paused) {
             return;
         }
-        let (state, kind, cause) = match &exit {
+        let (how, kind, cause) = match &exit {
             Exit::PoweredOff => (
-                VmState::Stopped,
-                "stopped",
+                Cause::PoweredOff,
+                EventKind::Stopped,
                 "the guest powered off".to_owned(),
             ),
             Exit::Quit => (
-                VmState::Stopped,
-                "stopped",
+                Cause::PoweredOff,
+                EventKind::Stopped,
                 "QEMU was told to quit".to_owned(),
             ),
-            Exit::Crashed(reason) => (VmState::Crashed, "crashed", reason.clone()),
+            Exit::Crashed(reason) => (Cause::Died, EventKind::Crashed, reason.clone()),
             Exit::Died(log) => (
-                VmState::Crashed,
-                "crashed",
+                Cause::Died,
+                EventKind::Crashed,
                 format!("QEMU ended without a shutdown (killed or crashed); its log: {log}"),
             ),
         };
-        if let Err(err) = self.change(
-            name,
-            &Change {
-                state,
-                ..stopped(kind, &cause)
-            },
-        ) {
+        if let Err(err) = self.change(name, how, &down(kind, &cause)) {
             tracing::warn!(vm = %name, error = %err, "cannot record the VM's exit");
             return;
         }
+        let state = if how == Cause::Died {
+            VmState::Crashed
+        } else {
+            VmState::Stopped
+        };
         self.apply_policy(&record, state, &cause);
+    }
+
+    /// Called by a VM's supervisor when the engine says its vCPUs stopped
+    /// or run again. Once no operation holds the VM, its state follows
+    /// what the engine said last: a VM that QEMU (or the guest through
+    /// it) paused by itself shows as paused, with why.
+    pub fn run_state_changed(self: &Arc<Self>, name: &str, generation: u64) {
+        let node = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let slot = node.slot(&name);
+            let _op = slot.lock().await;
+            let Some(live) = slot.live().filter(|live| live.generation == generation) else {
+                return;
+            };
+            let Ok(record) = node.record(&name) else {
+                return;
+            };
+            let now = live.run_state();
+            let (cause, kind, why) = match (record.vm.state, now.paused) {
+                (VmState::Running, true) => (
+                    Cause::EnginePaused,
+                    EventKind::Paused,
+                    now.why.unwrap_or_else(|| "QEMU paused it".to_owned()),
+                ),
+                (VmState::Paused, false) => (
+                    Cause::EngineResumed,
+                    EventKind::Resumed,
+                    "QEMU resumed it".to_owned(),
+                ),
+                _ => return,
+            };
+            let change = Change {
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind,
+                cause: &why,
+            };
+            if let Err(err) = node.change(&name, cause, &change) {
+                tracing::warn!(vm = %name, error = %err, "cannot record what the engine said");
+            }
+        });
     }
 
     fn apply_policy(self: &Arc<Self>, record: &VmRecord, state: VmState, cause: &str) {
@@ -706,7 +822,7 @@ impl Node {
             record.vm.restart_policy.as_str(),
             delay.as_secs()
         );
-        self.note(&record.vm.name, "restarting", &why);
+        self.note(&record.vm.name, EventKind::Restarting, &why);
         let node = Arc::clone(self);
         let name = record.vm.name.clone();
         tokio::spawn(async move {
@@ -721,7 +837,7 @@ impl Node {
                 return;
             }
             if let Err(err) = node
-                .launch(&slot, &record, restarts, "restarted", &why, None)
+                .launch(&slot, &record, restarts, EventKind::Restarted, &why, None)
                 .await
             {
                 tracing::warn!(vm = %name, error = %err, "restart failed");
@@ -734,9 +850,9 @@ impl Node {
     }
 }
 
-fn stopped<'a>(kind: &'a str, cause: &'a str) -> Change<'a> {
+/// The change of a VM whose QEMU is gone.
+fn down(kind: EventKind, cause: &str) -> Change<'_> {
     Change {
-        state: VmState::Stopped,
         pid: None,
         started_at: None,
         restarts: 0,

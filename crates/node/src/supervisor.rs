@@ -64,6 +64,14 @@ pub struct Stats {
 
 type Reply = oneshot::Sender<Result<(), String>>;
 
+/// Whether a VM's vCPUs run, as its engine last said (in the order it
+/// said it), and why they stopped when the engine stopped them itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunState {
+    pub paused: bool,
+    pub why: Option<String>,
+}
+
 /// The node's side of a running VM.
 #[derive(Debug)]
 pub struct Live {
@@ -74,6 +82,7 @@ pub struct Live {
     pub console_out: broadcast::Sender<Vec<u8>>,
     pub console_in: mpsc::Sender<Vec<u8>>,
     exited: watch::Receiver<Option<Exit>>,
+    run_state: watch::Receiver<RunState>,
 }
 
 impl Live {
@@ -97,6 +106,11 @@ impl Live {
             .ok()
     }
 
+    /// Whether the vCPUs run now, as the engine last reported.
+    pub fn run_state(&self) -> RunState {
+        self.run_state.borrow().clone()
+    }
+
     /// Waits up to `timeout` for QEMU to be gone.
     pub async fn wait_exit(&self, timeout: Duration) -> Option<Exit> {
         let mut exited = self.exited.clone();
@@ -108,20 +122,23 @@ impl Live {
     }
 }
 
-/// Starts supervising `vm`, whose console is `console`. `generation` tells
-/// this run of the VM from later ones.
+/// Starts supervising `vm`, whose console is `console` and whose vCPUs
+/// are `paused` or not. `generation` tells this run of the VM from later
+/// ones.
 pub fn spawn(
     node: Arc<Node>,
     name: String,
     generation: u64,
     vm: QemuVm,
     console: UnixStream,
+    paused: bool,
 ) -> Live {
     let (commands_tx, commands) = mpsc::channel(8);
     let (stats_tx, stats) = mpsc::channel(8);
     let (console_out, _) = broadcast::channel(256);
     let (console_in_tx, console_in) = mpsc::channel(64);
     let (exited_tx, exited) = watch::channel(None);
+    let (run_state_tx, run_state) = watch::channel(RunState { paused, why: None });
     let live = Live {
         generation,
         pid: vm.pid(),
@@ -130,6 +147,7 @@ pub fn spawn(
         console_out: console_out.clone(),
         console_in: console_in_tx,
         exited,
+        run_state,
     };
     let task = Task {
         vm,
@@ -138,6 +156,8 @@ pub fn spawn(
         stats,
         console_out,
         console_in,
+        run_state: run_state_tx,
+        generation,
     };
     tokio::spawn(async move {
         let exit = task.run(&node, &name).await;
@@ -154,10 +174,14 @@ struct Task {
     stats: mpsc::Receiver<oneshot::Sender<Stats>>,
     console_out: broadcast::Sender<Vec<u8>>,
     console_in: mpsc::Receiver<Vec<u8>>,
+    run_state: watch::Sender<RunState>,
+    generation: u64,
 }
 
 impl Task {
-    async fn run(mut self, node: &Node, name: &str) -> Exit {
+    async fn run(mut self, node: &Arc<Node>, name: &str) -> Exit {
+        // Why the engine is about to pause the VM by itself.
+        let mut pause_reason: Option<String> = None;
         let (mut from_guest, mut to_guest) = self.console.into_split();
         let mut buf = vec![0u8; 8192];
         let mut console_open = true;
@@ -170,7 +194,7 @@ impl Task {
                     VmEvent::ShuttingDown { .. } => { ending.get_or_insert(Exit::Quit); }
                     VmEvent::Reset { by_guest } => {
                         let cause = if by_guest { "the guest rebooted" } else { "reset by the host" };
-                        node.note(name, "reset", cause);
+                        node.note_from_guest(name, quetzal_api::EventKind::Reset, cause);
                     }
                     VmEvent::Exited { expected } => {
                         let _ = self.vm.wait().await;
@@ -180,7 +204,23 @@ impl Task {
                             None => Exit::Died(self.vm.log_tail()),
                         };
                     }
-                    VmEvent::Running | VmEvent::Paused | VmEvent::PowerdownRequested => {}
+                    VmEvent::DiskError { no_space, reason } => {
+                        pause_reason = Some(if no_space {
+                            format!("QEMU paused it: the host has no space left for its disk ({reason})")
+                        } else {
+                            format!("QEMU paused it: its disk failed ({reason})")
+                        });
+                    }
+                    VmEvent::Paused => {
+                        let why = pause_reason.take();
+                        self.run_state.send_replace(RunState { paused: true, why });
+                        node.run_state_changed(name, self.generation);
+                    }
+                    VmEvent::Running => {
+                        self.run_state.send_replace(RunState::default());
+                        node.run_state_changed(name, self.generation);
+                    }
+                    VmEvent::PowerdownRequested => {}
                 },
                 Some((command, reply)) = self.commands.recv() => {
                     let result = match command {

@@ -459,6 +459,14 @@ impl QemuVm {
                     }),
                 }
             }
+            qmp::Event::BlockIoError {
+                action,
+                nospace,
+                reason,
+            } => (action == "stop").then_some(VmEvent::DiskError {
+                no_space: nospace,
+                reason,
+            }),
             qmp::Event::Other { .. } => None,
         }
     }

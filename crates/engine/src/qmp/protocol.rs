@@ -168,6 +168,12 @@ pub enum Event {
     Reset { guest: bool },
     /// The guest kernel panicked.
     GuestPanicked { action: String },
+    /// A disk request failed; with `action` `stop`, QEMU paused the VM.
+    BlockIoError {
+        action: String,
+        nospace: bool,
+        reason: String,
+    },
     /// An event we do not act on, kept by name for the logs.
     Other { name: String },
 }
@@ -231,6 +237,14 @@ fn parse_event(name: String, data: Value) -> Result<Event, serde_json::Error> {
         guest: bool,
     }
     #[derive(Deserialize)]
+    struct IoErrorData {
+        action: String,
+        #[serde(default)]
+        nospace: bool,
+        #[serde(default)]
+        reason: String,
+    }
+    #[derive(Deserialize)]
     struct PanicData {
         action: String,
     }
@@ -251,6 +265,14 @@ fn parse_event(name: String, data: Value) -> Result<Event, serde_json::Error> {
         "GUEST_PANICKED" => Event::GuestPanicked {
             action: serde_json::from_value::<PanicData>(data)?.action,
         },
+        "BLOCK_IO_ERROR" => {
+            let error = serde_json::from_value::<IoErrorData>(data)?;
+            Event::BlockIoError {
+                action: error.action,
+                nospace: error.nospace,
+                reason: error.reason,
+            }
+        }
         _ => Event::Other { name },
     })
 }
@@ -266,6 +288,23 @@ mod tests {
     const SHUTDOWN: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 12345}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#;
     const PANIC: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 1}, "event": "GUEST_PANICKED", "data": {"action": "poweroff", "info": {"core": 0, "arg1": 0}}}"#;
     const ERROR: &str = r#"{"id": 7, "error": {"class": "CommandNotFound", "desc": "The command frobnicate has not been found"}}"#;
+
+    #[test]
+    fn parses_a_disk_error_that_stopped_the_vm() {
+        let line = r#"{"timestamp": {"seconds": 1764620000, "microseconds": 5}, "event": "BLOCK_IO_ERROR", "data": {"device": "", "nospace": true, "node-name": "disk0", "reason": "No space left on device", "operation": "write", "action": "stop"}}"#;
+
+        let Message::Event(Event::BlockIoError {
+            action,
+            nospace,
+            reason,
+        }) = parse_message(line).unwrap()
+        else {
+            panic!("not a disk error");
+        };
+
+        assert_eq!((action.as_str(), nospace), ("stop", true));
+        assert_eq!(reason, "No space left on device");
+    }
 
     #[test]
     fn parses_the_greeting_version() {

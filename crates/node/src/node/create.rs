@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use quetzal_api::{CreateVm, Operation, OperationKind, Vm, VmState};
+use quetzal_api::{CreateVm, EventKind, Operation, OperationKind, Vm, VmState};
 use quetzal_engine::disk::{self, DiskError};
 use quetzal_engine::spec::{Cpus, DiskFormat, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
@@ -141,15 +141,16 @@ impl Node {
         let (state, kind, made) = match plan {
             DiskPlan::Overlay { base, .. } => (
                 VmState::Stopped,
-                "created",
+                EventKind::Created,
                 disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
                     .map_err(disk_error),
             ),
-            DiskPlan::Copy { .. } => (VmState::Creating, "creating", Ok(())),
+            DiskPlan::Copy { .. } => (VmState::Creating, EventKind::Creating, Ok(())),
         };
         let record = VmRecord {
             vm: Vm { state, ..vm },
             image_dir: image_dir.to_owned(),
+            revision: 1,
         };
         let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, kind, cause)?));
         match inserted {
@@ -214,18 +215,18 @@ impl Node {
             let done = copied.and_then(|()| {
                 node.change(
                     name,
+                    crate::lifecycle::Cause::Copied,
                     &Change {
-                        state: VmState::Stopped,
                         pid: None,
                         started_at: None,
                         restarts: 0,
-                        kind: "created",
+                        kind: EventKind::Created,
                         cause: &cause,
                     },
                 )
             });
             if let Err(err) = &done {
-                node.note(name, "create-failed", &err.to_string());
+                node.note(name, EventKind::CreateFailed, &err.to_string());
                 node.remove_vm_record(name, &pending.dir, "its disk could not be made");
             }
             done

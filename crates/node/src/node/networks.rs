@@ -322,7 +322,7 @@ impl Node {
         for (mac, address) in changed {
             if let Some(record) = vms.iter().find(|r| r.vm.mac == mac) {
                 let cause = format!("DHCP on network {} gave it {address}", record.vm.network);
-                self.note(&record.vm.name, "address", &cause);
+                self.note_from_guest(&record.vm.name, quetzal_api::EventKind::Address, &cause);
             }
         }
     }

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use quetzal_api::VmState;
 use quetzal_engine::EngineVm;
 
-use super::{Node, NodeError, Published, stopped, supervisor};
+use super::{Node, NodeError, Published, down, supervisor};
+use crate::lifecycle::Cause;
 use crate::store::Change;
+use quetzal_api::EventKind;
 
 impl Node {
     pub(super) async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
@@ -34,7 +36,7 @@ impl Node {
             tracing::warn!(vm = %name, "removing a VM whose disk copy was interrupted");
             self.note(
                 name,
-                "create-failed",
+                EventKind::CreateFailed,
                 "quetzald stopped while its disk was copied",
             );
             self.remove_vm_record(name, &self.vm_dir(name), "its disk copy was interrupted");
@@ -61,8 +63,6 @@ impl Node {
         Ok(())
     }
 
-    /// After a daemon start: re-attach to every VM whose QEMU still runs,
-    /// and mark (and handle per policy) those that died meanwhile.
     /// Finds each VM's QEMU again (by the pidfile its process wrote, or
     /// the pid in the store) and makes the store agree with what runs:
     /// a running VM has exactly one QEMU, a stopped one none.
@@ -70,104 +70,134 @@ impl Node {
         let records = self.store().list()?;
         for record in records {
             let name = record.vm.name.clone();
-            let dir = self.vm_dir(&name);
-            let slot = self.slot(&name);
-            let _op = slot.lock().await;
-            let pid = self.engine.leftover(&dir).or(record.vm.pid);
-            let attached = match pid {
-                Some(pid) => self.engine.attach(&dir, pid, 1).await.ok(),
-                None => None,
-            };
-            let state = record.vm.state;
-            let Some(mut qemu) = attached else {
-                // One that runs but cannot be taken over is ended too.
-                self.engine.end_leftover(&dir).await;
-                match state {
-                    VmState::Running | VmState::Paused | VmState::Starting => {
-                        let cause = if state == VmState::Starting {
-                            "quetzald stopped during its start; its QEMU is gone".to_owned()
-                        } else {
-                            "its QEMU ended while quetzald was down".to_owned()
-                        };
-                        self.mark_crashed(&record, &cause)?;
-                    }
-                    VmState::Stopping => {
-                        self.change(
-                            &name,
-                            &stopped("stopped", "stopped while quetzald was down"),
-                        )?;
-                    }
-                    VmState::Stopped | VmState::Crashed | VmState::Creating => {}
-                }
-                continue;
-            };
-            let engine_state = qemu.state().await.ok();
-            let reattach = match state {
-                VmState::Running | VmState::Paused => true,
-                // A start cut short: keep it if its vCPUs already ran.
-                VmState::Starting => matches!(
-                    engine_state,
-                    Some(quetzal_engine::VmState::Running | quetzal_engine::VmState::Paused)
-                ),
-                VmState::Stopping | VmState::Stopped | VmState::Crashed | VmState::Creating => {
-                    false
-                }
-            };
-            if !reattach {
-                // Nothing may run that the store does not show running.
-                let _ = qemu.kill().await;
-                match state {
-                    VmState::Starting => {
-                        self.mark_crashed(
-                            &record,
-                            "quetzald stopped during its start; its QEMU was ended before it ran",
-                        )?;
-                    }
-                    VmState::Stopping => {
-                        self.change(
-                            &name,
-                            &stopped("stopped", "the stop was finished after quetzald restarted"),
-                        )?;
-                    }
-                    _ => {
-                        tracing::warn!(vm = %name, state = state.as_str(), "ended a QEMU the store did not know was running")
-                    }
-                }
-                continue;
+            if let Err(err) = self.recover_vm(record).await {
+                tracing::warn!(vm = %name, error = %err, "cannot recover the VM");
             }
-            let console = match qemu.console().await {
-                Ok(console) => console,
-                Err(err) => {
-                    let _ = qemu.kill().await;
+        }
+        Ok(())
+    }
+
+    /// [`Node::reattach`] for one VM.
+    async fn recover_vm(self: &Arc<Self>, record: crate::store::VmRecord) -> Result<(), NodeError> {
+        let name = record.vm.name.clone();
+        if matches!(record.vm.state, VmState::Migrating | VmState::Unknown) {
+            // Cluster states: no single node records them.
+            tracing::warn!(vm = %name, state = record.vm.state.as_str(), "left as it is");
+            return Ok(());
+        }
+        let dir = self.vm_dir(&name);
+        let slot = self.slot(&name);
+        let _op = slot.lock().await;
+        let pid = self.engine.leftover(&dir).or(record.vm.pid);
+        let attached = match pid {
+            Some(pid) => self.engine.attach(&dir, pid, 1).await.ok(),
+            None => None,
+        };
+        let state = record.vm.state;
+        let Some(mut qemu) = attached else {
+            // One that runs but cannot be taken over is ended too.
+            self.engine.end_leftover(&dir).await;
+            match state {
+                VmState::Running | VmState::Paused | VmState::Starting => {
+                    let cause = if state == VmState::Starting {
+                        "quetzald stopped during its start; its QEMU is gone".to_owned()
+                    } else {
+                        "its QEMU ended while quetzald was down".to_owned()
+                    };
+                    self.mark_crashed(&record, &cause)?;
+                }
+                VmState::Stopping => {
+                    self.change(
+                        &name,
+                        Cause::Gone,
+                        &down(EventKind::Stopped, "stopped while quetzald was down"),
+                    )?;
+                }
+                VmState::Stopped
+                | VmState::Crashed
+                | VmState::Creating
+                | VmState::Migrating
+                | VmState::Unknown => {}
+            }
+            return Ok(());
+        };
+        let engine_state = qemu.state().await.ok();
+        let reattach = match state {
+            VmState::Running | VmState::Paused => true,
+            // A start cut short: keep it if its vCPUs already ran.
+            VmState::Starting => matches!(
+                engine_state,
+                Some(quetzal_engine::VmState::Running | quetzal_engine::VmState::Paused)
+            ),
+            VmState::Stopping
+            | VmState::Stopped
+            | VmState::Crashed
+            | VmState::Creating
+            | VmState::Migrating
+            | VmState::Unknown => false,
+        };
+        if !reattach {
+            // Nothing may run that the store does not show running.
+            let _ = qemu.kill().await;
+            match state {
+                VmState::Starting => {
                     self.mark_crashed(
                         &record,
-                        &format!("its console could not be reached after a daemon restart ({err})"),
+                        "quetzald stopped during its start; its QEMU was ended before it ran",
                     )?;
-                    continue;
                 }
-            };
-            let generation = self
-                .generation
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let pid = qemu.pid();
-            let live = supervisor::spawn(Arc::clone(self), name.clone(), generation, qemu, console);
-            slot.set_live(Some(Arc::new(live)));
-            let now = match engine_state {
-                Some(quetzal_engine::VmState::Paused) => VmState::Paused,
-                _ => VmState::Running,
-            };
-            self.change(
-                &name,
-                &Change {
-                    state: now,
-                    pid,
-                    started_at: record.vm.started_at.or(Some(super::now_millis())),
-                    restarts: record.vm.restarts,
-                    kind: "reattached",
-                    cause: "quetzald restarted; the VM kept running",
-                },
-            )?;
+                VmState::Stopping => {
+                    self.change(
+                        &name,
+                        Cause::Gone,
+                        &down(
+                            EventKind::Stopped,
+                            "the stop was finished after quetzald restarted",
+                        ),
+                    )?;
+                }
+                _ => {
+                    tracing::warn!(vm = %name, state = state.as_str(), "ended a QEMU the store did not know was running")
+                }
+            }
+            return Ok(());
         }
+        let console = match qemu.console().await {
+            Ok(console) => console,
+            Err(err) => {
+                let _ = qemu.kill().await;
+                self.mark_crashed(
+                    &record,
+                    &format!("its console could not be reached after a daemon restart ({err})"),
+                )?;
+                return Ok(());
+            }
+        };
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = qemu.pid();
+        let paused = matches!(engine_state, Some(quetzal_engine::VmState::Paused));
+        let live = supervisor::spawn(
+            Arc::clone(self),
+            name.clone(),
+            generation,
+            qemu,
+            console,
+            paused,
+        );
+        slot.set_live(Some(Arc::new(live)));
+        self.change(
+            &name,
+            Cause::Reattached { paused },
+            &Change {
+                pid,
+                started_at: record.vm.started_at.or(Some(super::now_millis())),
+                restarts: record.vm.restarts,
+                kind: EventKind::Reattached,
+                cause: "quetzald restarted; the VM kept running",
+            },
+        )?;
         Ok(())
     }
 
@@ -180,10 +210,8 @@ impl Node {
     ) -> Result<(), NodeError> {
         self.change(
             &record.vm.name,
-            &Change {
-                state: VmState::Crashed,
-                ..stopped("crashed", cause)
-            },
+            Cause::Gone,
+            &down(EventKind::Crashed, cause),
         )?;
         self.apply_policy(record, VmState::Crashed, cause);
         Ok(())

@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use quetzal_api::{CreateSnapshot, Operation, OperationKind, Snapshot, SnapshotList, Vm, VmState};
+use quetzal_api::{
+    CreateSnapshot, EventKind, Operation, OperationKind, Snapshot, SnapshotList, Vm, VmState,
+};
 use quetzal_engine::disk::{self, SnapshotAction};
 use quetzal_engine::spec::VmName;
 
@@ -149,7 +151,7 @@ impl Node {
                         }
                     }
                     On::Disk(_) if snapshot.with_memory => {
-                        node.launch(&slot, &record, 0, "started", &cause, Some(&name))
+                        node.launch(&slot, &record, 0, EventKind::Started, &cause, Some(&name))
                             .await?;
                     }
                     On::Disk(disk) => {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use quetzal_api::{Event, RestartPolicy, Snapshot, Vm, VmState};
+use quetzal_api::{Event, EventKind, RestartPolicy, Snapshot, Vm, VmState};
 
 use crate::net::Subnet;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -24,6 +24,12 @@ pub enum StoreError {
     },
     #[error("VM {0} already exists")]
     Exists(String),
+    /// A compare-and-swap found the record at another revision than the
+    /// one it was read at: someone else changed it meanwhile.
+    #[error("VM {name} changed meanwhile (expected revision {expected})")]
+    Stale { name: String, expected: u64 },
+    #[error("no VM named {0}")]
+    Missing(String),
     #[error("the store holds a value it cannot read: {0}")]
     Corrupt(String),
 }
@@ -85,6 +91,7 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';
     ALTER TABLE vms ADD COLUMN mac TEXT NOT NULL DEFAULT '';",
+    "ALTER TABLE vms ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;",
     "CREATE TABLE operations (
         id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -106,16 +113,20 @@ pub struct VmRecord {
     pub vm: Vm,
     /// The image build whose base disk the VM's overlay sits on.
     pub image_dir: PathBuf,
+    /// Rises with every change: a change names the revision it was
+    /// computed from and fails if the record moved on (compare-and-swap,
+    /// the shape an etcd-backed store has).
+    pub revision: u64,
 }
 
-/// A change of a VM's runtime fields, with the event that tells it.
+/// A change of a VM's runtime fields, with the event that tells it (its
+/// new state comes from the state machine, see [`crate::lifecycle`]).
 #[derive(Clone, Debug)]
 pub struct Change<'a> {
-    pub state: VmState,
     pub pid: Option<u32>,
     pub started_at: Option<i64>,
     pub restarts: u32,
-    pub kind: &'a str,
+    pub kind: EventKind,
     pub cause: &'a str,
 }
 
@@ -183,7 +194,7 @@ impl Store {
     pub fn insert_vm(
         &mut self,
         record: &VmRecord,
-        kind: &str,
+        kind: EventKind,
         cause: &str,
     ) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
@@ -225,29 +236,57 @@ impl Store {
         Ok(event)
     }
 
-    /// Applies a change and records its event, atomically.
-    pub fn change(&mut self, name: &str, change: &Change<'_>) -> Result<Event, StoreError> {
+    /// Moves VM `name` from `revision` to `state` with `change`, and
+    /// records its event, atomically; [`StoreError::Stale`] when the VM
+    /// is no longer at `revision`.
+    pub fn change(
+        &mut self,
+        name: &str,
+        revision: u64,
+        state: VmState,
+        change: &Change<'_>,
+    ) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
-        tx.execute(
-            "UPDATE vms SET state = ?2, pid = ?3, started_at = ?4, restarts = ?5 WHERE name = ?1",
-            params![
-                name,
-                change.state.as_str(),
-                change.pid,
-                change.started_at,
-                change.restarts
-            ],
-        )
-        .map_err(sql)?;
-        let event =
-            insert_event(&tx, name, change.kind, Some(change.state), change.cause).map_err(sql)?;
+        let updated = tx
+            .execute(
+                "UPDATE vms SET state = ?3, pid = ?4, started_at = ?5, restarts = ?6,
+                    revision = revision + 1 WHERE name = ?1 AND revision = ?2",
+                params![
+                    name,
+                    revision,
+                    state.as_str(),
+                    change.pid,
+                    change.started_at,
+                    change.restarts
+                ],
+            )
+            .map_err(sql)?;
+        if updated == 0 {
+            let exists: bool = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM vms WHERE name = ?1",
+                    params![name],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(sql)?
+                > 0;
+            return Err(if exists {
+                StoreError::Stale {
+                    name: name.to_owned(),
+                    expected: revision,
+                }
+            } else {
+                StoreError::Missing(name.to_owned())
+            });
+        }
+        let event = insert_event(&tx, name, change.kind, Some(state), change.cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
 
     /// Records an event that changes nothing stored (a guest reset).
-    pub fn note(&mut self, name: &str, kind: &str, cause: &str) -> Result<Event, StoreError> {
+    pub fn note(&mut self, name: &str, kind: EventKind, cause: &str) -> Result<Event, StoreError> {
         let state = self.get(name)?.map(|r| r.vm.state);
         insert_event(&self.conn, name, kind, state, cause).map_err(|e| self.sql(e))
     }
@@ -260,7 +299,7 @@ impl Store {
             .map_err(sql)?;
         tx.execute("DELETE FROM snapshots WHERE vm = ?1", params![name])
             .map_err(sql)?;
-        let event = insert_event(&tx, name, "deleted", None, cause).map_err(sql)?;
+        let event = insert_event(&tx, name, EventKind::Deleted, None, cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -336,11 +375,12 @@ impl Store {
 
 fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     let state: Option<String> = row.get(4)?;
+    let kind: String = row.get(3)?;
     Ok(Event {
         id: row.get(0)?,
         at: row.get(1)?,
         vm: row.get(2)?,
-        kind: row.get(3)?,
+        kind: EventKind::parse(&kind).unwrap_or(EventKind::Other),
         state: state.as_deref().and_then(VmState::parse),
         cause: row.get(5)?,
     })
@@ -348,7 +388,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac FROM vms";
+    network, mac, revision FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -390,6 +430,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             addresses: Vec::new(),
         },
         image_dir: PathBuf::from(image_dir),
+        revision: row.get(17)?,
     }))
 }
 
@@ -408,7 +449,8 @@ impl Store {
             params![snapshot.vm, snapshot.name],
         )
         .map_err(sql)?;
-        let event = insert_event(&tx, &snapshot.vm, "snapshot-taken", None, cause).map_err(sql)?;
+        let event =
+            insert_event(&tx, &snapshot.vm, EventKind::SnapshotTaken, None, cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -462,7 +504,7 @@ impl Store {
             params![vm, name],
         )
         .map_err(sql)?;
-        let event = insert_event(&tx, vm, "reverted", None, cause).map_err(sql)?;
+        let event = insert_event(&tx, vm, EventKind::Reverted, None, cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -499,7 +541,7 @@ impl Store {
             params![vm, name],
         )
         .map_err(sql)?;
-        let event = insert_event(&tx, vm, "snapshot-deleted", None, cause).map_err(sql)?;
+        let event = insert_event(&tx, vm, EventKind::SnapshotDeleted, None, cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -560,8 +602,8 @@ impl Store {
         )
         .map_err(sql)?;
         let cause = format!("turned into template {}", template.name);
-        let event =
-            insert_event(&tx, &template.source_vm, "templated", None, &cause).map_err(sql)?;
+        let event = insert_event(&tx, &template.source_vm, EventKind::Templated, None, &cause)
+            .map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
@@ -635,20 +677,20 @@ fn read_template(row: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
 fn insert_event(
     conn: &Connection,
     vm: &str,
-    kind: &str,
+    kind: EventKind,
     state: Option<VmState>,
     cause: &str,
 ) -> rusqlite::Result<Event> {
     let at = now_millis();
     conn.execute(
         "INSERT INTO events (at, vm, kind, state, cause) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![at, vm, kind, state.map(VmState::as_str), cause],
+        params![at, vm, kind.as_str(), state.map(VmState::as_str), cause],
     )?;
     Ok(Event {
         id: conn.last_insert_rowid(),
         at,
         vm: vm.to_owned(),
-        kind: kind.to_owned(),
+        kind,
         state,
         cause: cause.to_owned(),
     })
@@ -680,6 +722,7 @@ mod tests {
                 addresses: vec![],
             },
             image_dir: PathBuf::from("/images/tiny/x"),
+            revision: 1,
         }
     }
 
@@ -689,11 +732,11 @@ mod tests {
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
 
         let event = store
-            .insert_vm(&record("web"), "created", "created by test")
+            .insert_vm(&record("web"), EventKind::Created, "created by test")
             .unwrap();
 
         assert_eq!(store.get("web").unwrap(), Some(record("web")));
-        assert_eq!(event.kind, "created");
+        assert_eq!(event.kind, EventKind::Created);
         assert_eq!(store.events(0, 10, None).unwrap(), vec![event]);
     }
 
@@ -701,9 +744,11 @@ mod tests {
     fn refuses_a_second_vm_with_the_same_name() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("web"), "created", "x").unwrap();
+        store
+            .insert_vm(&record("web"), EventKind::Created, "x")
+            .unwrap();
 
-        let result = store.insert_vm(&record("web"), "created", "x");
+        let result = store.insert_vm(&record("web"), EventKind::Created, "x");
 
         assert!(matches!(result, Err(StoreError::Exists(name)) if name == "web"));
     }
@@ -712,27 +757,62 @@ mod tests {
     fn a_change_updates_state_and_logs_its_cause() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("web"), "created", "x").unwrap();
-
         store
-            .change(
-                "web",
-                &Change {
-                    state: VmState::Running,
-                    pid: Some(42),
-                    started_at: Some(5),
-                    restarts: 0,
-                    kind: "started",
-                    cause: "start requested",
-                },
-            )
+            .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
 
-        let vm = store.get("web").unwrap().unwrap().vm;
-        assert_eq!((vm.state, vm.pid), (VmState::Running, Some(42)));
+        store
+            .change("web", 1, VmState::Running, &started("start requested"))
+            .unwrap();
+
+        let stored = store.get("web").unwrap().unwrap();
+        assert_eq!(
+            (stored.vm.state, stored.vm.pid),
+            (VmState::Running, Some(42))
+        );
+        assert_eq!(stored.revision, 2);
         let events = store.events(1, 10, Some("web")).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].cause, "start requested");
+    }
+
+    fn started(cause: &str) -> Change<'_> {
+        Change {
+            pid: Some(42),
+            started_at: Some(5),
+            restarts: 0,
+            kind: EventKind::Started,
+            cause,
+        }
+    }
+
+    #[test]
+    fn a_change_from_a_revision_that_moved_on_is_refused_and_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store
+            .insert_vm(&record("web"), EventKind::Created, "x")
+            .unwrap();
+        store
+            .change("web", 1, VmState::Running, &started("first"))
+            .unwrap();
+
+        let stale = store.change("web", 1, VmState::Stopped, &started("second"));
+
+        assert!(
+            matches!(stale, Err(StoreError::Stale { expected: 1, .. })),
+            "{stale:?}"
+        );
+        assert_eq!(
+            store.get("web").unwrap().unwrap().vm.state,
+            VmState::Running
+        );
+        assert_eq!(store.events(0, 10, Some("web")).unwrap().len(), 2);
+        let missing = store.change("ghost", 1, VmState::Running, &started("x"));
+        assert!(
+            matches!(missing, Err(StoreError::Missing(_))),
+            "{missing:?}"
+        );
     }
 
     #[test]
@@ -741,7 +821,7 @@ mod tests {
         let path = dir.path().join("q.db");
         Store::open(&path)
             .unwrap()
-            .insert_vm(&record("web"), "created", "x")
+            .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
 
         let store = Store::open(&path).unwrap();
@@ -753,16 +833,20 @@ mod tests {
     fn reads_the_end_of_the_log_backwards_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
-        store.insert_vm(&record("a"), "created", "test").unwrap();
+        store
+            .insert_vm(&record("a"), EventKind::Created, "test")
+            .unwrap();
         for i in 0..5 {
-            store.note("a", "reset", &format!("reset {i}")).unwrap();
+            store
+                .note("a", EventKind::Reset, &format!("reset {i}"))
+                .unwrap();
         }
         let newest = store.events_before(i64::MAX, 2, None).unwrap();
         let causes: Vec<&str> = newest.iter().map(|e| e.cause.as_str()).collect();
         assert_eq!(causes, ["reset 3", "reset 4"]);
         let older = store.events_before(newest[0].id, 10, Some("a")).unwrap();
         assert_eq!(older.len(), 4);
-        assert_eq!(older[0].kind, "created");
+        assert_eq!(older[0].kind, EventKind::Created);
         assert!(
             store
                 .events_before(older[0].id, 10, None)
@@ -776,7 +860,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("q.db")).unwrap();
         for name in ["a", "b", "c"] {
-            store.insert_vm(&record(name), "created", "x").unwrap();
+            store
+                .insert_vm(&record(name), EventKind::Created, "x")
+                .unwrap();
         }
 
         let first = store.events(0, 2, None).unwrap();
