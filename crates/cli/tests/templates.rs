@@ -76,6 +76,7 @@ fn linked_clones_boot_keep_their_own_files_and_never_change_the_template() {
         ok(&daemon, &["vm", "start", clone]);
     }
     let mut machine_ids = Vec::new();
+    let mut macs = Vec::new();
     for clone in ["c1", "c2"] {
         let seen = in_guest(
             &daemon,
@@ -87,6 +88,13 @@ fn linked_clones_boot_keep_their_own_files_and_never_change_the_template() {
         let (golden, machine_id) = seen.split_once('\n').unwrap();
         assert_eq!(golden, "gold");
         let vm = json(&daemon, &["vm", "show", clone, "--output", "json"]);
+        // Its NIC has the VM's MAC address, random and locally administered.
+        let mac = vm["mac"].as_str().unwrap();
+        let seen_mac = in_guest(&daemon, clone, "cat /sys/class/net/eth0/address");
+        assert_eq!(seen_mac, mac);
+        let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{mac} is local and unicast");
+        macs.push(mac.to_owned());
         assert_eq!(
             vm["machine_id"], machine_id,
             "the guest got its VM's identity"
@@ -97,6 +105,7 @@ fn linked_clones_boot_keep_their_own_files_and_never_change_the_template() {
         machine_ids[0], machine_ids[1],
         "each clone its own identity"
     );
+    assert_ne!(macs[0], macs[1], "each clone its own MAC");
     for clone in ["c1", "c2"] {
         ok(&daemon, &["vm", "stop", clone]);
     }

@@ -231,6 +231,13 @@ impl Mac {
         let [_, a, b, c] = seed.to_be_bytes();
         Mac([0x52, 0x54, 0x00, a, b, c])
     }
+
+    /// A locally administered unicast address from 46 random bits: the
+    /// first byte's two low bits say "local" and "unicast".
+    pub fn from_random(mut bytes: [u8; 6]) -> Self {
+        bytes[0] = (bytes[0] & 0xfc) | 0x02;
+        Mac(bytes)
+    }
 }
 
 impl std::str::FromStr for Mac {
@@ -297,6 +304,17 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn a_random_mac_is_always_local_and_unicast() {
+        for first in [0x00, 0x01, 0xff, 0xfe, 0x53] {
+            let mac = Mac::from_random([first, 1, 2, 3, 4, 5]);
+
+            let octet = u8::from_str_radix(&mac.to_string()[..2], 16).unwrap();
+            assert_eq!(octet & 0x03, 0x02, "{mac}");
+            assert!(mac.to_string().ends_with(":01:02:03:04:05"), "{mac}");
+        }
+    }
 
     #[test]
     fn rejects_zero_and_too_many_cpus() {

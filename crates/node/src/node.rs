@@ -10,7 +10,7 @@ use std::time::Duration;
 use quetzal_api::{Event, EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
 };
 use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, disk};
 use quetzal_image::{Image, ImageStore};
@@ -345,7 +345,8 @@ impl Node {
     /// A running VM's counters: its supervisor's, and its TAP's.
     async fn live_stats(&self, name: &str, live: &Live) -> Option<Stats> {
         let mut s = live.stats().await?;
-        let tap = self.host_net.tap(name_hash(name));
+        let nic = self.record(name).ok()?.nic;
+        let tap = self.host_net.tap(nic);
         // What the TAP transmits, the guest receives.
         s.net_received_bytes = net::tap_counter(&tap, "tx_bytes");
         s.net_sent_bytes = net::tap_counter(&tap, "rx_bytes");
@@ -587,7 +588,13 @@ impl Node {
         let vm = &record.vm;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
         let network = self.vm_network(vm)?;
-        let tap = self.host_net.tap(name_hash(&vm.name));
+        if record.nic > 0x00ff_ffff {
+            return Err(format!(
+                "NIC number {} is beyond what TAP names can hold",
+                record.nic
+            ));
+        }
+        let tap = self.host_net.tap(record.nic);
         let dir = self.vm_dir(&vm.name);
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
@@ -604,7 +611,7 @@ impl Node {
                 read_only: false,
             }],
             nics: vec![Nic {
-                mac: vm.mac.parse().unwrap_or(Mac::local(name_hash(&vm.name))),
+                mac: vm.mac.parse().map_err(|e| format!("{e}"))?,
                 backend: match &network {
                     Some(_) => NicBackend::Tap {
                         ifname: tap.clone(),
@@ -884,16 +891,19 @@ pub(crate) fn random_hex(len: usize) -> Result<String, NodeError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// `N` random bytes from the kernel.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], NodeError> {
+    use std::io::Read;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))?;
+    Ok(bytes)
+}
+
 /// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.
 fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1 << restarts.min(5))
-}
-
-/// A stable 24-bit number from a VM name, for its MAC address.
-pub(crate) fn name_hash(name: &str) -> u32 {
-    name.bytes().fold(2_166_136_261u32, |hash, byte| {
-        (hash ^ u32::from(byte)).wrapping_mul(16_777_619)
-    }) & 0x00ff_ffff
 }
 
 fn image_disk_mib(image: &Image) -> Result<u64, NodeError> {
@@ -917,12 +927,5 @@ mod tests {
         assert_eq!(backoff(0), Duration::from_secs(1));
         assert_eq!(backoff(3), Duration::from_secs(8));
         assert_eq!(backoff(40), Duration::from_secs(32));
-    }
-
-    #[test]
-    fn gives_each_name_its_own_stable_mac_suffix() {
-        assert_eq!(name_hash("web-1"), name_hash("web-1"));
-        assert_ne!(name_hash("web-1"), name_hash("web-2"));
-        assert!(name_hash("web-1") <= 0x00ff_ffff);
     }
 }

@@ -72,9 +72,10 @@ impl HostNetworks {
         format!("{}b{}", self.prefix, network.id)
     }
 
-    /// The TAP device of a VM's NIC (at most 15 bytes, as Linux requires).
-    pub fn tap(&self, vm_hash: u32) -> String {
-        format!("{}t{:06x}", self.prefix, vm_hash & 0x00ff_ffff)
+    /// The TAP device of the VM NIC numbered `nic` (at most 15 bytes, as
+    /// Linux requires: six hex digits, so 16 million NICs a node).
+    pub fn tap(&self, nic: u32) -> String {
+        format!("{}t{:06x}", self.prefix, nic & 0x00ff_ffff)
     }
 
     fn network_dir(&self, name: &str) -> PathBuf {

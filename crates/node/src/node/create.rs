@@ -15,7 +15,7 @@ use quetzal_engine::spec::{Cpus, DiskFormat, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
 
 use super::templates::DiskPlan;
-use super::{MAX_DISK_MIB, MIN_FREE_MIB, Node, NodeError, free_mib, name_hash, new_machine_id};
+use super::{MAX_DISK_MIB, MIN_FREE_MIB, Node, NodeError, free_mib, new_machine_id, random_bytes};
 use crate::store::{Change, VmRecord, now_millis};
 
 /// What a create request made: a VM, or an operation that is making one.
@@ -73,7 +73,8 @@ impl Node {
             linked_to: source.plan.linked_to(),
             machine_id: Some(new_machine_id()?),
             network: String::new(),
-            mac: Mac::local(name_hash(name.as_str())).to_string(),
+            // Drawn when it is recorded.
+            mac: String::new(),
             addresses: Vec::new(),
         };
         let cause = match &request.template {
@@ -147,12 +148,13 @@ impl Node {
             ),
             DiskPlan::Copy { .. } => (VmState::Creating, EventKind::Creating, Ok(())),
         };
-        let record = VmRecord {
+        let mut record = VmRecord {
             vm: Vm { state, ..vm },
             image_dir: image_dir.to_owned(),
             revision: 1,
+            nic: 0,
         };
-        let inserted = made.and_then(|()| Ok(self.store().insert_vm(&record, kind, cause)?));
+        let inserted = made.and_then(|()| self.insert_with_free_mac(&mut record, kind, cause));
         match inserted {
             Ok(event) => self.publish(event.into()),
             Err(err) => {
@@ -177,6 +179,27 @@ impl Node {
                 },
             }),
         })
+    }
+
+    /// Inserts a new VM with a random MAC address that no other VM of the
+    /// node has (the store's uniqueness constraint decides; a taken one
+    /// is drawn again).
+    fn insert_with_free_mac(
+        &self,
+        record: &mut VmRecord,
+        kind: EventKind,
+        cause: &str,
+    ) -> Result<quetzal_api::Event, NodeError> {
+        for _ in 0..8 {
+            record.vm.mac = random_mac()?;
+            match self.store().insert_vm(record, kind, cause) {
+                Err(crate::store::StoreError::MacTaken(_)) => continue,
+                other => return Ok(other?),
+            }
+        }
+        Err(NodeError::Internal(
+            "no free MAC address after 8 random draws".to_owned(),
+        ))
     }
 
     /// Copies a `creating` VM's disk in an operation that holds `locks`
@@ -253,6 +276,12 @@ impl Node {
 pub(super) enum Made {
     Done(Vm),
     Copy(PendingCopy),
+}
+
+/// A random, locally administered unicast MAC address.
+fn random_mac() -> Result<String, NodeError> {
+    let bytes = random_bytes::<6>()?;
+    Ok(Mac::from_random(bytes).to_string())
 }
 
 pub(super) fn disk_error(err: DiskError) -> NodeError {

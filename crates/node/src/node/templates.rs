@@ -315,7 +315,8 @@ impl Node {
             started_at: None,
             restarts: 0,
             machine_id: Some(super::new_machine_id()?),
-            mac: quetzal_engine::spec::Mac::local(super::name_hash(name.as_str())).to_string(),
+            // Drawn when it is recorded.
+            mac: String::new(),
             addresses: Vec::new(),
             ..record.vm.clone()
         };

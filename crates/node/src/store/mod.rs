@@ -30,6 +30,9 @@ pub enum StoreError {
     Stale { name: String, expected: u64 },
     #[error("no VM named {0}")]
     Missing(String),
+    /// Another VM has this MAC address (pick another).
+    #[error("MAC address {0} is taken")]
+    MacTaken(String),
     #[error("the store holds a value it cannot read: {0}")]
     Corrupt(String),
 }
@@ -92,6 +95,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';
     ALTER TABLE vms ADD COLUMN mac TEXT NOT NULL DEFAULT '';",
     "ALTER TABLE vms ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;",
+    "ALTER TABLE vms ADD COLUMN nic INTEGER;
+    UPDATE vms SET nic = rowid;
+    CREATE UNIQUE INDEX vms_nic ON vms (nic);
+    CREATE UNIQUE INDEX vms_mac ON vms (mac) WHERE mac != '';",
     "CREATE TABLE operations (
         id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -117,6 +124,9 @@ pub struct VmRecord {
     /// computed from and fails if the record moved on (compare-and-swap,
     /// the shape an etcd-backed store has).
     pub revision: u64,
+    /// Its NIC's number on this node, unique among its VMs (it names the
+    /// TAP device); allocated by the store when the VM is inserted.
+    pub nic: u32,
 }
 
 /// A change of a VM's runtime fields, with the event that tells it (its
@@ -203,8 +213,9 @@ impl Store {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14)",
+                network, mac, nic)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms))",
             params![
                 vm.name,
                 vm.image,
@@ -224,10 +235,26 @@ impl Store {
         );
         match inserted {
             Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(err, _))
+            Err(rusqlite::Error::SqliteFailure(err, message))
                 if err.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                return Err(StoreError::Exists(vm.name.clone()));
+                // Which uniqueness was violated: the name (primary key)
+                // or the MAC (an index). A taken name is the answer that
+                // matters even when the MAC is taken too.
+                let name_taken = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM vms WHERE name = ?1",
+                        params![vm.name],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map_err(sql)?
+                    > 0;
+                let mac = message.as_deref().is_some_and(|m| m.contains("vms.mac"));
+                return Err(if mac && !name_taken {
+                    StoreError::MacTaken(vm.mac.clone())
+                } else {
+                    StoreError::Exists(vm.name.clone())
+                });
             }
             Err(err) => return Err(sql(err)),
         }
@@ -388,7 +415,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision FROM vms";
+    network, mac, revision, nic FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -431,6 +458,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         },
         image_dir: PathBuf::from(image_dir),
         revision: row.get(17)?,
+        nic: row.get(18)?,
     }))
 }
 
@@ -718,11 +746,15 @@ mod tests {
                 linked_to: None,
                 machine_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
                 network: "default".to_owned(),
-                mac: "52:54:00:00:00:01".to_owned(),
+                mac: format!(
+                    "52:54:00:00:00:{:02x}",
+                    name.bytes().map(u32::from).sum::<u32>() % 256
+                ),
                 addresses: vec![],
             },
             image_dir: PathBuf::from("/images/tiny/x"),
             revision: 1,
+            nic: 1,
         }
     }
 
@@ -738,6 +770,31 @@ mod tests {
         assert_eq!(store.get("web").unwrap(), Some(record("web")));
         assert_eq!(event.kind, EventKind::Created);
         assert_eq!(store.events(0, 10, None).unwrap(), vec![event]);
+    }
+
+    #[test]
+    fn gives_each_vm_its_own_nic_number_and_refuses_a_taken_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        store
+            .insert_vm(&record("a"), EventKind::Created, "x")
+            .unwrap();
+        store
+            .insert_vm(&record("b"), EventKind::Created, "x")
+            .unwrap();
+        let twin = VmRecord {
+            vm: Vm {
+                name: "c".to_owned(),
+                ..record("a").vm
+            },
+            ..record("c")
+        };
+
+        let taken = store.insert_vm(&twin, EventKind::Created, "x");
+
+        assert!(matches!(&taken, Err(StoreError::MacTaken(_))), "{taken:?}");
+        let nics: Vec<u32> = store.list().unwrap().iter().map(|r| r.nic).collect();
+        assert_eq!(nics, [1, 2]);
     }
 
     #[test]
