@@ -182,6 +182,9 @@ pub struct Vm {
     pub started_at: Option<i64>,
     /// Automatic restarts since the last start by a user.
     pub restarts: u32,
+    /// The engine that runs it (`qemu`).
+    #[serde(default)]
+    pub engine: String,
     /// The template this VM is a linked clone of (its disk is an overlay
     /// on the template's).
     pub linked_to: Option<String>,

@@ -21,6 +21,7 @@ use std::path::Path;
 use tokio::net::UnixStream;
 
 pub use accel::Accel;
+pub use disk::{DiskError, SnapshotAction};
 pub use qemu::{Lifetime, QemuEngine, QemuError, QemuVm};
 pub use spec::VmSpec;
 
@@ -70,25 +71,121 @@ pub enum VmEvent {
     },
 }
 
-/// Something that can run VMs.
-pub trait Engine {
-    type Vm: EngineVm;
-    type Error: std::error::Error;
+/// Which engine runs a VM; recorded with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// One `qemu-system-x86_64` per VM, over QMP.
+    Qemu,
+    /// VMs that exist only in memory, for the node's unit tests.
+    Memory,
+}
 
-    /// Starts the VM's process with its vCPUs not yet running; attach the
-    /// console, then call [`EngineVm::start`].
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Qemu => "qemu",
+            EngineKind::Memory => "memory",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [EngineKind::Qemu, EngineKind::Memory]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+}
+
+/// Where a VM's files are in its directory, as its engine lays them out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The root disk.
+    pub disk: std::path::PathBuf,
+    /// Everything the guest printed on its first serial port.
+    pub console_log: std::path::PathBuf,
+    /// The graphical console's VNC server (a Unix socket).
+    pub vnc: std::path::PathBuf,
+}
+
+/// CPU time and memory of a VM's engine process.
+pub use qemu::Usage;
+
+/// Everything the node does to VMs and their disks. A typed [`VmSpec`]
+/// goes in; VMs with typed [`VmEvent`]s come out. The node never names
+/// the program, protocol or files behind it.
+pub trait Engine: Send + Sync + 'static {
+    type Vm: EngineVm;
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+
+    /// Fails when the engine cannot run VMs on this host.
+    fn check_installed(&self) -> Result<(), Self::Error>;
+
+    /// Starts a VM's process in `run_dir` with its vCPUs not yet running;
+    /// attach the console (and plug its NICs), then [`EngineVm::start`].
+    /// A step that fails ends what it started.
     fn create(
         &self,
         spec: &VmSpec,
         run_dir: &Path,
         lifetime: Lifetime,
     ) -> impl Future<Output = Result<Self::Vm, Self::Error>> + Send;
+
+    /// Takes over the VM an earlier owner started in `run_dir` (found by
+    /// what the engine recorded when it started it, or by `pid`), if it
+    /// still runs; one that runs but cannot be taken over is ended.
+    fn adopt(
+        &self,
+        run_dir: &Path,
+        pid: Option<u32>,
+    ) -> impl Future<Output = Option<Self::Vm>> + Send;
+
+    /// Where a VM's files are in `run_dir`.
+    fn layout(&self, run_dir: &Path) -> Layout;
+
+    /// How long the name of a run directory under `parent` may be.
+    fn max_dir_name(&self, parent: &Path) -> usize;
+
+    /// The file name of a template's disk in its directory.
+    fn template_disk_name(&self) -> &'static str;
+
+    // Disks. These block: run them off the async runtime's workers.
+
+    /// A new disk at `disk` whose reads come from `base` until written
+    /// (copy on write), `size_mib` large.
+    fn create_disk(&self, base: &Path, disk: &Path, size_mib: u64) -> Result<(), DiskError>;
+
+    /// Copies `from` into a new disk at `to` that keeps only `keep_base`
+    /// underneath; `progress` hears the percentage and stops the copy by
+    /// answering `false` ([`DiskError::Cancelled`]).
+    fn copy_disk(
+        &self,
+        from: &Path,
+        keep_base: &Path,
+        to: &Path,
+        progress: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<(), DiskError>;
+
+    /// A disk-only snapshot of a disk no VM has open.
+    fn snapshot_disk(
+        &self,
+        disk: &Path,
+        action: SnapshotAction,
+        tag: &str,
+    ) -> Result<(), DiskError>;
+
+    /// The size the guest sees, in MiB.
+    fn disk_size_mib(&self, disk: &Path) -> Result<u64, DiskError>;
 }
 
-/// One VM created by an [`Engine`].
-pub trait EngineVm {
-    type Error: std::error::Error;
+/// One VM an [`Engine`] runs.
+pub trait EngineVm: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+    type Snapshots: SnapshotJobs;
 
+    /// The engine process's id, while it runs.
+    fn pid(&self) -> Option<u32>;
     /// A new connection to the first serial port.
     fn console(&self) -> impl Future<Output = Result<UnixStream, Self::Error>> + Send;
     /// Lets the vCPUs of a created VM run.
@@ -97,10 +194,32 @@ pub trait EngineVm {
     fn resume(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Asks the guest to shut down (ACPI power button).
     fn powerdown(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
-    /// Ends the VM at once.
+    /// Ends the VM at once, in order.
     fn stop(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Ends the VM's process outright and waits until it is gone.
+    fn kill(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Waits until the VM's process is gone.
+    fn wait(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     fn state(&self) -> impl Future<Output = Result<VmState, Self::Error>> + Send;
     /// The next state change; [`VmEvent::Exited`] once the VM is gone, and
     /// again on every later call.
     fn next_event(&mut self) -> impl Future<Output = VmEvent> + Send;
+    /// CPU time and memory of its process.
+    fn usage(&self) -> Option<Usage>;
+    /// Bytes read and written by its disks.
+    fn disk_bytes(&self) -> impl Future<Output = Result<(u64, u64), Self::Error>> + Send;
+    /// The last lines its process wrote about itself (why it failed).
+    fn log_tail(&self) -> String;
+    /// What runs its memory snapshots, beside whoever owns the VM.
+    fn snapshots(&self) -> Self::Snapshots;
+}
+
+/// Snapshots with memory of a running VM (every disk and its RAM).
+pub trait SnapshotJobs: Clone + Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn save(&self, tag: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Loads a snapshot; the vCPUs are stopped afterwards.
+    fn load(&self, tag: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn delete(&self, tag: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }

@@ -16,6 +16,8 @@ pub mod node;
 pub mod ratelimit;
 pub mod store;
 pub mod supervisor;
+#[cfg(test)]
+mod testengine;
 pub mod token;
 
 use std::net::SocketAddr;

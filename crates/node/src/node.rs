@@ -12,7 +12,7 @@ use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
     Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
 };
-use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, disk};
+use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, SnapshotJobs};
 use quetzal_image::{Image, ImageStore};
 use tokio::sync::broadcast;
 
@@ -139,11 +139,13 @@ impl Slot {
     }
 }
 
+/// The node's domain over an engine `E` (QEMU in quetzald; an in-memory
+/// one in the unit tests of the rules).
 #[derive(Debug)]
-pub struct Node {
+pub struct Node<E: Engine = QemuEngine> {
     data: PathBuf,
     store: Mutex<Store>,
-    engine: QemuEngine,
+    engine: E,
     images: ImageStore,
     events: broadcast::Sender<Published>,
     running: operations::Running,
@@ -161,15 +163,27 @@ pub struct Node {
 
 impl Node {
     /// Opens the store in `data` and re-attaches to the VMs that were
-    /// running before this daemon started.
+    /// running before this daemon started, with QEMU and the host's
+    /// managed networks.
     pub async fn open(data: &Path) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(data, QemuEngine::new(), HostNetworks::open(data)?).await
+    }
+}
+
+impl<E: Engine> Node<E> {
+    /// [`Node::open`] with `engine` and `host_net`.
+    pub async fn open_with(
+        data: &Path,
+        engine: E,
+        host_net: HostNetworks,
+    ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data.join("vms"))?;
         let store = Store::open(&data.join("quetzal.db"))?;
         let (events, _) = broadcast::channel(1024);
         let node = Arc::new(Node {
             data: data.to_owned(),
             store: Mutex::new(store),
-            engine: QemuEngine::new(),
+            engine,
             images: ImageStore::new(data),
             events,
             running: operations::Running::default(),
@@ -177,7 +191,7 @@ impl Node {
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
-            host_net: HostNetworks::open(data)?,
+            host_net,
             net_op: tokio::sync::Mutex::default(),
             addresses: Mutex::default(),
         });
@@ -205,6 +219,18 @@ impl Node {
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.data.join("vms").join(name)
+    }
+
+    /// A VM's root disk.
+    fn vm_disk(&self, name: &str) -> PathBuf {
+        self.engine.layout(&self.vm_dir(name)).disk
+    }
+
+    /// The size of a disk the guest sees, in MiB.
+    fn disk_mib(&self, disk: &Path) -> Result<u64, NodeError> {
+        self.engine
+            .disk_size_mib(disk)
+            .map_err(|e| NodeError::Internal(e.to_string()))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Published> {
@@ -378,14 +404,14 @@ impl Node {
         if self.slot(name).live().is_none() {
             return Err(NodeError::Conflict(format!("VM {name} is not running")));
         }
-        Ok(self.vm_dir(name).join("vnc.sock"))
+        Ok(self.engine.layout(&self.vm_dir(name)).vnc)
     }
 
     /// The console of a running VM: its live output and its input.
     pub fn console(&self, name: &str) -> Result<(PathBuf, Option<Arc<Live>>), NodeError> {
         self.record(name)?;
         Ok((
-            self.vm_dir(name).join("console.log"),
+            self.engine.layout(&self.vm_dir(name)).console_log,
             self.slot(name).live(),
         ))
     }
@@ -584,8 +610,14 @@ impl Node {
         &self,
         record: &VmRecord,
         load_snapshot: Option<&str>,
-    ) -> Result<(quetzal_engine::QemuVm, tokio::net::UnixStream), String> {
+    ) -> Result<(E::Vm, tokio::net::UnixStream), String> {
         let vm = &record.vm;
+        if vm.engine != self.engine.kind().as_str() {
+            return Err(format!(
+                "VM {} runs on the {} engine, which this node does not have",
+                vm.name, vm.engine
+            ));
+        }
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
         let network = self.vm_network(vm)?;
         if record.nic > 0x00ff_ffff {
@@ -606,7 +638,7 @@ impl Node {
             boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
                 .map_err(|e| e.to_string())?,
             disks: vec![Disk {
-                path: dir.join("root.qcow2"),
+                path: self.engine.layout(&dir).disk,
                 format: DiskFormat::Qcow2,
                 read_only: false,
             }],
@@ -622,7 +654,7 @@ impl Node {
             graphics: true,
         };
         quetzal_engine::failpoint::crash("start-before-spawn");
-        let mut qemu = self
+        let mut engine_vm = self
             .engine
             .create(&spec, &dir, Lifetime::Detached)
             .await
@@ -633,23 +665,24 @@ impl Node {
             if let Some(network) = &network {
                 self.host_net.plug(&tap, network).await?;
             }
-            let console = qemu.console().await.map_err(|e| e.to_string())?;
+            let console = engine_vm.console().await.map_err(|e| e.to_string())?;
             if let Some(tag) = load_snapshot {
-                qemu.snapshots()
+                engine_vm
+                    .snapshots()
                     .load(tag)
                     .await
                     .map_err(|e| e.to_string())?;
             }
             quetzal_engine::failpoint::crash("start-before-cont");
-            qemu.start().await.map_err(|e| e.to_string())?;
+            engine_vm.start().await.map_err(|e| e.to_string())?;
             quetzal_engine::failpoint::crash("start-after-cont");
             Ok(console)
         }
         .await;
         match started {
-            Ok(console) => Ok((qemu, console)),
+            Ok(console) => Ok((engine_vm, console)),
             Err(err) => {
-                let _ = qemu.kill().await;
+                let _ = engine_vm.kill().await;
                 Err(err)
             }
         }
@@ -721,7 +754,7 @@ impl Node {
         self.change(name, Cause::StopDone, &down(EventKind::Stopped, &cause))
     }
 
-    /// Called by a VM's supervisor when its QEMU is gone. Records how it
+    /// Called by a VM's supervisor when its VM process is gone. Records how it
     /// ended unless an operation already did, and applies the restart
     /// policy.
     pub async fn vm_exited(self: &Arc<Self>, name: &str, generation: u64, exit: Exit) {
@@ -749,13 +782,15 @@ impl Node {
             Exit::Quit => (
                 Cause::PoweredOff,
                 EventKind::Stopped,
-                "QEMU was told to quit".to_owned(),
+                "its VM process was told to quit".to_owned(),
             ),
             Exit::Crashed(reason) => (Cause::Died, EventKind::Crashed, reason.clone()),
             Exit::Died(log) => (
                 Cause::Died,
                 EventKind::Crashed,
-                format!("QEMU ended without a shutdown (killed or crashed); its log: {log}"),
+                format!(
+                    "its VM process ended without a shutdown (killed or crashed); its log: {log}"
+                ),
             ),
         };
         if let Err(err) = self.change(name, how, &down(kind, &cause)) {
@@ -791,12 +826,12 @@ impl Node {
                 (VmState::Running, true) => (
                     Cause::EnginePaused,
                     EventKind::Paused,
-                    now.why.unwrap_or_else(|| "QEMU paused it".to_owned()),
+                    now.why.unwrap_or_else(|| "the engine paused it".to_owned()),
                 ),
                 (VmState::Paused, false) => (
                     Cause::EngineResumed,
                     EventKind::Resumed,
-                    "QEMU resumed it".to_owned(),
+                    "the engine resumed it".to_owned(),
                 ),
                 _ => return,
             };
@@ -906,17 +941,14 @@ fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1 << restarts.min(5))
 }
 
-fn image_disk_mib(image: &Image) -> Result<u64, NodeError> {
-    disk::virtual_size(&image.root_disk())
-        .map(|bytes| bytes.div_ceil(1 << 20))
-        .map_err(|e| NodeError::Internal(e.to_string()))
-}
-
 fn free_mib(dir: &Path) -> Result<u64, NodeError> {
     let stat = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
     Ok(stat.blocks_available() * stat.fragment_size() / (1 << 20))
 }
+
+#[cfg(test)]
+mod rules;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quetzal_engine::{EngineVm, QemuVm, VmEvent};
+use quetzal_engine::{Engine, EngineVm, SnapshotJobs, VmEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -125,11 +125,11 @@ impl Live {
 /// Starts supervising `vm`, whose console is `console` and whose vCPUs
 /// are `paused` or not. `generation` tells this run of the VM from later
 /// ones.
-pub fn spawn(
-    node: Arc<Node>,
+pub fn spawn<E: Engine>(
+    node: Arc<Node<E>>,
     name: String,
     generation: u64,
-    vm: QemuVm,
+    vm: E::Vm,
     console: UnixStream,
     paused: bool,
 ) -> Live {
@@ -167,8 +167,8 @@ pub fn spawn(
     live
 }
 
-struct Task {
-    vm: QemuVm,
+struct Task<V: EngineVm> {
+    vm: V,
     console: UnixStream,
     commands: mpsc::Receiver<(Command, Reply)>,
     stats: mpsc::Receiver<oneshot::Sender<Stats>>,
@@ -178,8 +178,8 @@ struct Task {
     generation: u64,
 }
 
-impl Task {
-    async fn run(mut self, node: &Arc<Node>, name: &str) -> Exit {
+impl<V: EngineVm> Task<V> {
+    async fn run<E: Engine<Vm = V>>(mut self, node: &Arc<Node<E>>, name: &str) -> Exit {
         // Why the engine is about to pause the VM by itself.
         let mut pause_reason: Option<String> = None;
         let (mut from_guest, mut to_guest) = self.console.into_split();
@@ -206,9 +206,9 @@ impl Task {
                     }
                     VmEvent::DiskError { no_space, reason } => {
                         pause_reason = Some(if no_space {
-                            format!("QEMU paused it: the host has no space left for its disk ({reason})")
+                            format!("the engine paused it: the host has no space left for its disk ({reason})")
                         } else {
-                            format!("QEMU paused it: its disk failed ({reason})")
+                            format!("the engine paused it: its disk failed ({reason})")
                         });
                     }
                     VmEvent::Paused => {

@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 pub use argv::argv;
 pub use process::{Lifetime, Usage};
 
+use crate::disk::{self, DiskError, SnapshotAction};
 use crate::qmp::{self, QmpClient, QmpError, RunState, ShutdownReason};
-use crate::spec::VmSpec;
-use crate::{Engine, EngineVm, VmEvent, VmState};
+use crate::spec::{DiskFormat, VmSpec};
+use crate::{Engine, EngineKind, EngineVm, Layout, SnapshotJobs, VmEvent, VmState};
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -134,6 +135,71 @@ impl Default for QemuEngine {
 impl Engine for QemuEngine {
     type Vm = QemuVm;
     type Error = QemuError;
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Qemu
+    }
+
+    fn check_installed(&self) -> Result<(), QemuError> {
+        QemuEngine::check_installed(self).map(drop)
+    }
+
+    async fn adopt(&self, run_dir: &Path, pid: Option<u32>) -> Option<QemuVm> {
+        let pid = self.leftover(run_dir).or(pid)?;
+        match self.attach(run_dir, pid, 1).await {
+            Ok(vm) => Some(vm),
+            Err(err) => {
+                tracing::debug!(pid, error = %err, "cannot take over");
+                // One that runs but cannot be taken over is ended too.
+                self.end_leftover(run_dir).await;
+                None
+            }
+        }
+    }
+
+    fn layout(&self, run_dir: &Path) -> Layout {
+        let paths = RunPaths::new(run_dir);
+        Layout {
+            disk: run_dir.join("root.qcow2"),
+            console_log: paths.console_log,
+            vnc: paths.vnc,
+        }
+    }
+
+    fn max_dir_name(&self, parent: &Path) -> usize {
+        RunPaths::max_dir_name(parent)
+    }
+
+    fn template_disk_name(&self) -> &'static str {
+        "disk.qcow2"
+    }
+
+    fn create_disk(&self, base: &Path, disk: &Path, size_mib: u64) -> Result<(), DiskError> {
+        disk::create_overlay_sized(base, DiskFormat::Qcow2, disk, Some(size_mib))
+    }
+
+    fn copy_disk(
+        &self,
+        from: &Path,
+        keep_base: &Path,
+        to: &Path,
+        progress: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<(), DiskError> {
+        disk::copy_onto_base(from, keep_base, to, progress)
+    }
+
+    fn snapshot_disk(
+        &self,
+        disk: &Path,
+        action: SnapshotAction,
+        tag: &str,
+    ) -> Result<(), DiskError> {
+        disk::snapshot_offline(disk, action, tag)
+    }
+
+    fn disk_size_mib(&self, disk: &Path) -> Result<u64, DiskError> {
+        disk::virtual_size(disk).map(|bytes| bytes.div_ceil(1 << 20))
+    }
 
     async fn create(
         &self,
@@ -472,8 +538,53 @@ impl QemuVm {
     }
 }
 
+impl SnapshotJobs for Snapshots {
+    type Error = QemuError;
+
+    async fn save(&self, tag: &str) -> Result<(), QemuError> {
+        Snapshots::save(self, tag).await
+    }
+
+    async fn load(&self, tag: &str) -> Result<(), QemuError> {
+        Snapshots::load(self, tag).await
+    }
+
+    async fn delete(&self, tag: &str) -> Result<(), QemuError> {
+        Snapshots::delete(self, tag).await
+    }
+}
+
 impl EngineVm for QemuVm {
     type Error = QemuError;
+    type Snapshots = Snapshots;
+
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    async fn kill(&mut self) -> Result<(), QemuError> {
+        QemuVm::kill(self).await.map(drop)
+    }
+
+    async fn wait(&mut self) -> Result<(), QemuError> {
+        QemuVm::wait(self).await.map(drop)
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        QemuVm::usage(self)
+    }
+
+    async fn disk_bytes(&self) -> Result<(u64, u64), QemuError> {
+        QemuVm::disk_bytes(self).await
+    }
+
+    fn log_tail(&self) -> String {
+        QemuVm::log_tail(self)
+    }
+
+    fn snapshots(&self) -> Snapshots {
+        QemuVm::snapshots(self)
+    }
 
     async fn console(&self) -> Result<UnixStream, QemuError> {
         UnixStream::connect(&self.paths.console)

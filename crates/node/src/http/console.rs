@@ -22,7 +22,10 @@ pub async fn console(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let (log, live) = app.node.console(&name)?;
-    Ok(ws.on_upgrade(move |socket| session(socket, log, live)))
+    Ok(ws
+        .max_message_size(super::CONSOLE_MAX_MESSAGE)
+        .max_frame_size(super::CONSOLE_MAX_MESSAGE)
+        .on_upgrade(move |socket| session(socket, log, live)))
 }
 
 async fn session(

@@ -42,7 +42,7 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
         &mut out,
         "quetzal_vm_cpu_seconds_total",
         "counter",
-        "CPU time used by the VM's QEMU process.",
+        "CPU time used by the VM's engine process.",
     );
     for (name, s) in &stats {
         let _ = writeln!(
@@ -55,7 +55,7 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
         &mut out,
         "quetzal_vm_resident_bytes",
         "gauge",
-        "Resident memory of the VM's QEMU process.",
+        "Resident memory of the VM's engine process.",
     );
     for (name, s) in &stats {
         let _ = writeln!(
@@ -116,7 +116,7 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
             s.net_sent_bytes
         );
     }
-    let own = quetzal_engine::qemu::Usage::of_this_process();
+    let own = quetzal_engine::Usage::of_this_process();
     family(
         &mut out,
         "quetzal_daemon_up",

@@ -35,6 +35,12 @@ use utoipa::OpenApi;
 
 use crate::node::{Created, DEFAULT_STOP_TIMEOUT, Node, NodeError, Published};
 
+/// The largest message a console client may send (typed input): what
+/// a client can make us hold is bounded.
+pub const CONSOLE_MAX_MESSAGE: usize = 64 * 1024;
+/// The largest message a VNC client may send (RFB input and clipboard).
+pub const VNC_MAX_MESSAGE: usize = 1 << 20;
+
 /// What every handler can reach.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -451,7 +457,7 @@ vm_action!(
 vm_action!(
     force_stop_vm,
     "/api/v1/vms/{name}/force-stop",
-    "End a VM's QEMU at once.",
+    "End a VM's process at once.",
     |node, name, _timeout| node.force_stop(&name).await?
 );
 vm_action!(

@@ -27,6 +27,8 @@ pub async fn vnc(
     // noVNC asks for the `binary` subprotocol.
     Ok(ws
         .protocols(["binary"])
+        .max_message_size(super::VNC_MAX_MESSAGE)
+        .max_frame_size(super::VNC_MAX_MESSAGE)
         .on_upgrade(move |socket| relay(socket, server)))
 }
 

@@ -45,10 +45,19 @@ impl HostNetworks {
     /// Reads (or makes) the node's name prefix and checks that the host
     /// can run bridges: root, and `ip`, `nft` and `dnsmasq` installed.
     pub fn open(data: &Path) -> std::io::Result<Self> {
+        Self::open_with(data, host_support())
+    }
+
+    /// A node's networks that never touch the host: every VM uses
+    /// user-mode networking (the node's unit tests).
+    pub fn without_host(data: &Path) -> std::io::Result<Self> {
+        Self::open_with(data, Some("managed networks are turned off".to_owned()))
+    }
+
+    fn open_with(data: &Path, unavailable: Option<String>) -> std::io::Result<Self> {
         let dir = data.join("networks");
         std::fs::create_dir_all(&dir)?;
         let prefix = node_prefix(&dir)?;
-        let unavailable = host_support();
         if let Some(reason) = &unavailable {
             tracing::warn!(%reason, "managed networks unavailable; VMs use user-mode networking");
         }

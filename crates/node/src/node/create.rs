@@ -6,12 +6,13 @@
 //! its disk is complete — or is removed with everything it made when the
 //! copy fails or is cancelled.
 
+use quetzal_engine::Engine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use quetzal_api::{CreateVm, EventKind, Operation, OperationKind, Vm, VmState};
-use quetzal_engine::disk::{self, DiskError};
-use quetzal_engine::spec::{Cpus, DiskFormat, Mac, MemoryMib, VmName};
+use quetzal_engine::DiskError;
+use quetzal_engine::spec::{Cpus, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
 
 use super::templates::DiskPlan;
@@ -36,7 +37,7 @@ pub(super) struct PendingCopy {
     kind: OperationKind,
 }
 
-impl Node {
+impl<E: Engine> Node<E> {
     /// Creates a stopped VM: a qcow2 overlay on its image's base disk or
     /// on a template's (at once), or a full clone (an operation).
     pub async fn create(self: &Arc<Self>, request: CreateVm) -> Result<Created, NodeError> {
@@ -75,6 +76,7 @@ impl Node {
             network: String::new(),
             // Drawn when it is recorded.
             mac: String::new(),
+            engine: self.engine.kind().as_str().to_owned(),
             addresses: Vec::new(),
         };
         let cause = match &request.template {
@@ -120,7 +122,7 @@ impl Node {
                 self.data.display()
             )));
         }
-        let room = quetzal_engine::qemu::RunPaths::max_dir_name(&self.data.join("vms"));
+        let room = self.engine.max_dir_name(&self.data.join("vms"));
         if vm.name.len() > room {
             return Err(NodeError::Invalid(format!(
                 "the name {} is too long for this node's data directory: at most {room} characters here",
@@ -138,12 +140,13 @@ impl Node {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
-        let disk = dir.join("root.qcow2");
+        let disk = self.vm_disk(&vm.name);
         let (state, kind, made) = match plan {
             DiskPlan::Overlay { base, .. } => (
                 VmState::Stopped,
                 EventKind::Created,
-                disk::create_overlay_sized(base, DiskFormat::Qcow2, &disk, Some(vm.disk_mib))
+                self.engine
+                    .create_disk(base, &disk, vm.disk_mib)
                     .map_err(disk_error),
             ),
             DiskPlan::Copy { .. } => (VmState::Creating, EventKind::Creating, Ok(())),
@@ -221,14 +224,17 @@ impl Node {
                     pending.disk.clone(),
                 );
                 let progress = progress.clone();
+                let engine_node = Arc::clone(&node);
                 tokio::task::spawn_blocking(move || {
-                    disk::copy_onto_base(&from, &keep_base, &disk, &mut |percent| {
-                        progress.set(percent);
-                        quetzal_engine::failpoint::stall_until("copy-stall", || {
-                            progress.cancelled()
-                        });
-                        !progress.cancelled()
-                    })
+                    engine_node
+                        .engine
+                        .copy_disk(&from, &keep_base, &disk, &mut |percent| {
+                            progress.set(percent);
+                            quetzal_engine::failpoint::stall_until("copy-stall", || {
+                                progress.cancelled()
+                            });
+                            !progress.cancelled()
+                        })
                 })
                 .await
                 .map_err(|e| NodeError::Internal(format!("the copy failed: {e}")))

@@ -2,6 +2,7 @@
 //! rules (names, subnets, who uses what) and the addresses VMs got. The
 //! host side (bridges, dnsmasq, nftables) is [`crate::net`].
 
+use quetzal_engine::Engine;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ fn spec(record: &NetworkRecord) -> NetworkSpec {
     }
 }
 
-impl Node {
+impl<E: Engine> Node<E> {
     /// At daemon start: makes the default network if the host can have
     /// one, and brings bridges, rules and dnsmasq up to the store's
     /// networks (after a restart they are reused, after a reboot remade).

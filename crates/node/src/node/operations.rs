@@ -4,6 +4,7 @@
 //! cancellable one stops when asked. What an operation works on stays
 //! locked (its VM's operation lock) until it ends.
 
+use quetzal_engine::Engine;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -47,15 +48,26 @@ impl Running {
 
 /// What an operation's work gets: a way to report progress and to learn
 /// that it was cancelled.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    node: Arc<Node>,
+#[derive(Debug)]
+pub struct Progress<E: Engine = quetzal_engine::QemuEngine> {
+    node: Arc<Node<E>>,
     id: String,
     cancel: watch::Receiver<bool>,
     last: Arc<Mutex<u8>>,
 }
 
-impl Progress {
+impl<E: Engine> Clone for Progress<E> {
+    fn clone(&self) -> Self {
+        Progress {
+            node: Arc::clone(&self.node),
+            id: self.id.clone(),
+            cancel: self.cancel.clone(),
+            last: Arc::clone(&self.last),
+        }
+    }
+}
+
+impl<E: Engine> Progress<E> {
     /// Records how far the work is (0-100); only a rise is recorded.
     pub fn set(&self, percent: u32) {
         let percent = u8::try_from(percent.min(100)).expect("at most 100");
@@ -76,7 +88,7 @@ impl Progress {
     }
 }
 
-impl Node {
+impl<E: Engine> Node<E> {
     /// Starts `work` as an operation on `target` (an API path) and returns
     /// it, running. `work` runs in its own task; what it returns ends the
     /// operation (a [`NodeError::Cancelled`] as `cancelled`).
@@ -88,7 +100,7 @@ impl Node {
         work: F,
     ) -> Result<Operation, NodeError>
     where
-        F: FnOnce(Progress) -> Fut + Send + 'static,
+        F: FnOnce(Progress<E>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), NodeError>> + Send + 'static,
     {
         let op = Operation {

@@ -3,6 +3,7 @@
 //! still runs are re-attached, and those that died meanwhile are marked
 //! (and handled per their restart policy).
 
+use quetzal_engine::Engine;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::lifecycle::Cause;
 use crate::store::Change;
 use quetzal_api::EventKind;
 
-impl Node {
+impl<E: Engine> Node<E> {
     pub(super) async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
         let interrupted = self.store().fail_interrupted_operations()?;
         for op in interrupted {
@@ -55,7 +56,7 @@ impl Node {
             let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
             let source = self.vm_dir(&template.source_vm);
             let recorded = records.iter().any(|r| r.vm.name == template.source_vm);
-            if !recorded && source.join("root.qcow2").exists() {
+            if !recorded && self.engine.layout(&source).disk.exists() {
                 tracing::warn!(vm = %template.source_vm, "removing the directory of a VM that became a template");
                 let _ = std::fs::remove_dir_all(&source);
             }
@@ -88,21 +89,15 @@ impl Node {
         let dir = self.vm_dir(&name);
         let slot = self.slot(&name);
         let _op = slot.lock().await;
-        let pid = self.engine.leftover(&dir).or(record.vm.pid);
-        let attached = match pid {
-            Some(pid) => self.engine.attach(&dir, pid, 1).await.ok(),
-            None => None,
-        };
+        let attached = self.engine.adopt(&dir, record.vm.pid).await;
         let state = record.vm.state;
-        let Some(mut qemu) = attached else {
-            // One that runs but cannot be taken over is ended too.
-            self.engine.end_leftover(&dir).await;
+        let Some(mut engine_vm) = attached else {
             match state {
                 VmState::Running | VmState::Paused | VmState::Starting => {
                     let cause = if state == VmState::Starting {
-                        "quetzald stopped during its start; its QEMU is gone".to_owned()
+                        "quetzald stopped during its start; its VM process is gone".to_owned()
                     } else {
-                        "its QEMU ended while quetzald was down".to_owned()
+                        "its VM process ended while quetzald was down".to_owned()
                     };
                     self.mark_crashed(&record, &cause)?;
                 }
@@ -121,7 +116,7 @@ impl Node {
             }
             return Ok(());
         };
-        let engine_state = qemu.state().await.ok();
+        let engine_state = engine_vm.state().await.ok();
         let reattach = match state {
             VmState::Running | VmState::Paused => true,
             // A start cut short: keep it if its vCPUs already ran.
@@ -138,12 +133,12 @@ impl Node {
         };
         if !reattach {
             // Nothing may run that the store does not show running.
-            let _ = qemu.kill().await;
+            let _ = engine_vm.kill().await;
             match state {
                 VmState::Starting => {
                     self.mark_crashed(
                         &record,
-                        "quetzald stopped during its start; its QEMU was ended before it ran",
+                        "quetzald stopped during its start; its VM process was ended before it ran",
                     )?;
                 }
                 VmState::Stopping => {
@@ -157,15 +152,15 @@ impl Node {
                     )?;
                 }
                 _ => {
-                    tracing::warn!(vm = %name, state = state.as_str(), "ended a QEMU the store did not know was running")
+                    tracing::warn!(vm = %name, state = state.as_str(), "ended a VM process the store did not know was running")
                 }
             }
             return Ok(());
         }
-        let console = match qemu.console().await {
+        let console = match engine_vm.console().await {
             Ok(console) => console,
             Err(err) => {
-                let _ = qemu.kill().await;
+                let _ = engine_vm.kill().await;
                 self.mark_crashed(
                     &record,
                     &format!("its console could not be reached after a daemon restart ({err})"),
@@ -176,13 +171,13 @@ impl Node {
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pid = qemu.pid();
+        let pid = engine_vm.pid();
         let paused = matches!(engine_state, Some(quetzal_engine::VmState::Paused));
         let live = supervisor::spawn(
             Arc::clone(self),
             name.clone(),
             generation,
-            qemu,
+            engine_vm,
             console,
             paused,
         );

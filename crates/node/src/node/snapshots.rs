@@ -4,19 +4,20 @@
 //! disk-only (`qemu-img snapshot`). The store keeps the tree (each
 //! snapshot's parent) and the snapshot the VM is at.
 
+use quetzal_engine::Engine;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use quetzal_api::{
     CreateSnapshot, EventKind, Operation, OperationKind, Snapshot, SnapshotList, Vm, VmState,
 };
-use quetzal_engine::disk::{self, SnapshotAction};
+use quetzal_engine::SnapshotAction;
 use quetzal_engine::spec::VmName;
 
 use super::{Node, NodeError, now_millis};
 use crate::supervisor::{Command, Live, SnapshotJob};
 
-impl Node {
+impl<E: Engine> Node<E> {
     pub fn snapshots(&self, vm: &str) -> Result<SnapshotList, NodeError> {
         self.record(vm)?;
         let (snapshots, current) = self.store().snapshots(vm)?;
@@ -66,7 +67,8 @@ impl Node {
                         .await
                         .map_err(|e| snapshot_error(&e))?,
                     On::Disk(disk) => {
-                        run_offline(disk, SnapshotAction::Create, name.to_string()).await?
+                        node.run_offline(disk, SnapshotAction::Create, name.to_string())
+                            .await?
                     }
                 }
                 quetzal_engine::failpoint::crash("snapshot-taken");
@@ -100,9 +102,7 @@ impl Node {
                 .live()
                 .map(On::Live)
                 .ok_or_else(|| NodeError::Conflict(format!("VM {} is not running", vm.name))),
-            VmState::Stopped | VmState::Crashed => {
-                Ok(On::Disk(self.vm_dir(&vm.name).join("root.qcow2")))
-            }
+            VmState::Stopped | VmState::Crashed => Ok(On::Disk(self.vm_disk(&vm.name))),
             other => Err(NodeError::Conflict(format!(
                 "cannot {what} a VM that is {}",
                 other.as_str()
@@ -155,7 +155,8 @@ impl Node {
                             .await?;
                     }
                     On::Disk(disk) => {
-                        run_offline(disk, SnapshotAction::Apply, name.clone()).await?
+                        node.run_offline(disk, SnapshotAction::Apply, name.clone())
+                            .await?
                     }
                 }
                 let event = node.store().set_current_snapshot(&vm, &name, &cause)?;
@@ -192,7 +193,8 @@ impl Node {
                         .await
                         .map_err(|e| snapshot_error(&e))?,
                     On::Disk(disk) => {
-                        run_offline(disk, SnapshotAction::Delete, name.clone()).await?
+                        node.run_offline(disk, SnapshotAction::Delete, name.clone())
+                            .await?
                     }
                 }
                 let event = node.store().remove_snapshot(
@@ -216,11 +218,20 @@ enum On {
     Disk(PathBuf),
 }
 
-async fn run_offline(disk: PathBuf, action: SnapshotAction, tag: String) -> Result<(), NodeError> {
-    tokio::task::spawn_blocking(move || disk::snapshot_offline(&disk, action, &tag))
-        .await
-        .map_err(|e| NodeError::Internal(e.to_string()))?
-        .map_err(|e| snapshot_error(&e.to_string()))
+impl<E: Engine> Node<E> {
+    /// A disk-only snapshot job on a stopped VM's disk, off the runtime.
+    async fn run_offline(
+        self: &Arc<Self>,
+        disk: PathBuf,
+        action: SnapshotAction,
+        tag: String,
+    ) -> Result<(), NodeError> {
+        let node = Arc::clone(self);
+        tokio::task::spawn_blocking(move || node.engine.snapshot_disk(&disk, action, &tag))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| snapshot_error(&e.to_string()))
+    }
 }
 
 fn snapshot_error(message: &str) -> NodeError {

@@ -3,6 +3,7 @@
 //! overlay on the template's disk: no copy) or full clones (a copy of the
 //! template's data on the image's base disk), or cloned from a stopped VM.
 
+use quetzal_engine::Engine;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use quetzal_engine::spec::VmName;
 use quetzal_image::{Image, ImageError};
 
 use super::create::Made;
-use super::{Node, NodeError, Published, image_disk_mib, now_millis};
+use super::{Node, NodeError, Published, now_millis};
 use crate::store::TemplateRecord;
 
 /// How a new VM's disk is made.
@@ -57,13 +58,15 @@ pub struct DiskSource {
     pub plan: DiskPlan,
 }
 
-impl Node {
+impl<E: Engine> Node<E> {
     pub(super) fn templates_dir(&self) -> PathBuf {
         self.data.join("templates")
     }
 
     pub(super) fn template_disk(&self, name: &str) -> PathBuf {
-        self.templates_dir().join(name).join("disk.qcow2")
+        self.templates_dir()
+            .join(name)
+            .join(self.engine.template_disk_name())
     }
 
     /// Resolves a create request's image or template into a disk plan.
@@ -80,7 +83,7 @@ impl Node {
                 other => NodeError::Internal(other.to_string()),
             })?;
             return Ok(DiskSource {
-                base_mib: image_disk_mib(&image)?,
+                base_mib: self.disk_mib(&image.root_disk())?,
                 plan: DiskPlan::Overlay {
                     base: image.root_disk(),
                     linked_to: None,
@@ -196,8 +199,8 @@ impl Node {
         record: crate::store::VmRecord,
     ) -> Result<(), NodeError> {
         let dir = self.templates_dir().join(name);
-        let disk = dir.join("disk.qcow2");
-        let vm_disk = self.vm_dir(&record.vm.name).join("root.qcow2");
+        let disk = self.template_disk(name);
+        let vm_disk = self.vm_disk(&record.vm.name);
         // A directory without a template is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
         let linked = std::fs::create_dir_all(&dir)
@@ -303,7 +306,7 @@ impl Node {
                 .root_disk(),
         };
         let plan = DiskPlan::Copy {
-            from: self.vm_dir(source).join("root.qcow2"),
+            from: self.vm_disk(source),
             keep_base,
             linked_to: record.vm.linked_to.clone(),
         };
@@ -317,6 +320,7 @@ impl Node {
             machine_id: Some(super::new_machine_id()?),
             // Drawn when it is recorded.
             mac: String::new(),
+            engine: self.engine.kind().as_str().to_owned(),
             addresses: Vec::new(),
             ..record.vm.clone()
         };

@@ -99,6 +99,7 @@ const MIGRATIONS: &[&str] = &[
     UPDATE vms SET nic = rowid;
     CREATE UNIQUE INDEX vms_nic ON vms (nic);
     CREATE UNIQUE INDEX vms_mac ON vms (mac) WHERE mac != '';",
+    "ALTER TABLE vms ADD COLUMN engine TEXT NOT NULL DEFAULT 'qemu';",
     "CREATE TABLE operations (
         id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -213,9 +214,9 @@ impl Store {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic)
+                network, mac, nic, engine)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms))",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15)",
             params![
                 vm.name,
                 vm.image,
@@ -231,6 +232,7 @@ impl Store {
                 vm.machine_id,
                 vm.network,
                 vm.mac,
+                vm.engine,
             ],
         );
         match inserted {
@@ -415,7 +417,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic FROM vms";
+    network, mac, revision, nic, engine FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -454,6 +456,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             machine_id: row.get(14)?,
             network: row.get(15)?,
             mac: row.get(16)?,
+            engine: row.get(19)?,
             addresses: Vec::new(),
         },
         image_dir: PathBuf::from(image_dir),
@@ -750,6 +753,7 @@ mod tests {
                     "52:54:00:00:00:{:02x}",
                     name.bytes().map(u32::from).sum::<u32>() % 256
                 ),
+                engine: "qemu".to_owned(),
                 addresses: vec![],
             },
             image_dir: PathBuf::from("/images/tiny/x"),
