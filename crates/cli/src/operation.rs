@@ -7,11 +7,23 @@ use std::time::Duration;
 
 use clap::Args;
 use hyper::Method;
-use quetzal_api::{Operation, OperationList, OperationResponse, OperationState};
+use quetzal_api::{Operation, OperationKind, OperationList, OperationResponse, OperationState};
 use serde_json::Value;
 
 use crate::Output;
 use crate::client::{Client, encode};
+
+/// What a progress bar says an operation does.
+pub fn describe(kind: OperationKind) -> &'static str {
+    match kind {
+        OperationKind::FullClone | OperationKind::CloneVm => "copying the disk",
+        OperationKind::CreateTemplate => "hashing the disk",
+        OperationKind::BuildImage => "building the image",
+        OperationKind::SnapshotCreate => "taking the snapshot",
+        OperationKind::SnapshotRevert => "reverting",
+        OperationKind::SnapshotDelete => "deleting the snapshot",
+    }
+}
 
 /// How often a waiting command reads the operation again.
 const POLL: Duration = Duration::from_millis(100);
@@ -125,7 +137,7 @@ pub fn command(command: OperationCommand) -> anyhow::Result<ExitCode> {
             }
             OperationCommand::Wait { id } => {
                 let op: OperationResponse = client.call_as(Method::GET, &path(&id), None).await?;
-                let what = op.operation.kind.as_str();
+                let what = describe(op.operation.kind);
                 let op = finish(&client, op.operation.clone(), what).await?;
                 println!("operation {} {}", op.id, op.state.as_str());
             }

@@ -164,7 +164,8 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
                         println!("{}", op.id);
                         return Ok(ExitCode::SUCCESS);
                     }
-                    operation::finish(&client, op, "copying the disk").await?;
+                    let what = operation::describe(op.kind);
+                    operation::finish(&client, op, what).await?;
                     let path = format!("/api/v1/vms/{}", encode(&args.name));
                     client.call_as(Method::GET, &path, None).await?
                 }

@@ -189,3 +189,40 @@ fn a_template_cut_short_after_recording_is_whole_after_a_restart() {
     assert_eq!(mode & 0o777, 0o444);
     cli(&daemon).ok(&["vm", "create", "c1", "--template", "base"]);
 }
+
+#[test]
+fn on_a_fresh_node_the_first_vm_of_an_image_builds_it_in_an_operation() {
+    let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::empty(), None);
+    assert!(!daemon.data.path().join("images/tiny/current").exists());
+
+    let (status, body) = daemon.request("POST", "/api/v1/vms", Some(r#"{"name": "first"}"#));
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["operation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    cli(&daemon).ok(&["operation", "wait", &id]);
+
+    let op = json(&daemon, &["operation", "show", &id, "--output", "json"]);
+    assert_eq!(op["kind"], "build-image");
+    assert_eq!(
+        (op["state"].as_str(), op["progress"].as_u64()),
+        (Some("succeeded"), Some(100))
+    );
+    assert_eq!(
+        json(&daemon, &["vm", "show", "first", "--output", "json"])["state"],
+        "stopped"
+    );
+    assert!(
+        daemon
+            .data
+            .path()
+            .join("images/tiny/current/manifest.json")
+            .exists()
+    );
+    // Built once: the next VM is made at once, and the CLI waits either way.
+    let (status, _) = daemon.request("POST", "/api/v1/vms", Some(r#"{"name": "second"}"#));
+    assert_eq!(status, 201);
+    cli(&daemon).ok(&["vm", "start", "first"]);
+    assert_eq!(cli(&daemon).in_guest("first", "echo built"), "built");
+}

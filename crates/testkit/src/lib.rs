@@ -61,6 +61,15 @@ impl DataDir {
         DataDir { dir }
     }
 
+    /// A temporary data directory with no images at all (a fresh node).
+    pub fn empty() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("data-")
+            .tempdir_in(tests_root())
+            .expect("a temp dir under target/");
+        DataDir { dir }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -38,13 +38,90 @@ pub(super) struct PendingCopy {
 }
 
 impl<E: Engine> Node<E> {
-    /// Creates a stopped VM: a qcow2 overlay on its image's base disk or
-    /// on a template's (at once), or a full clone (an operation).
+    /// Creates a stopped VM: an overlay on its image's base disk or on a
+    /// template's (at once), or a full clone (an operation). An image not
+    /// built yet is built first, in an operation that then makes the VM.
     pub async fn create(self: &Arc<Self>, request: CreateVm) -> Result<Created, NodeError> {
         let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
         Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
         MemoryMib::new(request.memory_mib, self.host_memory_mib)
             .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
+        let guard = self.slot(name.as_str()).lock().await;
+        if let Some(image) = self.image_to_build(&request)? {
+            if self.store().get(name.as_str())?.is_some() {
+                return Err(NodeError::Conflict(format!(
+                    "a VM named {name} already exists"
+                )));
+            }
+            return Ok(Created::Operation(
+                self.build_then_create(image, request, guard)?,
+            ));
+        }
+        self.create_locked(request, guard).await
+    }
+
+    /// The image a request names when it is known but not built yet.
+    fn image_to_build(&self, request: &CreateVm) -> Result<Option<String>, NodeError> {
+        if request.template.is_some() {
+            return Ok(None);
+        }
+        let name = request
+            .image
+            .as_deref()
+            .unwrap_or(quetzal_image::DEFAULT_IMAGE);
+        match self.images.get(name) {
+            Err(quetzal_image::ImageError::NotBuilt { .. }) => Ok(Some(name.to_owned())),
+            // Built, or unknown (which creating says clearly).
+            _ => Ok(None),
+        }
+    }
+
+    /// Builds `image` in an operation, then creates the VM the request
+    /// asks for, with its lock held throughout.
+    fn build_then_create(
+        self: &Arc<Self>,
+        image: String,
+        request: CreateVm,
+        guard: OwnedMutexGuard<()>,
+    ) -> Result<Operation, NodeError> {
+        let node = Arc::clone(self);
+        let target = format!("/api/v1/vms/{}", request.name);
+        self.start_operation(
+            OperationKind::BuildImage,
+            target,
+            false,
+            move |progress| async move {
+                let images = node.images.clone();
+                tracing::info!(image = %image, "building an image on first use");
+                tokio::task::spawn_blocking(move || {
+                    // Each step of a build is one line: five steps in all.
+                    let mut steps = 0;
+                    images.build(&image, &mut |line| {
+                        steps += 1;
+                        tracing::info!(step = line, "image build");
+                        progress.set((steps * 18).min(90));
+                    })
+                })
+                .await
+                .map_err(|e| NodeError::Internal(format!("the image build failed: {e}")))?
+                .map_err(|e| NodeError::Internal(format!("the image build failed: {e}")))?;
+                match node.create_locked(request, guard).await? {
+                    Created::Vm(_) => Ok(()),
+                    Created::Operation(_) => Err(NodeError::Internal(
+                        "a VM made from an image is never a copy".to_owned(),
+                    )),
+                }
+            },
+        )
+    }
+
+    /// [`Node::create`] with the new VM's lock held and its image built.
+    async fn create_locked(
+        self: &Arc<Self>,
+        request: CreateVm,
+        guard: OwnedMutexGuard<()>,
+    ) -> Result<Created, NodeError> {
+        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
         let source = self.disk_source(&request)?;
         let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
         if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
@@ -84,7 +161,6 @@ impl<E: Engine> Node<E> {
             Some(template) => format!("linked clone of template {template}"),
             None => "created by request".to_owned(),
         };
-        let guard = self.slot(&vm.name).lock().await;
         let made = {
             // Held only while the network is chosen and the VM recorded on
             // it, never through a copy.
