@@ -87,12 +87,20 @@ impl Supervised {
         kill_stale(dir);
         let mut child = spawn(dir, &conf)?;
         // dnsmasq writes its pid file once it listens; if it exits first,
-        // it could not (an address in use, a bad option).
+        // it could not (a bad option, or an address still held by the
+        // dnsmasq it replaces while that one lets go: tried again).
+        let mut attempts = 0;
         for _ in 0..100 {
             if let Ok(Some(status)) = child.try_wait() {
+                let log = log_tail(dir);
+                attempts += 1;
+                if log.contains("Address already in use") && attempts < 10 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    child = spawn(dir, &conf)?;
+                    continue;
+                }
                 return Err(format!(
-                    "dnsmasq for {bridge} exited at once ({status}): {}",
-                    log_tail(dir)
+                    "dnsmasq for {bridge} exited at once ({status}): {log}"
                 ));
             }
             if dir.join("dnsmasq.pid").exists() {

@@ -16,6 +16,8 @@ use super::{Node, NodeError, Published, now_millis, random_hex};
 
 /// How many operations a listing shows.
 const LIST_LIMIT: u32 = 200;
+/// The smallest rise of progress that is recorded and published.
+const PROGRESS_STEP: u8 = 5;
 
 /// The operations running in this daemon: how to cancel each.
 #[derive(Debug, Default)]
@@ -68,12 +70,14 @@ impl<E: Engine> Clone for Progress<E> {
 }
 
 impl<E: Engine> Progress<E> {
-    /// Records how far the work is (0-100); only a rise is recorded.
+    /// Records how far the work is (0-100): a rise of at least
+    /// [`PROGRESS_STEP`] points, so a copy writes the store some 20 times,
+    /// not on every line qemu-img prints.
     pub fn set(&self, percent: u32) {
         let percent = u8::try_from(percent.min(100)).expect("at most 100");
         {
             let mut last = self.last.lock().expect("never poisoned");
-            if percent <= *last {
+            if percent < last.saturating_add(PROGRESS_STEP) {
                 return;
             }
             *last = percent;
