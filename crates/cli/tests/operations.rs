@@ -226,3 +226,39 @@ fn on_a_fresh_node_the_first_vm_of_an_image_builds_it_in_an_operation() {
     cli(&daemon).ok(&["vm", "start", "first"]);
     assert_eq!(cli(&daemon).in_guest("first", "echo built"), "built");
 }
+
+#[test]
+fn a_vms_console_stats_and_state_answer_while_an_operation_holds_it() {
+    let data = DataDir::new();
+    let daemon = Daemon::start_armed(Path::new(QUETZALD), data, "snapshot-hold=return");
+    cli(&daemon).ok(&["vm", "create", "busy", "--start"]);
+    assert_eq!(cli(&daemon).in_guest("busy", "echo ready"), "ready");
+
+    let id = cli(&daemon)
+        .ok(&["vm", "snapshot", "create", "busy", "s1", "--no-wait"])
+        .trim()
+        .to_owned();
+
+    let (status, stats) = daemon.request("GET", "/api/v1/vms/busy/stats", None);
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(
+        cli(&daemon).in_guest("busy", "echo still typing"),
+        "still typing"
+    );
+    assert_eq!(
+        json(&daemon, &["vm", "show", "busy", "--output", "json"])["state"],
+        "running"
+    );
+    let op = json(&daemon, &["operation", "show", &id, "--output", "json"]);
+    assert_eq!(
+        op["state"], "running",
+        "the operation was still holding the VM"
+    );
+    std::fs::write(daemon.data.path().join("vms/busy/failpoint-release"), b"").unwrap();
+    cli(&daemon).ok(&["operation", "wait", &id]);
+    let list = json(
+        &daemon,
+        &["vm", "snapshot", "list", "busy", "--output", "json"],
+    );
+    assert_eq!(list["snapshots"][0]["name"], "s1");
+}

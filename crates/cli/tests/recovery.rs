@@ -114,3 +114,29 @@ fn killed_during_a_stop_the_stop_is_finished_after_the_restart() {
 
     assert_eq!(assert_consistent(&daemon, "web"), "stopped");
 }
+
+#[test]
+fn killed_before_a_taken_snapshot_was_recorded_the_disk_and_the_store_agree() {
+    let daemon = die_during(
+        &[CREATE, START],
+        "snapshot-taken",
+        &["vm", "snapshot", "create", "web", "s1"],
+    );
+
+    let list: Value = serde_json::from_str(
+        &cli(&daemon).ok(&["vm", "snapshot", "list", "web", "--output", "json"]),
+    )
+    .unwrap();
+    assert_eq!(list["snapshots"], serde_json::json!([]));
+    let disk = daemon.data.path().join("vms/web/root.qcow2");
+    let on_disk = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l", "-U"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let on_disk = String::from_utf8_lossy(&on_disk.stdout);
+    assert!(!on_disk.contains("s1"), "{on_disk}");
+    assert_eq!(assert_consistent(&daemon, "web"), "running");
+    // The name is free again.
+    cli(&daemon).ok(&["vm", "snapshot", "create", "web", "s1"]);
+}

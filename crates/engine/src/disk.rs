@@ -55,6 +55,14 @@ struct Info {
     virtual_size: u64,
     #[serde(rename = "full-backing-filename")]
     backing: Option<String>,
+    /// Internal snapshots.
+    #[serde(default)]
+    snapshots: Vec<SnapshotInfo>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotInfo {
+    name: String,
 }
 
 fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<std::process::Output, DiskError> {
@@ -93,6 +101,12 @@ pub fn probe(path: &Path) -> Result<(DiskFormat, Option<PathBuf>), DiskError> {
         }
     };
     Ok((format, info.backing.map(PathBuf::from)))
+}
+
+/// The names of a disk's internal snapshots (readable while a VM has the
+/// disk open).
+pub fn snapshot_names(path: &Path) -> Result<Vec<String>, DiskError> {
+    Ok(info(path)?.snapshots.into_iter().map(|s| s.name).collect())
 }
 
 /// The size the guest sees, in bytes.

@@ -37,3 +37,18 @@ pub fn stall_until(name: &str, done: impl Fn() -> bool) {
     #[cfg(not(feature = "failpoints"))]
     let _ = (name, done);
 }
+
+/// When armed, holds the caller here until the file `release` exists (a
+/// test holds a long operation open while it checks what still works,
+/// then lets it finish).
+pub async fn hold_until_file(name: &str, release: &std::path::Path) {
+    #[cfg(feature = "failpoints")]
+    if fail::eval(name, |_| ()).is_some() {
+        tracing::warn!(failpoint = name, release = %release.display(), "holding here until released");
+        while !release.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = (name, release);
+}

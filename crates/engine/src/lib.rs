@@ -177,6 +177,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The size the guest sees, in MiB.
     fn disk_size_mib(&self, disk: &Path) -> Result<u64, DiskError>;
+
+    /// The names of the snapshots a disk holds (also while its VM runs).
+    fn disk_snapshots(&self, disk: &Path) -> Result<Vec<String>, DiskError>;
 }
 
 /// One VM an [`Engine`] runs.

@@ -196,6 +196,10 @@ impl Engine for MemoryEngine {
     fn disk_size_mib(&self, _disk: &Path) -> Result<u64, DiskError> {
         Ok(64)
     }
+
+    fn disk_snapshots(&self, _disk: &Path) -> Result<Vec<String>, DiskError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A handle to one in-memory VM.

@@ -636,11 +636,22 @@ impl Cli {
     pub fn in_guest(&self, vm: &str, command: &str) -> String {
         let log = self.data.join(format!("vms/{vm}/console.log"));
         let deadline = Instant::now() + GUEST_TIMEOUT;
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .ends_with("tiny:/# \u{1b}[6n")
-        {
-            assert!(Instant::now() < deadline, "no shell on {vm}");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.ends_with("tiny:/# \u{1b}[6n") {
+                break;
+            }
+            if Instant::now() > deadline {
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(400)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("no shell on {vm}; its console ends with {tail:?}");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         let mut console = Quetzal::spawn(&self.binary, &self.data, &["vm", "console", vm]);

@@ -201,6 +201,10 @@ impl Engine for QemuEngine {
         disk::virtual_size(disk).map(|bytes| bytes.div_ceil(1 << 20))
     }
 
+    fn disk_snapshots(&self, disk: &Path) -> Result<Vec<String>, DiskError> {
+        disk::snapshot_names(disk)
+    }
+
     async fn create(
         &self,
         spec: &VmSpec,

@@ -8,11 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use quetzal_api::VmState;
-use quetzal_engine::EngineVm;
+use quetzal_engine::{EngineVm, SnapshotAction};
 
-use super::{Node, NodeError, Published, down, supervisor};
+use super::{Node, NodeError, Published, down};
 use crate::lifecycle::Cause;
 use crate::store::Change;
+use crate::supervisor::{self, Command, SnapshotJob};
 use quetzal_api::EventKind;
 
 impl<E: Engine> Node<E> {
@@ -71,9 +72,58 @@ impl<E: Engine> Node<E> {
         let records = self.store().list()?;
         for record in records {
             let name = record.vm.name.clone();
+            let creating = record.vm.state == VmState::Creating;
             if let Err(err) = self.recover_vm(record).await {
                 tracing::warn!(vm = %name, error = %err, "cannot recover the VM");
             }
+            if !creating && let Err(err) = self.reconcile_snapshots(&name).await {
+                tracing::warn!(vm = %name, error = %err, "cannot check the VM's snapshots");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the store's snapshots of a VM those its disk holds: one on
+    /// the disk the store does not know was taken by an operation the
+    /// last daemon's death cut short before recording it (it goes); one
+    /// the store knows that the disk lacks was being deleted (its record
+    /// goes).
+    async fn reconcile_snapshots(self: &Arc<Self>, name: &str) -> Result<(), NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let disk = self.vm_disk(name);
+        if !disk.exists() {
+            return Ok(());
+        }
+        let node = Arc::clone(self);
+        let on_disk = tokio::task::spawn_blocking(move || node.engine.disk_snapshots(&disk))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let (stored, _) = self.store().snapshots(name)?;
+        for tag in on_disk
+            .iter()
+            .filter(|tag| !stored.iter().any(|s| &s.name == *tag))
+        {
+            tracing::warn!(vm = %name, snapshot = %tag, "removing a snapshot the store never recorded");
+            match slot.live() {
+                Some(live) => live
+                    .call(Command::Snapshot(SnapshotJob::Delete, tag.clone()))
+                    .await
+                    .map_err(NodeError::Internal)?,
+                None => self
+                    .engine
+                    .snapshot_disk(&self.vm_disk(name), SnapshotAction::Delete, tag)
+                    .map_err(|e| NodeError::Internal(e.to_string()))?,
+            }
+        }
+        for snapshot in stored.iter().filter(|s| !on_disk.contains(&s.name)) {
+            let cause = format!(
+                "snapshot {} was being deleted when quetzald stopped",
+                snapshot.name
+            );
+            let event = self.store().remove_snapshot(name, &snapshot.name, &cause)?;
+            self.publish(Published::Event(event));
         }
         Ok(())
     }

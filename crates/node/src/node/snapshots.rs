@@ -54,12 +54,14 @@ impl<E: Engine> Node<E> {
         let node = Arc::clone(self);
         let vm = vm.to_owned();
         let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
+        let release = self.vm_dir(&vm).join("failpoint-release");
         self.start_operation(
             OperationKind::SnapshotCreate,
             target,
             false,
             move |_| async move {
                 let _lock = lock;
+                quetzal_engine::failpoint::hold_until_file("snapshot-hold", &release).await;
                 let with_memory = matches!(how, On::Live(_));
                 match how {
                     On::Live(live) => live

@@ -1,0 +1,497 @@
+//! A VM's lifecycle: start, stop, pause, resume, delete; booting it on
+//! its engine and shutting it down; what its supervisor reports (its
+//! exit, the engine pausing it) and the restart policy. Every state
+//! change goes through [`crate::lifecycle::transition`] (via
+//! [`Node::change`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
+use quetzal_engine::spec::{
+    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+};
+use quetzal_engine::{Engine, EngineVm, Lifetime, SnapshotJobs};
+use quetzal_image::Image;
+
+use super::{Node, NodeError, QUIT_TIMEOUT, Slot, append, backoff, down, now_millis};
+use crate::lifecycle::Cause;
+use crate::store::{Change, VmRecord};
+use crate::supervisor::{self, Command, Exit};
+
+impl<E: Engine> Node<E> {
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, Cause::Start)?;
+        self.launch(
+            &slot,
+            &record,
+            0,
+            EventKind::Started,
+            "start requested",
+            None,
+        )
+        .await?;
+        self.get(name)
+    }
+
+    pub async fn stop(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, Cause::Stop)?;
+        self.shut_down(&slot, &record, Some(timeout)).await?;
+        self.get(name)
+    }
+
+    pub async fn force_stop(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, Cause::ForceStop)?;
+        self.shut_down(&slot, &record, None).await?;
+        self.get(name)
+    }
+
+    pub async fn restart(self: &Arc<Self>, name: &str, timeout: Duration) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, Cause::Restart)?;
+        self.shut_down(&slot, &record, Some(timeout)).await?;
+        let record = self.record(name)?;
+        self.launch(
+            &slot,
+            &record,
+            0,
+            EventKind::Started,
+            "restart requested",
+            None,
+        )
+        .await?;
+        self.get(name)
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<Vm, NodeError> {
+        self.pause_or_resume(name, Cause::Pause).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<Vm, NodeError> {
+        self.pause_or_resume(name, Cause::Resume).await
+    }
+
+    async fn pause_or_resume(&self, name: &str, action: Cause) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, action)?;
+        let live = slot
+            .live()
+            .ok_or_else(|| NodeError::Conflict(format!("VM {name} is not running")))?;
+        let (command, kind, cause) = match action {
+            Cause::Pause => (Command::Pause, EventKind::Paused, "pause requested"),
+            _ => (Command::Resume, EventKind::Resumed, "resume requested"),
+        };
+        live.call(command).await.map_err(NodeError::Internal)?;
+        self.change(
+            name,
+            action,
+            &Change {
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind,
+                cause,
+            },
+        )?;
+        self.get(name)
+    }
+
+    /// Deletes a stopped VM and, unless `keep_disks`, its directory.
+    pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), NodeError> {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let record = self.record(name)?;
+        Self::allowed(&record, Cause::Delete)?;
+        let cause = if keep_disks {
+            "deleted by request; disks kept"
+        } else {
+            "deleted by request"
+        };
+        let event = self.store().delete_vm(name, cause)?;
+        if !keep_disks {
+            let dir = self.vm_dir(name);
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
+            }
+        }
+        self.publish(event.into());
+        self.forget_slot(name);
+        Ok(())
+    }
+
+    /// Drops the in-memory state of a VM that no longer exists.
+    pub(super) fn forget_slot(&self, name: &str) {
+        self.slots
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .remove(name);
+    }
+
+    /// Boots a VM's QEMU and starts supervising it. Called with the VM's
+    /// operation lock held.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        slot: &Slot,
+        record: &VmRecord,
+        restarts: u32,
+        kind: EventKind,
+        cause: &str,
+        load_snapshot: Option<&str>,
+    ) -> Result<(), NodeError> {
+        let name = record.vm.name.as_str();
+        self.change(
+            name,
+            Cause::Start,
+            &Change {
+                pid: None,
+                started_at: None,
+                restarts,
+                kind: EventKind::Starting,
+                cause,
+            },
+        )?;
+        match self.boot(record, load_snapshot).await {
+            Ok((vm, console)) => {
+                let generation = self
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let pid = vm.pid();
+                let live = supervisor::spawn(
+                    Arc::clone(self),
+                    name.to_owned(),
+                    generation,
+                    vm,
+                    console,
+                    false,
+                );
+                slot.set_live(Some(Arc::new(live)));
+                self.change(
+                    name,
+                    Cause::Booted,
+                    &Change {
+                        pid,
+                        started_at: Some(now_millis()),
+                        restarts,
+                        kind,
+                        cause,
+                    },
+                )
+            }
+            Err(err) => {
+                let reason = format!("start failed: {err}");
+                self.change(
+                    name,
+                    Cause::BootFailed,
+                    &Change {
+                        pid: None,
+                        started_at: None,
+                        restarts,
+                        kind: EventKind::StartFailed,
+                        cause: &reason,
+                    },
+                )?;
+                Err(NodeError::Internal(reason))
+            }
+        }
+    }
+
+    /// Starts QEMU for a VM, its console attached, optionally at a snapshot
+    /// (loaded before the vCPUs first run).
+    async fn boot(
+        &self,
+        record: &VmRecord,
+        load_snapshot: Option<&str>,
+    ) -> Result<(E::Vm, tokio::net::UnixStream), String> {
+        let vm = &record.vm;
+        if vm.engine != self.engine.kind().as_str() {
+            return Err(format!(
+                "VM {} runs on the {} engine, which this node does not have",
+                vm.name, vm.engine
+            ));
+        }
+        let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
+        let network = self.vm_network(vm)?;
+        if record.nic > 0x00ff_ffff {
+            return Err(format!(
+                "NIC number {} is beyond what TAP names can hold",
+                record.nic
+            ));
+        }
+        let tap = self.host_net.tap(record.nic);
+        let dir = self.vm_dir(&vm.name);
+        let spec = VmSpec {
+            name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
+            cpus: Cpus::new(vm.cpus).map_err(|e| e.to_string())?,
+            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib)
+                .map_err(|e| e.to_string())?,
+            machine: Machine::Pc,
+            accel: self.accel,
+            boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
+                .map_err(|e| e.to_string())?,
+            disks: vec![Disk {
+                path: self.engine.layout(&dir).disk,
+                format: DiskFormat::Qcow2,
+                read_only: false,
+            }],
+            nics: vec![Nic {
+                mac: vm.mac.parse().map_err(|e| format!("{e}"))?,
+                backend: match &network {
+                    Some(_) => NicBackend::Tap {
+                        ifname: tap.clone(),
+                    },
+                    None => NicBackend::User,
+                },
+            }],
+            graphics: true,
+        };
+        quetzal_engine::failpoint::crash("start-before-spawn");
+        let mut engine_vm = self
+            .engine
+            .create(&spec, &dir, Lifetime::Detached)
+            .await
+            .map_err(|e| e.to_string())?;
+        // From here on a failed step ends the QEMU it started: nothing runs
+        // that the store does not show as running.
+        let started = async {
+            if let Some(network) = &network {
+                self.host_net.plug(&tap, network).await?;
+            }
+            let console = engine_vm.console().await.map_err(|e| e.to_string())?;
+            if let Some(tag) = load_snapshot {
+                engine_vm
+                    .snapshots()
+                    .load(tag)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            quetzal_engine::failpoint::crash("start-before-cont");
+            engine_vm.start().await.map_err(|e| e.to_string())?;
+            quetzal_engine::failpoint::crash("start-after-cont");
+            Ok(console)
+        }
+        .await;
+        match started {
+            Ok(console) => Ok((engine_vm, console)),
+            Err(err) => {
+                let _ = engine_vm.kill().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Stops a running VM: the power button, up to `graceful` for the guest
+    /// to shut down, then quit, then kill. `None` skips the power button.
+    async fn shut_down(
+        &self,
+        slot: &Slot,
+        record: &VmRecord,
+        graceful: Option<Duration>,
+    ) -> Result<(), NodeError> {
+        let name = record.vm.name.as_str();
+        self.change(
+            name,
+            if graceful.is_some() {
+                Cause::Stop
+            } else {
+                Cause::ForceStop
+            },
+            &Change {
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind: EventKind::Stopping,
+                cause: if graceful.is_some() {
+                    "stop requested"
+                } else {
+                    "force stop requested"
+                },
+            },
+        )?;
+        let Some(live) = slot.live() else {
+            return self.change(
+                name,
+                Cause::StopDone,
+                &down(EventKind::Stopped, "it was not running"),
+            );
+        };
+        let mut cause = "stopped by request".to_owned();
+        let mut exit = None;
+        if let Some(timeout) = graceful {
+            if record.vm.state == VmState::Paused {
+                let _ = live.call(Command::Resume).await;
+            }
+            if live.call(Command::Powerdown).await.is_ok() {
+                quetzal_engine::failpoint::crash("stop-powerdown-sent");
+                exit = live.wait_exit(timeout).await;
+            }
+            if exit.is_none() {
+                cause = format!(
+                    "forced off: the guest did not shut down within {}s",
+                    timeout.as_secs()
+                );
+            }
+        } else {
+            cause = "forced off by request".to_owned();
+        }
+        if exit.is_none() {
+            let _ = live.call(Command::Quit).await;
+            exit = live.wait_exit(QUIT_TIMEOUT).await;
+        }
+        if exit.is_none() {
+            let _ = live.call(Command::Kill).await;
+            live.wait_exit(QUIT_TIMEOUT).await;
+        }
+        slot.set_live(None);
+        self.change(name, Cause::StopDone, &down(EventKind::Stopped, &cause))
+    }
+
+    /// Called by a VM's supervisor when its VM process is gone. Records how it
+    /// ended unless an operation already did, and applies the restart
+    /// policy.
+    pub async fn vm_exited(self: &Arc<Self>, name: &str, generation: u64, exit: Exit) {
+        let slot = self.slot(name);
+        let _op = slot.lock().await;
+        let current = slot
+            .live()
+            .is_some_and(|live| live.generation == generation);
+        if !current {
+            return;
+        }
+        slot.set_live(None);
+        let Ok(record) = self.record(name) else {
+            return;
+        };
+        if !matches!(record.vm.state, VmState::Running | VmState::Paused) {
+            return;
+        }
+        let (how, kind, cause) = match &exit {
+            Exit::PoweredOff => (
+                Cause::PoweredOff,
+                EventKind::Stopped,
+                "the guest powered off".to_owned(),
+            ),
+            Exit::Quit => (
+                Cause::PoweredOff,
+                EventKind::Stopped,
+                "its VM process was told to quit".to_owned(),
+            ),
+            Exit::Crashed(reason) => (Cause::Died, EventKind::Crashed, reason.clone()),
+            Exit::Died(log) => (
+                Cause::Died,
+                EventKind::Crashed,
+                format!(
+                    "its VM process ended without a shutdown (killed or crashed); its log: {log}"
+                ),
+            ),
+        };
+        if let Err(err) = self.change(name, how, &down(kind, &cause)) {
+            tracing::warn!(vm = %name, error = %err, "cannot record the VM's exit");
+            return;
+        }
+        let state = if how == Cause::Died {
+            VmState::Crashed
+        } else {
+            VmState::Stopped
+        };
+        self.apply_policy(&record, state, &cause);
+    }
+
+    /// Called by a VM's supervisor when the engine says its vCPUs stopped
+    /// or run again. Once no operation holds the VM, its state follows
+    /// what the engine said last: a VM that QEMU (or the guest through
+    /// it) paused by itself shows as paused, with why.
+    pub fn run_state_changed(self: &Arc<Self>, name: &str, generation: u64) {
+        let node = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let slot = node.slot(&name);
+            let _op = slot.lock().await;
+            let Some(live) = slot.live().filter(|live| live.generation == generation) else {
+                return;
+            };
+            let Ok(record) = node.record(&name) else {
+                return;
+            };
+            let now = live.run_state();
+            let (cause, kind, why) = match (record.vm.state, now.paused) {
+                (VmState::Running, true) => (
+                    Cause::EnginePaused,
+                    EventKind::Paused,
+                    now.why.unwrap_or_else(|| "the engine paused it".to_owned()),
+                ),
+                (VmState::Paused, false) => (
+                    Cause::EngineResumed,
+                    EventKind::Resumed,
+                    "the engine resumed it".to_owned(),
+                ),
+                _ => return,
+            };
+            let change = Change {
+                pid: record.vm.pid,
+                started_at: record.vm.started_at,
+                restarts: record.vm.restarts,
+                kind,
+                cause: &why,
+            };
+            if let Err(err) = node.change(&name, cause, &change) {
+                tracing::warn!(vm = %name, error = %err, "cannot record what the engine said");
+            }
+        });
+    }
+
+    pub(super) fn apply_policy(self: &Arc<Self>, record: &VmRecord, state: VmState, cause: &str) {
+        let restart = match record.vm.restart_policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => state == VmState::Crashed,
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            return;
+        }
+        let restarts = record.vm.restarts.saturating_add(1);
+        let delay = backoff(record.vm.restarts);
+        let why = format!(
+            "restart policy {}: {cause}; restart {restarts} after {}s",
+            record.vm.restart_policy.as_str(),
+            delay.as_secs()
+        );
+        self.note(&record.vm.name, EventKind::Restarting, &why);
+        let node = Arc::clone(self);
+        let name = record.vm.name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let slot = node.slot(&name);
+            let _op = slot.lock().await;
+            let Ok(record) = node.record(&name) else {
+                return;
+            };
+            // Someone may have started or deleted it meanwhile.
+            if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
+                return;
+            }
+            if let Err(err) = node
+                .launch(&slot, &record, restarts, EventKind::Restarted, &why, None)
+                .await
+            {
+                tracing::warn!(vm = %name, error = %err, "restart failed");
+                // Tried again, a little later each time.
+                if let Ok(record) = node.record(&name) {
+                    node.apply_policy(&record, VmState::Crashed, &err.to_string());
+                }
+            }
+        });
+    }
+}
