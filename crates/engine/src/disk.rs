@@ -31,10 +31,7 @@ impl DiskError {
     /// errno text of ENOSPC (qemu-img reports errors as text only) is
     /// the one a caller acts on differently.
     fn failed(path: &Path, message: String) -> Self {
-        let no_space = std::io::Error::from_raw_os_error(nix::libc::ENOSPC).to_string();
-        // "No space left on device (os error 28)": compare the words.
-        let words = no_space.split(" (os error").next().unwrap_or(&no_space);
-        if message.contains(words) {
+        if crate::says_no_space(&message) {
             DiskError::NoSpace {
                 path: path.to_owned(),
                 message,
@@ -297,6 +294,23 @@ pub fn snapshot_offline(disk: &Path, action: SnapshotAction, tag: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_host_disk_is_its_own_kind_of_failure() {
+        let full = "qemu-img: error while writing at byte 2097152: No space left on device";
+
+        let failed = DiskError::failed(Path::new("/vms/c/root.qcow2"), full.to_owned());
+
+        assert!(matches!(failed, DiskError::NoSpace { .. }), "{failed:?}");
+        let other = DiskError::failed(Path::new("/x"), "Permission denied".to_owned());
+        assert!(matches!(other, DiskError::Overlay { .. }), "{other:?}");
+        let refused = crate::QemuError::Qmp(crate::qmp::QmpError::Refused {
+            command: "snapshot-save",
+            class: "GenericError".to_owned(),
+            desc: "Error while writing VM state: No space left on device".to_owned(),
+        });
+        assert!(crate::Failure::no_space(&refused));
+    }
 
     #[test]
     fn reads_qemu_img_progress_lines() {

@@ -217,9 +217,26 @@ pub trait EngineVm: Send + Sync + 'static {
     fn snapshots(&self) -> Self::Snapshots;
 }
 
+/// An engine's error, with what the node acts on told apart (the host
+/// out of space is a 507, not a 500).
+pub trait Failure: std::error::Error + Send + Sync + 'static {
+    /// The host had no room for what the engine wrote.
+    fn no_space(&self) -> bool;
+}
+
+/// Whether a program's message is the operating system's ENOSPC: how
+/// QEMU and qemu-img report it (they report errors as text only). Used
+/// where their output is turned into typed errors, nowhere else.
+pub fn says_no_space(message: &str) -> bool {
+    let text = std::io::Error::from_raw_os_error(nix::libc::ENOSPC).to_string();
+    // "No space left on device (os error 28)": compare the words.
+    let words = text.split(" (os error").next().unwrap_or(&text);
+    message.contains(words)
+}
+
 /// Snapshots with memory of a running VM (every disk and its RAM).
 pub trait SnapshotJobs: Clone + Send + Sync + 'static {
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: Failure;
 
     fn save(&self, tag: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Loads a snapshot; the vCPUs are stopped afterwards.

@@ -91,6 +91,16 @@ impl From<Event> for Published {
     }
 }
 
+impl From<crate::supervisor::CallError> for NodeError {
+    fn from(err: crate::supervisor::CallError) -> Self {
+        if err.no_space {
+            NodeError::InsufficientStorage(err.message)
+        } else {
+            NodeError::Internal(err.message)
+        }
+    }
+}
+
 impl From<StoreError> for NodeError {
     fn from(err: StoreError) -> Self {
         match err {

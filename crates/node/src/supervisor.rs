@@ -62,7 +62,32 @@ pub struct Stats {
     pub net_sent_bytes: u64,
 }
 
-type Reply = oneshot::Sender<Result<(), String>>;
+type Reply = oneshot::Sender<Result<(), CallError>>;
+
+/// Why a command to a running VM failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CallError {
+    pub message: String,
+    /// The host had no room for what the engine wrote.
+    pub no_space: bool,
+}
+
+impl CallError {
+    fn gone() -> Self {
+        CallError {
+            message: "the VM has exited".to_owned(),
+            no_space: false,
+        }
+    }
+
+    fn of<F: quetzal_engine::Failure>(err: &F) -> Self {
+        CallError {
+            message: err.to_string(),
+            no_space: err.no_space(),
+        }
+    }
+}
 
 /// Whether a VM's vCPUs run, as its engine last said (in the order it
 /// said it), and why they stopped when the engine stopped them itself.
@@ -87,14 +112,13 @@ pub struct Live {
 
 impl Live {
     /// Runs one command on the VM.
-    pub async fn call(&self, command: Command) -> Result<(), String> {
+    pub async fn call(&self, command: Command) -> Result<(), CallError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send((command, tx))
             .await
-            .map_err(|_| "the VM has exited".to_owned())?;
-        rx.await
-            .unwrap_or_else(|_| Err("the VM has exited".to_owned()))
+            .map_err(|_| CallError::gone())?;
+        rx.await.unwrap_or_else(|_| Err(CallError::gone()))
     }
 
     pub async fn stats(&self) -> Option<Stats> {
@@ -240,12 +264,15 @@ impl<V: EngineVm> Task<V> {
                                     SnapshotJob::Load => snapshots.load(&tag).await,
                                     SnapshotJob::Delete => snapshots.delete(&tag).await,
                                 };
-                                let _ = reply.send(result.map_err(|err| err.to_string()));
+                                let _ = reply.send(result.map_err(|err| CallError::of(&err)));
                             });
                             continue;
                         }
                     };
-                    let _ = reply.send(result.map_err(|err| err.to_string()));
+                    let _ = reply.send(result.map_err(|err| CallError {
+                        message: err.to_string(),
+                        no_space: false,
+                    }));
                 }
                 Some(reply) = self.stats.recv() => {
                     let usage = self.vm.usage();

@@ -21,6 +21,12 @@ use tokio::sync::{mpsc, watch};
 #[error("{0}")]
 pub struct MemoryError(String);
 
+impl quetzal_engine::Failure for MemoryError {
+    fn no_space(&self) -> bool {
+        false
+    }
+}
+
 /// One VM's engine-side state, shared by every handle to it.
 #[derive(Debug)]
 struct Machine {

@@ -542,6 +542,15 @@ impl QemuVm {
     }
 }
 
+impl crate::Failure for QemuError {
+    fn no_space(&self) -> bool {
+        match self {
+            QemuError::Qmp(QmpError::Refused { desc, .. }) => crate::says_no_space(desc),
+            _ => false,
+        }
+    }
+}
+
 impl SnapshotJobs for Snapshots {
     type Error = QemuError;
 

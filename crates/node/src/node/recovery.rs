@@ -107,10 +107,10 @@ impl<E: Engine> Node<E> {
         {
             tracing::warn!(vm = %name, snapshot = %tag, "removing a snapshot the store never recorded");
             match slot.live() {
-                Some(live) => live
-                    .call(Command::Snapshot(SnapshotJob::Delete, tag.clone()))
-                    .await
-                    .map_err(NodeError::Internal)?,
+                Some(live) => {
+                    live.call(Command::Snapshot(SnapshotJob::Delete, tag.clone()))
+                        .await?
+                }
                 None => self
                     .engine
                     .snapshot_disk(&self.vm_disk(name), SnapshotAction::Delete, tag)

@@ -67,7 +67,7 @@ impl<E: Engine> Node<E> {
                     On::Live(live) => live
                         .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
                         .await
-                        .map_err(|e| snapshot_error(&e))?,
+                        .map_err(snapshot_failed)?,
                     On::Disk(disk) => {
                         node.run_offline(disk, SnapshotAction::Create, name.to_string())
                             .await?
@@ -145,11 +145,9 @@ impl<E: Engine> Node<E> {
                     On::Live(live) => {
                         live.call(Command::Snapshot(SnapshotJob::Load, name.clone()))
                             .await
-                            .map_err(|e| snapshot_error(&e))?;
+                            .map_err(snapshot_failed)?;
                         if record.vm.state == VmState::Running {
-                            live.call(Command::Resume)
-                                .await
-                                .map_err(NodeError::Internal)?;
+                            live.call(Command::Resume).await?;
                         }
                     }
                     On::Disk(_) if snapshot.with_memory => {
@@ -193,7 +191,7 @@ impl<E: Engine> Node<E> {
                     On::Live(live) => live
                         .call(Command::Snapshot(SnapshotJob::Delete, name.clone()))
                         .await
-                        .map_err(|e| snapshot_error(&e))?,
+                        .map_err(snapshot_failed)?,
                     On::Disk(disk) => {
                         node.run_offline(disk, SnapshotAction::Delete, name.clone())
                             .await?
@@ -232,14 +230,14 @@ impl<E: Engine> Node<E> {
         tokio::task::spawn_blocking(move || node.engine.snapshot_disk(&disk, action, &tag))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map_err(|e| snapshot_error(&e.to_string()))
+            .map_err(super::create::disk_error)
     }
 }
 
-fn snapshot_error(message: &str) -> NodeError {
-    if message.contains("No space left") {
-        NodeError::InsufficientStorage(message.to_owned())
-    } else {
-        NodeError::Internal(format!("snapshot failed: {message}"))
+/// A failed snapshot job: out of space is its own kind (507).
+fn snapshot_failed(err: crate::supervisor::CallError) -> NodeError {
+    match NodeError::from(err) {
+        NodeError::Internal(message) => NodeError::Internal(format!("snapshot failed: {message}")),
+        other => other,
     }
 }

@@ -94,7 +94,7 @@ impl<E: Engine> Node<E> {
             Cause::Pause => (Command::Pause, EventKind::Paused, "pause requested"),
             _ => (Command::Resume, EventKind::Resumed, "resume requested"),
         };
-        live.call(command).await.map_err(NodeError::Internal)?;
+        live.call(command).await?;
         self.change(
             name,
             action,
