@@ -203,19 +203,10 @@ fn rejects_bad_queries() {
 #[test]
 fn says_507_when_the_disk_is_full_and_creates_nothing() {
     let data = DataDir::new();
-    let vms = data.path().join("vms");
-    std::fs::create_dir_all(&vms).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16M", "tmpfs"])
-        .arg(&vms)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "this test mounts a small tmpfs (needs root)"
-    );
-    let unmount = Unmount(vms.clone());
+    let tmpfs = quetzal_testkit::Tmpfs::mount(&data.path().join("vms"), "16M");
     let daemon = Daemon::start_in(Path::new(QUETZALD), data, None);
+    // Bound after the daemon, so dropped before its data directory.
+    let tmpfs = tmpfs;
 
     let message = assert_error(
         &api(&daemon, "POST", "/api/v1/vms", Some(r#"{"name": "big"}"#)),
@@ -226,16 +217,8 @@ fn says_507_when_the_disk_is_full_and_creates_nothing() {
     assert!(message.contains("MiB free"), "{message}");
     assert_nothing_created(&daemon);
     let data = daemon.stop();
-    drop(unmount);
+    drop(tmpfs);
     drop(data);
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -6,24 +6,12 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 use std::path::Path;
-use std::process::Command;
 
-use quetzal_testkit::{Cli, Daemon, DataDir, Quetzal, wait_until};
+use quetzal_testkit::{Cli, Daemon, DataDir, Quetzal, Tmpfs, wait_until};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
 const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
-
-/// Unmounts a test's tmpfs, even when the test fails (lazily: a QEMU
-/// of a failed test may still hold files there), before the data
-/// directory under it is removed.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn state(cli: &Cli, name: &str) -> String {
     let vm: Value =
@@ -34,18 +22,10 @@ fn state(cli: &Cli, name: &str) -> String {
 #[test]
 fn a_vm_whose_host_disk_fills_up_is_paused_by_qemu_and_shows_why() {
     let data = DataDir::new();
-    let vms = data.path().join("vms");
-    std::fs::create_dir_all(&vms).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=72M", "tmpfs"])
-        .arg(&vms)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "this test mounts a tmpfs (needs root)");
-    let unmount = Unmount(vms.clone());
+    let tmpfs = Tmpfs::mount(&data.path().join("vms"), "72M");
     let daemon = Daemon::start_in(Path::new(QUETZALD), data, None);
     // Bound after the daemon, so dropped before its data directory.
-    let unmount_first = unmount;
+    let tmpfs = tmpfs;
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
     cli.ok(&["vm", "create", "full", "--start"]);
     assert_eq!(cli.in_guest("full", "echo ready"), "ready");
@@ -74,6 +54,6 @@ fn a_vm_whose_host_disk_fills_up_is_paused_by_qemu_and_shows_why() {
     drop(console);
     cli.ok(&["vm", "stop", "full", "--force"]);
     let data = daemon.stop();
-    drop(unmount_first);
+    drop(tmpfs);
     drop(data);
 }

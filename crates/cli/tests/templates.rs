@@ -255,33 +255,15 @@ fn bad_template_and_clone_requests_fail_cleanly_and_leave_nothing() {
     assert_eq!(templates, vec!["base".to_owned()]);
 }
 
-/// Unmounts a test's tmpfs, even when the test fails (lazily: a QEMU
-/// of a failed test may still hold files there), before the data
-/// directory under it is removed.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn running_out_of_space_mid_copy_fails_the_operation_and_leaves_nothing_half_made() {
     let data = quetzal_testkit::DataDir::new();
     let vms = data.path().join("vms");
-    std::fs::create_dir_all(&vms).unwrap();
     // Room for the source VM's data and its copy's first half only.
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=192M", "tmpfs"])
-        .arg(&vms)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "this test mounts a tmpfs (needs root)");
-    let unmount = Unmount(vms.clone());
+    let tmpfs = quetzal_testkit::Tmpfs::mount(&vms, "192M");
     let daemon = Daemon::start_in(Path::new(QUETZALD), data, None);
     // Bound after the daemon, so dropped before its data directory.
-    let unmount_first = unmount;
+    let tmpfs = tmpfs;
 
     ok(&daemon, &["vm", "create", "big", "--start"]);
     assert_eq!(
@@ -341,6 +323,6 @@ fn running_out_of_space_mid_copy_fails_the_operation_and_leaves_nothing_half_mad
     assert!(!vms.join("copy2").exists(), "a half-made clone was left");
 
     let data = daemon.stop();
-    drop(unmount_first);
+    drop(tmpfs);
     drop(data);
 }

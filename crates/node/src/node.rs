@@ -451,22 +451,23 @@ pub(crate) fn new_machine_id() -> Result<String, NodeError> {
 
 /// `len` random bytes from the kernel, in hex.
 pub(crate) fn random_hex(len: usize) -> Result<String, NodeError> {
-    use std::io::Read;
     let mut bytes = vec![0u8; len];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))?;
+    fill_random(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `N` random bytes from the kernel.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], NodeError> {
-    use std::io::Read;
     let mut bytes = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))?;
+    fill_random(&mut bytes)?;
     Ok(bytes)
+}
+
+fn fill_random(bytes: &mut [u8]) -> Result<(), NodeError> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(bytes))
+        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))
 }
 
 /// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.

@@ -81,6 +81,33 @@ impl Default for DataDir {
     }
 }
 
+/// A tmpfs of a given size mounted on a directory (a host disk that
+/// fills up), unmounted when dropped — lazily, since a failed test's QEMU
+/// may still hold files there. Bind it after the daemon that uses it, so
+/// it is dropped before the daemon's data directory is removed.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a `size` (`16M`) tmpfs on `dir`, made if missing.
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("the directory can be made");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount runs");
+        assert!(mounted.success(), "this test mounts a tmpfs (needs root)");
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// What a [`Transcript`] read so far, and whether the stream ended.
 #[derive(Debug, Default)]
 struct Buffer {

@@ -34,7 +34,6 @@ pub(super) struct PendingCopy {
     keep_base: PathBuf,
     disk: PathBuf,
     dir: PathBuf,
-    kind: OperationKind,
 }
 
 impl<E: Engine> Node<E> {
@@ -174,6 +173,7 @@ impl<E: Engine> Node<E> {
         match made {
             Made::Done(vm) => Ok(Created::Vm(vm)),
             Made::Copy(pending) => Ok(Created::Operation(self.copy_in_operation(
+                OperationKind::FullClone,
                 pending,
                 vec![guard],
                 cause,
@@ -251,11 +251,6 @@ impl<E: Engine> Node<E> {
                 keep_base: keep_base.clone(),
                 disk,
                 dir,
-                kind: if cause.starts_with("full clone") {
-                    OperationKind::FullClone
-                } else {
-                    OperationKind::CloneVm
-                },
             }),
         })
     }
@@ -281,17 +276,18 @@ impl<E: Engine> Node<E> {
         ))
     }
 
-    /// Copies a `creating` VM's disk in an operation that holds `locks`
-    /// until it ends: the VM becomes `stopped`, or is removed.
+    /// Copies a `creating` VM's disk in an operation of `kind` that holds
+    /// `locks` until it ends: the VM becomes `stopped`, or is removed.
     pub(super) fn copy_in_operation(
         self: &Arc<Self>,
+        kind: OperationKind,
         pending: PendingCopy,
         locks: Vec<OwnedMutexGuard<()>>,
         cause: String,
     ) -> Result<Operation, NodeError> {
         let node = Arc::clone(self);
         let target = format!("/api/v1/vms/{}", pending.name);
-        self.start_operation(pending.kind, target, true, move |progress| async move {
+        self.start_operation(kind, target, true, move |progress| async move {
             let _locks = locks;
             let copied = {
                 let (from, keep_base, disk) = (

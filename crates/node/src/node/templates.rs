@@ -330,7 +330,9 @@ impl<E: Engine> Node<E> {
             self.make_vm(vm, &record.image_dir, &plan, &cause)?
         };
         match made {
-            Made::Copy(pending) => self.copy_in_operation(pending, locks, cause),
+            Made::Copy(pending) => {
+                self.copy_in_operation(OperationKind::CloneVm, pending, locks, cause)
+            }
             Made::Done(_) => Err(NodeError::Internal(
                 "a clone of a VM is always a copy".to_owned(),
             )),

@@ -248,14 +248,7 @@ impl Store {
                 // Which uniqueness was violated: the name (primary key)
                 // or the MAC (an index). A taken name is the answer that
                 // matters even when the MAC is taken too.
-                let name_taken = tx
-                    .query_row(
-                        "SELECT COUNT(*) FROM vms WHERE name = ?1",
-                        params![vm.name],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .map_err(sql)?
-                    > 0;
+                let name_taken = vm_exists(&tx, &vm.name).map_err(sql)?;
                 let mac = message.as_deref().is_some_and(|m| m.contains("vms.mac"));
                 return Err(if mac && !name_taken {
                     StoreError::MacTaken(vm.mac.clone())
@@ -297,15 +290,7 @@ impl Store {
             )
             .map_err(sql)?;
         if updated == 0 {
-            let exists: bool = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM vms WHERE name = ?1",
-                    params![name],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(sql)?
-                > 0;
-            return Err(if exists {
+            return Err(if vm_exists(&tx, name).map_err(sql)? {
                 StoreError::Stale {
                     name: name.to_owned(),
                     expected: revision,
@@ -468,6 +453,15 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         revision: row.get(17)?,
         nic: row.get(18)?,
     }))
+}
+
+fn vm_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM vms WHERE name = ?1",
+        params![name],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|count| count > 0)
 }
 
 fn insert_event(
