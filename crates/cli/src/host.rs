@@ -22,7 +22,7 @@ pub enum HostCommand {
 
 pub fn run(command: HostCommand) -> anyhow::Result<ExitCode> {
     let HostCommand::Info { output, accel } = command;
-    let info = HostInfo::probe(QemuEngine::new().binary(), accel)?;
+    let info = HostInfo::probe(Some(QemuEngine::new().binary()), accel)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
         Output::Human => {

@@ -42,7 +42,7 @@ fn a_vm_whose_host_disk_fills_up_is_paused_by_qemu_and_shows_why() {
     let events = cli.ok(&["events", "--vm", "full"]);
     let paused = events
         .lines()
-        .rfind(|line| line.contains("paused"))
+        .rfind(|line| line.split_whitespace().nth(2) == Some("paused"))
         .unwrap();
     assert!(paused.contains("no space left for its disk"), "{events}");
     // Resumed while the disk is still full, it is paused again.

@@ -26,8 +26,10 @@ pub struct HostInfo {
 }
 
 impl HostInfo {
-    /// Probes this host; `requested` is the `--accel` override, if any.
-    pub fn probe(qemu_binary: &Path, requested: Option<Accel>) -> Result<Self, AccelError> {
+    /// Probes this host, with QEMU's version from `qemu_binary` (none
+    /// for an engine without QEMU); `requested` is the `--accel`
+    /// override, if any.
+    pub fn probe(qemu_binary: Option<&Path>, requested: Option<Accel>) -> Result<Self, AccelError> {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let probe = AccelProbe::of_this_host();
@@ -44,7 +46,7 @@ impl HostInfo {
                 KvmDevice::Usable => "usable".to_owned(),
                 KvmDevice::Unusable(why) => format!("unusable: {why}"),
             },
-            qemu_version: qemu_version(qemu_binary),
+            qemu_version: qemu_binary.and_then(qemu_version),
             accel,
             accel_reason: reason,
         })

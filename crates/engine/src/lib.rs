@@ -6,11 +6,16 @@
 //! - [`spec`]: the validated [`VmSpec`].
 //! - [`qmp`]: the typed QMP client.
 //! - [`qemu`]: the QEMU engine; [`disk`]: qcow2 overlays through qemu-img.
+//! - [`engines`]: every engine behind one type, which the node holds.
+//! - `memory` (feature `memory`): VMs in memory, for the node's unit tests.
 
 pub mod accel;
 pub mod disk;
+pub mod engines;
 pub mod failpoint;
 pub mod host;
+#[cfg(feature = "memory")]
+pub mod memory;
 pub mod qemu;
 pub mod qmp;
 pub mod spec;
@@ -22,6 +27,7 @@ use tokio::net::UnixStream;
 
 pub use accel::Accel;
 pub use disk::{DiskError, SnapshotAction};
+pub use engines::{AnyEngine, AnyError, AnySnapshots, AnyVm, Engines};
 pub use qemu::{Lifetime, QemuEngine, QemuError, QemuVm};
 pub use spec::VmSpec;
 

@@ -1,5 +1,5 @@
 //! quetzald, the node daemon: keeps VMs in a SQLite store, runs each under
-//! a supervisor over the QEMU engine, and serves the REST API on a Unix
+//! a supervisor over its engine (QEMU), and serves the REST API on a Unix
 //! socket (and, with a token, on TCP).
 //!
 //! - [`node`]: the domain (VM lifecycle, restart policy, recovery).
@@ -16,8 +16,6 @@ pub mod node;
 pub mod ratelimit;
 pub mod store;
 pub mod supervisor;
-#[cfg(test)]
-mod testengine;
 pub mod token;
 
 use std::net::SocketAddr;
@@ -52,10 +50,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| anyhow::anyhow!("another quetzald is already serving {}", data.display()))?;
 
-    let node = node::Node::open(data).await?;
+    let engines = quetzal_engine::Engines::of_this_host();
+    let host = engines.host_info(None)?;
+    let node = node::Node::open(data, engines).await?;
     let token = token::ensure(data).context("cannot create the API token")?;
-    let host =
-        quetzal_engine::host::HostInfo::probe(std::path::Path::new("qemu-system-x86_64"), None)?;
     let state = http::AppState {
         node,
         host: Arc::new(host),

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use quetzal_api::{Event, EventKind, Vm, VmState};
 use quetzal_engine::accel::{self, AccelProbe};
-use quetzal_engine::{Accel, Engine, QemuEngine};
+use quetzal_engine::{Accel, AnyEngine, Engine, Engines};
 use quetzal_image::{Image, ImageStore};
 use tokio::sync::broadcast;
 
 use crate::lifecycle::{self, Cause};
 use crate::net::{self, HostNetworks};
-use crate::store::{Change, Store, StoreError, VmRecord, now_millis};
+use crate::store::{Change, SqliteStore, Store, StoreError, VmRecord, now_millis};
 use crate::supervisor::{Live, Stats};
 
 mod create;
@@ -147,13 +147,13 @@ impl Slot {
     }
 }
 
-/// The node's domain over an engine `E` (QEMU in quetzald; an in-memory
+/// The node's domain over its engines (QEMU in quetzald; an in-memory
 /// one in the unit tests of the rules).
 #[derive(Debug)]
-pub struct Node<E: Engine = QemuEngine> {
+pub struct Node {
     data: PathBuf,
-    store: Mutex<Store>,
-    engine: E,
+    store: Mutex<Box<dyn Store>>,
+    engines: Engines,
     images: ImageStore,
     events: broadcast::Sender<Published>,
     running: operations::Running,
@@ -171,27 +171,25 @@ pub struct Node<E: Engine = QemuEngine> {
 
 impl Node {
     /// Opens the store in `data` and re-attaches to the VMs that were
-    /// running before this daemon started, with QEMU and the host's
+    /// running before this daemon started, with `engines` and the host's
     /// managed networks.
-    pub async fn open(data: &Path) -> anyhow::Result<Arc<Self>> {
-        Self::open_with(data, QemuEngine::new(), HostNetworks::open(data)?).await
+    pub async fn open(data: &Path, engines: Engines) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(data, engines, HostNetworks::open(data)?).await
     }
-}
 
-impl<E: Engine> Node<E> {
-    /// [`Node::open`] with `engine` and `host_net`.
+    /// [`Node::open`] with `host_net`.
     pub async fn open_with(
         data: &Path,
-        engine: E,
+        engines: Engines,
         host_net: HostNetworks,
     ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data.join("vms"))?;
-        let store = Store::open(&data.join("quetzal.db"))?;
+        let store: Box<dyn Store> = Box::new(SqliteStore::open(&data.join("quetzal.db"))?);
         let (events, _) = broadcast::channel(1024);
         let node = Arc::new(Node {
             data: data.to_owned(),
             store: Mutex::new(store),
-            engine,
+            engines,
             images: ImageStore::new(data),
             events,
             running: operations::Running::default(),
@@ -203,7 +201,7 @@ impl<E: Engine> Node<E> {
             net_op: tokio::sync::Mutex::default(),
             addresses: Mutex::default(),
         });
-        node.engine.check_installed()?;
+        node.engines.check_installed()?;
         node.bring_up_networks().await;
         node.read_leases(false);
         node.recover().await?;
@@ -211,7 +209,7 @@ impl<E: Engine> Node<E> {
         Ok(node)
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    fn store(&self) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
         self.store
             .lock()
             .expect("never poisoned: no panics while held")
@@ -229,14 +227,34 @@ impl<E: Engine> Node<E> {
         self.data.join("vms").join(name)
     }
 
+    /// The engine new VMs, disks and templates get.
+    fn engine(&self) -> &AnyEngine {
+        self.engines.default_engine()
+    }
+
+    /// The engine that runs a VM, as its record names it.
+    fn engine_of(&self, vm: &VmRecord) -> Result<&AnyEngine, NodeError> {
+        self.engines.named(&vm.engine).ok_or_else(|| {
+            NodeError::Conflict(format!(
+                "VM {} runs on the {} engine, which this node does not have",
+                vm.name, vm.engine
+            ))
+        })
+    }
+
+    /// Where a VM's files are, as its engine lays them out.
+    fn layout(&self, vm: &VmRecord) -> Result<quetzal_engine::Layout, NodeError> {
+        Ok(self.engine_of(vm)?.layout(&self.vm_dir(&vm.name)))
+    }
+
     /// A VM's root disk.
-    fn vm_disk(&self, name: &str) -> PathBuf {
-        self.engine.layout(&self.vm_dir(name)).disk
+    fn vm_disk(&self, vm: &VmRecord) -> Result<PathBuf, NodeError> {
+        Ok(self.layout(vm)?.disk)
     }
 
     /// The size of a disk the guest sees, in MiB.
     fn disk_mib(&self, disk: &Path) -> Result<u64, NodeError> {
-        self.engine
+        self.engine()
             .disk_size_mib(disk)
             .map_err(|e| NodeError::Internal(e.to_string()))
     }
@@ -263,7 +281,7 @@ impl<E: Engine> Node<E> {
     /// the VM is still at the revision the new state was computed from.
     fn change(&self, name: &str, cause: Cause, change: &Change<'_>) -> Result<(), NodeError> {
         let record = self.record(name)?;
-        let state = lifecycle::transition(record.vm.state, cause)
+        let state = lifecycle::transition(record.state, cause)
             .map_err(|refused| NodeError::Conflict(refused.to_string()))?;
         let event = self.store().change(name, record.revision, state, change)?;
         self.publish(event.into());
@@ -272,7 +290,7 @@ impl<E: Engine> Node<E> {
 
     /// Whether the state machine allows `cause` now: a request's check.
     fn allowed(record: &VmRecord, cause: Cause) -> Result<(), NodeError> {
-        lifecycle::transition(record.vm.state, cause)
+        lifecycle::transition(record.state, cause)
             .map(drop)
             .map_err(|refused| NodeError::Conflict(refused.to_string()))
     }
@@ -316,7 +334,7 @@ impl<E: Engine> Node<E> {
     }
 
     pub fn get(&self, name: &str) -> Result<Vm, NodeError> {
-        Ok(self.with_addresses(self.record(name)?.vm))
+        Ok(self.with_addresses(self.record(name)?.to_api()))
     }
 
     /// VMs, filtered by state and by labels (`key=value`, all must match).
@@ -329,10 +347,9 @@ impl<E: Engine> Node<E> {
             .store()
             .list()?
             .into_iter()
-            .map(|record| record.vm)
             .filter(|vm| state.is_none_or(|state| vm.state == state))
             .filter(|vm| labels.iter().all(|(k, v)| vm.labels.get(k) == Some(v)))
-            .map(|vm| self.with_addresses(vm))
+            .map(|vm| self.with_addresses(vm.to_api()))
             .collect())
     }
 
@@ -408,20 +425,17 @@ impl<E: Engine> Node<E> {
 
     /// Where a VM's VNC server listens.
     pub fn vnc_socket(&self, name: &str) -> Result<PathBuf, NodeError> {
-        self.record(name)?;
+        let record = self.record(name)?;
         if self.slot(name).live().is_none() {
             return Err(NodeError::Conflict(format!("VM {name} is not running")));
         }
-        Ok(self.engine.layout(&self.vm_dir(name)).vnc)
+        Ok(self.layout(&record)?.vnc)
     }
 
     /// The console of a running VM: its live output and its input.
     pub fn console(&self, name: &str) -> Result<(PathBuf, Option<Arc<Live>>), NodeError> {
-        self.record(name)?;
-        Ok((
-            self.engine.layout(&self.vm_dir(name)).console_log,
-            self.slot(name).live(),
-        ))
+        let record = self.record(name)?;
+        Ok((self.layout(&record)?.console_log, self.slot(name).live()))
     }
 }
 
@@ -437,7 +451,7 @@ fn down(kind: EventKind, cause: &str) -> Change<'_> {
 }
 
 /// The image's kernel command line plus the VM's identity.
-fn append(image: &Image, vm: &Vm) -> String {
+fn append(image: &Image, vm: &VmRecord) -> String {
     match &vm.machine_id {
         Some(id) => format!("{} quetzal.machine_id={id}", image.manifest.append),
         None => image.manifest.append.clone(),

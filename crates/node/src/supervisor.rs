@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quetzal_engine::{Engine, EngineVm, SnapshotJobs, VmEvent};
+use quetzal_engine::{EngineVm, SnapshotJobs, VmEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -149,11 +149,11 @@ impl Live {
 /// Starts supervising `vm`, whose console is `console` and whose vCPUs
 /// are `paused` or not. `generation` tells this run of the VM from later
 /// ones.
-pub fn spawn<E: Engine>(
-    node: Arc<Node<E>>,
+pub fn spawn<V: EngineVm>(
+    node: Arc<Node>,
     name: String,
     generation: u64,
-    vm: E::Vm,
+    vm: V,
     console: UnixStream,
     paused: bool,
 ) -> Live {
@@ -203,7 +203,7 @@ struct Task<V: EngineVm> {
 }
 
 impl<V: EngineVm> Task<V> {
-    async fn run<E: Engine<Vm = V>>(mut self, node: &Arc<Node<E>>, name: &str) -> Exit {
+    async fn run(mut self, node: &Arc<Node>, name: &str) -> Exit {
         // Why the engine is about to pause the VM by itself.
         let mut pause_reason: Option<String> = None;
         let (mut from_guest, mut to_guest) = self.console.into_split();

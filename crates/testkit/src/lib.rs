@@ -146,6 +146,17 @@ impl Transcript {
         transcript
     }
 
+    /// Waits up to `timeout` for the stream to end (its writer exited and
+    /// everything it wrote is read); whether it did.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        let (lock, changed) = &*self.inner;
+        let state = lock.lock().expect("no panics while holding the lock");
+        let (state, _) = changed
+            .wait_timeout_while(state, timeout, |state| !state.ended)
+            .expect("no panics while holding the lock");
+        state.ended
+    }
+
     /// All text so far.
     pub fn text(&self) -> String {
         let state = self
@@ -304,6 +315,9 @@ impl Quetzal {
         let deadline = Instant::now() + GUEST_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().expect("waitpid works") {
+                // What it wrote last may still be in the pipes.
+                self.stdout.wait_ended(Duration::from_secs(5));
+                self.stderr.wait_ended(Duration::from_secs(5));
                 return status.code().unwrap_or(-1);
             }
             assert!(

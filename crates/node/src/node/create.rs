@@ -36,7 +36,7 @@ pub(super) struct PendingCopy {
     dir: PathBuf,
 }
 
-impl<E: Engine> Node<E> {
+impl Node {
     /// Creates a stopped VM: an overlay on its image's base disk or on a
     /// template's (at once), or a full clone (an operation). An image not
     /// built yet is built first, in an operation that then makes the VM.
@@ -134,10 +134,11 @@ impl<E: Engine> Node<E> {
                 "disk_mib cannot be changed on a full clone".to_owned(),
             ));
         }
-        let vm = Vm {
+        let vm = VmRecord {
             name: name.to_string(),
             state: VmState::Stopped,
             image: source.image.manifest.name.clone(),
+            image_dir: source.image.dir.clone(),
             cpus: request.cpus,
             memory_mib: request.memory_mib,
             disk_mib,
@@ -152,8 +153,10 @@ impl<E: Engine> Node<E> {
             network: String::new(),
             // Drawn when it is recorded.
             mac: String::new(),
-            engine: self.engine.kind().as_str().to_owned(),
-            addresses: Vec::new(),
+            engine: self.engine().kind().as_str().to_owned(),
+            // Given when it is recorded.
+            revision: 0,
+            nic: 0,
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),
@@ -164,11 +167,11 @@ impl<E: Engine> Node<E> {
             // Held only while the network is chosen and the VM recorded on
             // it, never through a copy.
             let _net = self.net_op.lock().await;
-            let vm = Vm {
+            let vm = VmRecord {
                 network: self.choose_network(request.network.as_deref())?,
                 ..vm
             };
-            self.make_vm(vm, &source.image.dir, &source.plan, &cause)?
+            self.make_vm(vm, &source.plan, &cause)?
         };
         match made {
             Made::Done(vm) => Ok(Created::Vm(vm)),
@@ -186,8 +189,7 @@ impl<E: Engine> Node<E> {
     /// left behind. Called with the new VM's lock held.
     pub(super) fn make_vm(
         &self,
-        vm: Vm,
-        image_dir: &Path,
+        vm: VmRecord,
         plan: &DiskPlan,
         cause: &str,
     ) -> Result<Made, NodeError> {
@@ -198,7 +200,8 @@ impl<E: Engine> Node<E> {
                 self.data.display()
             )));
         }
-        let room = self.engine.max_dir_name(&self.data.join("vms"));
+        let engine = self.engine_of(&vm)?;
+        let room = engine.max_dir_name(&self.data.join("vms"));
         if vm.name.len() > room {
             return Err(NodeError::Invalid(format!(
                 "the name {} is too long for this node's data directory: at most {room} characters here",
@@ -216,23 +219,18 @@ impl<E: Engine> Node<E> {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
-        let disk = self.vm_disk(&vm.name);
+        let disk = self.vm_disk(&vm)?;
         let (state, kind, made) = match plan {
             DiskPlan::Overlay { base, .. } => (
                 VmState::Stopped,
                 EventKind::Created,
-                self.engine
+                engine
                     .create_disk(base, &disk, vm.disk_mib)
                     .map_err(disk_error),
             ),
             DiskPlan::Copy { .. } => (VmState::Creating, EventKind::Creating, Ok(())),
         };
-        let mut record = VmRecord {
-            vm: Vm { state, ..vm },
-            image_dir: image_dir.to_owned(),
-            revision: 1,
-            nic: 0,
-        };
+        let mut record = VmRecord { state, ..vm };
         let inserted = made.and_then(|()| self.insert_with_free_mac(&mut record, kind, cause));
         match inserted {
             Ok(event) => self.publish(event.into()),
@@ -242,11 +240,11 @@ impl<E: Engine> Node<E> {
             }
         }
         Ok(match plan {
-            DiskPlan::Overlay { .. } => Made::Done(record.vm),
+            DiskPlan::Overlay { .. } => Made::Done(record.to_api()),
             DiskPlan::Copy {
                 from, keep_base, ..
             } => Made::Copy(PendingCopy {
-                name: record.vm.name,
+                name: record.name,
                 from: from.clone(),
                 keep_base: keep_base.clone(),
                 disk,
@@ -265,7 +263,7 @@ impl<E: Engine> Node<E> {
         cause: &str,
     ) -> Result<quetzal_api::Event, NodeError> {
         for _ in 0..8 {
-            record.vm.mac = random_mac()?;
+            record.mac = random_mac()?;
             match self.store().insert_vm(record, kind, cause) {
                 Err(crate::store::StoreError::MacTaken(_)) => continue,
                 other => return Ok(other?),
@@ -296,17 +294,15 @@ impl<E: Engine> Node<E> {
                     pending.disk.clone(),
                 );
                 let progress = progress.clone();
-                let engine_node = Arc::clone(&node);
+                let engine = node.engine().clone();
                 tokio::task::spawn_blocking(move || {
-                    engine_node
-                        .engine
-                        .copy_disk(&from, &keep_base, &disk, &mut |percent| {
-                            progress.set(percent);
-                            quetzal_engine::failpoint::stall_until("copy-stall", || {
-                                progress.cancelled()
-                            });
-                            !progress.cancelled()
-                        })
+                    engine.copy_disk(&from, &keep_base, &disk, &mut |percent| {
+                        progress.set(percent);
+                        quetzal_engine::failpoint::stall_until("copy-stall", || {
+                            progress.cancelled()
+                        });
+                        !progress.cancelled()
+                    })
                 })
                 .await
                 .map_err(|e| NodeError::Internal(format!("the copy failed: {e}")))
@@ -336,7 +332,10 @@ impl<E: Engine> Node<E> {
 
     /// Removes a VM that never became whole: its record and its directory.
     pub(super) fn remove_vm_record(&self, name: &str, dir: &Path, cause: &str) {
-        match self.store().delete_vm(name, cause) {
+        let deleted = self
+            .record(name)
+            .and_then(|record| Ok(self.store().delete_vm(name, record.revision, cause)?));
+        match deleted {
             Ok(event) => self.publish(event.into()),
             Err(err) => tracing::warn!(vm = %name, error = %err, "cannot remove the VM's record"),
         }

@@ -2,7 +2,6 @@
 //! rules (names, subnets, who uses what) and the addresses VMs got. The
 //! host side (bridges, dnsmasq, nftables) is [`crate::net`].
 
-use quetzal_engine::Engine;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ fn spec(record: &NetworkRecord) -> NetworkSpec {
     }
 }
 
-impl<E: Engine> Node<E> {
+impl Node {
     /// At daemon start: makes the default network if the host can have
     /// one, and brings bridges, rules and dnsmasq up to the store's
     /// networks (after a restart they are reused, after a reboot remade).
@@ -175,11 +174,7 @@ impl<E: Engine> Node<E> {
     /// A network as the API shows it, with its VMs among `vms` and its
     /// leases matched to them by MAC.
     fn network_view(&self, record: &NetworkRecord, vms: &[VmRecord]) -> Network {
-        let vm_with_mac = |mac: &str| {
-            vms.iter()
-                .find(|r| r.vm.mac == mac)
-                .map(|r| r.vm.name.clone())
-        };
+        let vm_with_mac = |mac: &str| vms.iter().find(|r| r.mac == mac).map(|r| r.name.clone());
         let spec = spec(record);
         Network {
             name: record.name.clone(),
@@ -189,8 +184,8 @@ impl<E: Engine> Node<E> {
             created_at: record.created_at,
             vms: vms
                 .iter()
-                .filter(|r| r.vm.network == record.name)
-                .map(|r| r.vm.name.clone())
+                .filter(|r| r.network == record.name)
+                .map(|r| r.name.clone())
                 .collect(),
             leases: self
                 .host_net
@@ -247,7 +242,7 @@ impl<E: Engine> Node<E> {
     }
 
     /// The managed network a VM's NIC is plugged into, if any.
-    pub(super) fn vm_network(&self, vm: &Vm) -> Result<Option<NetworkSpec>, String> {
+    pub(super) fn vm_network(&self, vm: &VmRecord) -> Result<Option<NetworkSpec>, String> {
         if vm.network == USER_NETWORK {
             return Ok(None);
         }
@@ -321,9 +316,9 @@ impl<E: Engine> Node<E> {
             return;
         };
         for (mac, address) in changed {
-            if let Some(record) = vms.iter().find(|r| r.vm.mac == mac) {
-                let cause = format!("DHCP on network {} gave it {address}", record.vm.network);
-                self.note_from_guest(&record.vm.name, quetzal_api::EventKind::Address, &cause);
+            if let Some(record) = vms.iter().find(|r| r.mac == mac) {
+                let cause = format!("DHCP on network {} gave it {address}", record.network);
+                self.note_from_guest(&record.name, quetzal_api::EventKind::Address, &cause);
             }
         }
     }

@@ -4,7 +4,6 @@
 //! cancellable one stops when asked. What an operation works on stays
 //! locked (its VM's operation lock) until it ends.
 
-use quetzal_engine::Engine;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -51,14 +50,14 @@ impl Running {
 /// What an operation's work gets: a way to report progress and to learn
 /// that it was cancelled.
 #[derive(Debug)]
-pub struct Progress<E: Engine = quetzal_engine::QemuEngine> {
-    node: Arc<Node<E>>,
+pub struct Progress {
+    node: Arc<Node>,
     id: String,
     cancel: watch::Receiver<bool>,
     last: Arc<Mutex<u8>>,
 }
 
-impl<E: Engine> Clone for Progress<E> {
+impl Clone for Progress {
     fn clone(&self) -> Self {
         Progress {
             node: Arc::clone(&self.node),
@@ -69,10 +68,10 @@ impl<E: Engine> Clone for Progress<E> {
     }
 }
 
-impl<E: Engine> Progress<E> {
+impl Progress {
     /// Records how far the work is (0-100): a rise of at least
     /// [`PROGRESS_STEP`] points, so a copy writes the store some 20 times,
-    /// not on every line qemu-img prints.
+    /// not on every line a copy reports.
     pub fn set(&self, percent: u32) {
         let percent = u8::try_from(percent.min(100)).expect("at most 100");
         {
@@ -92,7 +91,7 @@ impl<E: Engine> Progress<E> {
     }
 }
 
-impl<E: Engine> Node<E> {
+impl Node {
     /// Starts `work` as an operation on `target` (an API path) and returns
     /// it, running. `work` runs in its own task; what it returns ends the
     /// operation (a [`NodeError::Cancelled`] as `cancelled`).
@@ -104,7 +103,7 @@ impl<E: Engine> Node<E> {
         work: F,
     ) -> Result<Operation, NodeError>
     where
-        F: FnOnce(Progress<E>) -> Fut + Send + 'static,
+        F: FnOnce(Progress) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), NodeError>> + Send + 'static,
     {
         let op = Operation {

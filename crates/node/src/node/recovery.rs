@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use quetzal_api::VmState;
+
+use crate::store::VmRecord;
 use quetzal_engine::{EngineVm, SnapshotAction};
 
 use super::{Node, NodeError, Published, down};
@@ -16,7 +18,7 @@ use crate::store::Change;
 use crate::supervisor::{self, Command, SnapshotJob};
 use quetzal_api::EventKind;
 
-impl<E: Engine> Node<E> {
+impl Node {
     pub(super) async fn recover(self: &Arc<Self>) -> Result<(), NodeError> {
         let interrupted = self.store().fail_interrupted_operations()?;
         for op in interrupted {
@@ -33,8 +35,8 @@ impl<E: Engine> Node<E> {
     /// became templates.
     fn remove_half_made(&self) -> Result<(), NodeError> {
         let records = self.store().list()?;
-        for record in records.iter().filter(|r| r.vm.state == VmState::Creating) {
-            let name = &record.vm.name;
+        for record in records.iter().filter(|r| r.state == VmState::Creating) {
+            let name = &record.name;
             tracing::warn!(vm = %name, "removing a VM whose disk copy was interrupted");
             self.note(
                 name,
@@ -56,8 +58,8 @@ impl<E: Engine> Node<E> {
             let disk = self.template_disk(&template.name);
             let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
             let source = self.vm_dir(&template.source_vm);
-            let recorded = records.iter().any(|r| r.vm.name == template.source_vm);
-            if !recorded && self.engine.layout(&source).disk.exists() {
+            let recorded = records.iter().any(|r| r.name == template.source_vm);
+            if !recorded && self.engine().layout(&source).disk.exists() {
                 tracing::warn!(vm = %template.source_vm, "removing the directory of a VM that became a template");
                 let _ = std::fs::remove_dir_all(&source);
             }
@@ -71,12 +73,14 @@ impl<E: Engine> Node<E> {
     async fn reattach(self: &Arc<Self>) -> Result<(), NodeError> {
         let records = self.store().list()?;
         for record in records {
-            let name = record.vm.name.clone();
-            let creating = record.vm.state == VmState::Creating;
+            let vm = record.clone();
+            let name = &vm.name;
             if let Err(err) = self.recover_vm(record).await {
                 tracing::warn!(vm = %name, error = %err, "cannot recover the VM");
             }
-            if !creating && let Err(err) = self.reconcile_snapshots(&name).await {
+            if vm.state != VmState::Creating
+                && let Err(err) = self.reconcile_snapshots(&vm).await
+            {
                 tracing::warn!(vm = %name, error = %err, "cannot check the VM's snapshots");
             }
         }
@@ -88,15 +92,17 @@ impl<E: Engine> Node<E> {
     /// last daemon's death cut short before recording it (it goes); one
     /// the store knows that the disk lacks was being deleted (its record
     /// goes).
-    async fn reconcile_snapshots(self: &Arc<Self>, name: &str) -> Result<(), NodeError> {
+    async fn reconcile_snapshots(self: &Arc<Self>, vm: &VmRecord) -> Result<(), NodeError> {
+        let name = vm.name.as_str();
         let slot = self.slot(name);
         let _op = slot.lock().await;
-        let disk = self.vm_disk(name);
+        let engine = self.engine_of(vm)?.clone();
+        let disk = self.vm_disk(vm)?;
         if !disk.exists() {
             return Ok(());
         }
-        let node = Arc::clone(self);
-        let on_disk = tokio::task::spawn_blocking(move || node.engine.disk_snapshots(&disk))
+        let (reader, path) = (engine.clone(), disk.clone());
+        let on_disk = tokio::task::spawn_blocking(move || reader.disk_snapshots(&path))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::Internal(e.to_string()))?;
@@ -111,9 +117,8 @@ impl<E: Engine> Node<E> {
                     live.call(Command::Snapshot(SnapshotJob::Delete, tag.clone()))
                         .await?
                 }
-                None => self
-                    .engine
-                    .snapshot_disk(&self.vm_disk(name), SnapshotAction::Delete, tag)
+                None => engine
+                    .snapshot_disk(&disk, SnapshotAction::Delete, tag)
                     .map_err(|e| NodeError::Internal(e.to_string()))?,
             }
         }
@@ -130,17 +135,17 @@ impl<E: Engine> Node<E> {
 
     /// [`Node::reattach`] for one VM.
     async fn recover_vm(self: &Arc<Self>, record: crate::store::VmRecord) -> Result<(), NodeError> {
-        let name = record.vm.name.clone();
-        if matches!(record.vm.state, VmState::Migrating | VmState::Unknown) {
+        let name = record.name.clone();
+        if matches!(record.state, VmState::Migrating | VmState::Unknown) {
             // Cluster states: no single node records them.
-            tracing::warn!(vm = %name, state = record.vm.state.as_str(), "left as it is");
+            tracing::warn!(vm = %name, state = record.state.as_str(), "left as it is");
             return Ok(());
         }
         let dir = self.vm_dir(&name);
         let slot = self.slot(&name);
         let _op = slot.lock().await;
-        let attached = self.engine.adopt(&dir, record.vm.pid).await;
-        let state = record.vm.state;
+        let attached = self.engine_of(&record)?.adopt(&dir, record.pid).await;
+        let state = record.state;
         let Some(mut engine_vm) = attached else {
             match state {
                 VmState::Running | VmState::Paused | VmState::Starting => {
@@ -237,8 +242,8 @@ impl<E: Engine> Node<E> {
             Cause::Reattached { paused },
             &Change {
                 pid,
-                started_at: record.vm.started_at.or(Some(super::now_millis())),
-                restarts: record.vm.restarts,
+                started_at: record.started_at.or(Some(super::now_millis())),
+                restarts: record.restarts,
                 kind: EventKind::Reattached,
                 cause: "quetzald restarted; the VM kept running",
             },
@@ -253,11 +258,7 @@ impl<E: Engine> Node<E> {
         record: &crate::store::VmRecord,
         cause: &str,
     ) -> Result<(), NodeError> {
-        self.change(
-            &record.vm.name,
-            Cause::Gone,
-            &down(EventKind::Crashed, cause),
-        )?;
+        self.change(&record.name, Cause::Gone, &down(EventKind::Crashed, cause))?;
         self.apply_policy(record, VmState::Crashed, cause);
         Ok(())
     }

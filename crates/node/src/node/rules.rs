@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quetzal_api::{CreateVm, EventKind, OperationState, RestartPolicy, VmState};
-use quetzal_engine::VmEvent;
+use quetzal_engine::memory::MemoryEngine;
+use quetzal_engine::{AnyEngine, Engines, VmEvent};
 use tokio::sync::broadcast;
 
 use super::{Created, Node, NodeError, Published};
 use crate::net::HostNetworks;
-use crate::testengine::MemoryEngine;
 
 /// A data directory with a stand-in `tiny` image (stub files: the
 /// memory engine reads none of them).
@@ -53,11 +53,15 @@ fn data_dir() -> tempfile::TempDir {
     dir
 }
 
-async fn node(data: &Path, engine: &MemoryEngine) -> Arc<Node<MemoryEngine>> {
+async fn node(data: &Path, engine: &MemoryEngine) -> Arc<Node> {
     let host_net = HostNetworks::without_host(data).unwrap();
-    Node::open_with(data, engine.clone(), host_net)
-        .await
-        .unwrap()
+    Node::open_with(
+        data,
+        Engines::only(AnyEngine::Memory(engine.clone())),
+        host_net,
+    )
+    .await
+    .unwrap()
 }
 
 fn request(name: &str) -> CreateVm {
@@ -147,6 +151,36 @@ fn what_the_state_machine_refuses_is_a_conflict_that_changes_nothing() {
         node.start("web").await.unwrap();
         let delete = node.delete("web", false).await;
         assert!(matches!(&delete, Err(NodeError::Conflict(m)) if m.ends_with("stop it first")), "{delete:?}");
+    });
+}
+
+#[test]
+fn a_vm_goes_to_the_engine_that_made_it_and_one_the_node_lacks_is_refused() {
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    let rt = runtime();
+    rt.block_on(async {
+        let node = node(data.path(), &engine).await;
+        node.create(request("web")).await.unwrap();
+    });
+    rt.block_on(async {
+        // A node whose only engine is another one (`true` stands in for
+        // a QEMU binary: it is never run).
+        let other = quetzal_engine::QemuEngine::with_binary("true".into());
+        let host_net = HostNetworks::without_host(data.path()).unwrap();
+        let node = Node::open_with(data.path(), Engines::only(AnyEngine::Qemu(other)), host_net)
+            .await
+            .unwrap();
+
+        let start = node.start("web").await;
+
+        assert!(
+            matches!(&start, Err(NodeError::Conflict(m)) if m.contains("runs on the memory engine, which this node does not have")),
+            "{start:?}"
+        );
+        let vm = node.get("web").unwrap();
+        assert_eq!((vm.state, vm.engine.as_str()), (VmState::Stopped, "memory"));
+        assert_eq!(engine.running(), 0);
     });
 }
 
@@ -284,7 +318,7 @@ fn a_full_clone_is_an_operation_and_its_vm_is_creating_until_the_copy_is_done() 
     });
 }
 
-async fn wait_operation(node: &Node<MemoryEngine>, id: &str) -> quetzal_api::Operation {
+async fn wait_operation(node: &Node, id: &str) -> quetzal_api::Operation {
     let mut events = node.subscribe();
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {

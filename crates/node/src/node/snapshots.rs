@@ -1,23 +1,24 @@
-//! Snapshots: internal qcow2 snapshots of a VM's disk. Taken while the VM
-//! runs they include its memory (QMP `snapshot-save`), so a revert resumes
-//! the guest exactly where it was; taken while it is stopped they are
-//! disk-only (`qemu-img snapshot`). The store keeps the tree (each
-//! snapshot's parent) and the snapshot the VM is at.
+//! Snapshots of a VM, kept by its engine in the VM's disk. Taken while
+//! the VM runs they include its memory (the engine's snapshot jobs), so a
+//! revert resumes the guest exactly where it was; taken while it is
+//! stopped they are disk-only. The store keeps the tree (each snapshot's
+//! parent) and the snapshot the VM is at.
 
-use quetzal_engine::Engine;
+use quetzal_engine::{AnyEngine, Engine};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use quetzal_api::{
-    CreateSnapshot, EventKind, Operation, OperationKind, Snapshot, SnapshotList, Vm, VmState,
+    CreateSnapshot, EventKind, Operation, OperationKind, Snapshot, SnapshotList, VmState,
 };
 use quetzal_engine::SnapshotAction;
 use quetzal_engine::spec::VmName;
 
 use super::{Node, NodeError, now_millis};
+use crate::store::VmRecord;
 use crate::supervisor::{Command, Live, SnapshotJob};
 
-impl<E: Engine> Node<E> {
+impl Node {
     pub fn snapshots(&self, vm: &str) -> Result<SnapshotList, NodeError> {
         self.record(vm)?;
         let (snapshots, current) = self.store().snapshots(vm)?;
@@ -50,7 +51,7 @@ impl<E: Engine> Node<E> {
                 "VM {vm} already has a snapshot named {name}"
             )));
         }
-        let how = self.snapshot_target(&slot, &record.vm, "snapshot")?;
+        let how = self.snapshot_target(&slot, &record, "snapshot")?;
         let node = Arc::clone(self);
         let vm = vm.to_owned();
         let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
@@ -68,9 +69,8 @@ impl<E: Engine> Node<E> {
                         .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
                         .await
                         .map_err(snapshot_failed)?,
-                    On::Disk(disk) => {
-                        node.run_offline(disk, SnapshotAction::Create, name.to_string())
-                            .await?
+                    On::Disk(engine, disk) => {
+                        run_offline(engine, disk, SnapshotAction::Create, name.to_string()).await?
                     }
                 }
                 quetzal_engine::failpoint::crash("snapshot-taken");
@@ -98,13 +98,20 @@ impl<E: Engine> Node<E> {
 
     /// Where a snapshot job on `vm` runs: its supervisor while it is up,
     /// its disk file while it is down.
-    fn snapshot_target(&self, slot: &super::Slot, vm: &Vm, what: &str) -> Result<On, NodeError> {
+    fn snapshot_target(
+        &self,
+        slot: &super::Slot,
+        vm: &VmRecord,
+        what: &str,
+    ) -> Result<On, NodeError> {
         match vm.state {
             VmState::Running | VmState::Paused => slot
                 .live()
                 .map(On::Live)
                 .ok_or_else(|| NodeError::Conflict(format!("VM {} is not running", vm.name))),
-            VmState::Stopped | VmState::Crashed => Ok(On::Disk(self.vm_disk(&vm.name))),
+            VmState::Stopped | VmState::Crashed => {
+                Ok(On::Disk(self.engine_of(vm)?.clone(), self.vm_disk(vm)?))
+            }
             other => Err(NodeError::Conflict(format!(
                 "cannot {what} a VM that is {}",
                 other.as_str()
@@ -125,7 +132,7 @@ impl<E: Engine> Node<E> {
         let lock = slot.lock().await;
         let record = self.record(vm)?;
         let snapshot = self.snapshot(vm, name)?;
-        let how = self.snapshot_target(&slot, &record.vm, "revert")?;
+        let how = self.snapshot_target(&slot, &record, "revert")?;
         if matches!(how, On::Live(_)) && !snapshot.with_memory {
             return Err(NodeError::Conflict(format!(
                 "snapshot {name} has no memory state (it was taken while {vm} was stopped); stop the VM to revert to it"
@@ -146,17 +153,16 @@ impl<E: Engine> Node<E> {
                         live.call(Command::Snapshot(SnapshotJob::Load, name.clone()))
                             .await
                             .map_err(snapshot_failed)?;
-                        if record.vm.state == VmState::Running {
+                        if record.state == VmState::Running {
                             live.call(Command::Resume).await?;
                         }
                     }
-                    On::Disk(_) if snapshot.with_memory => {
+                    On::Disk(..) if snapshot.with_memory => {
                         node.launch(&slot, &record, 0, EventKind::Started, &cause, Some(&name))
                             .await?;
                     }
-                    On::Disk(disk) => {
-                        node.run_offline(disk, SnapshotAction::Apply, name.clone())
-                            .await?
+                    On::Disk(engine, disk) => {
+                        run_offline(engine, disk, SnapshotAction::Apply, name.clone()).await?
                     }
                 }
                 let event = node.store().set_current_snapshot(&vm, &name, &cause)?;
@@ -177,7 +183,7 @@ impl<E: Engine> Node<E> {
         let lock = slot.lock().await;
         let record = self.record(vm)?;
         self.snapshot(vm, name)?;
-        let how = self.snapshot_target(&slot, &record.vm, "delete a snapshot of")?;
+        let how = self.snapshot_target(&slot, &record, "delete a snapshot of")?;
         let node = Arc::clone(self);
         let (vm, name) = (vm.to_owned(), name.to_owned());
         let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
@@ -192,9 +198,8 @@ impl<E: Engine> Node<E> {
                         .call(Command::Snapshot(SnapshotJob::Delete, name.clone()))
                         .await
                         .map_err(snapshot_failed)?,
-                    On::Disk(disk) => {
-                        node.run_offline(disk, SnapshotAction::Delete, name.clone())
-                            .await?
+                    On::Disk(engine, disk) => {
+                        run_offline(engine, disk, SnapshotAction::Delete, name.clone()).await?
                     }
                 }
                 let event = node.store().remove_snapshot(
@@ -212,26 +217,23 @@ impl<E: Engine> Node<E> {
 /// Where a snapshot job runs.
 #[derive(Debug)]
 enum On {
-    /// The running VM's supervisor (QMP jobs, with memory).
+    /// The running VM's supervisor (jobs with memory).
     Live(Arc<Live>),
-    /// The stopped VM's disk file (disk only).
-    Disk(PathBuf),
+    /// The stopped VM's disk file (disk only), and its engine.
+    Disk(AnyEngine, PathBuf),
 }
 
-impl<E: Engine> Node<E> {
-    /// A disk-only snapshot job on a stopped VM's disk, off the runtime.
-    async fn run_offline(
-        self: &Arc<Self>,
-        disk: PathBuf,
-        action: SnapshotAction,
-        tag: String,
-    ) -> Result<(), NodeError> {
-        let node = Arc::clone(self);
-        tokio::task::spawn_blocking(move || node.engine.snapshot_disk(&disk, action, &tag))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map_err(super::create::disk_error)
-    }
+/// A disk-only snapshot job on a stopped VM's disk, off the runtime.
+async fn run_offline(
+    engine: AnyEngine,
+    disk: PathBuf,
+    action: SnapshotAction,
+    tag: String,
+) -> Result<(), NodeError> {
+    tokio::task::spawn_blocking(move || engine.snapshot_disk(&disk, action, &tag))
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .map_err(super::create::disk_error)
 }
 
 /// A failed snapshot job: out of space is its own kind (507).

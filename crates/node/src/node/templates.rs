@@ -8,15 +8,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use quetzal_api::{
-    CloneVm, CreateTemplate, CreateVm, Operation, OperationKind, Template, Vm, VmState,
-};
+use quetzal_api::{CloneVm, CreateTemplate, CreateVm, Operation, OperationKind, Template, VmState};
 use quetzal_engine::spec::VmName;
 use quetzal_image::{Image, ImageError};
 
 use super::create::Made;
 use super::{Node, NodeError, Published, now_millis};
 use crate::store::TemplateRecord;
+use crate::store::VmRecord;
 
 /// How a new VM's disk is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub struct DiskSource {
     pub plan: DiskPlan,
 }
 
-impl<E: Engine> Node<E> {
+impl Node {
     pub(super) fn templates_dir(&self) -> PathBuf {
         self.data.join("templates")
     }
@@ -66,7 +65,7 @@ impl<E: Engine> Node<E> {
     pub(super) fn template_disk(&self, name: &str) -> PathBuf {
         self.templates_dir()
             .join(name)
-            .join(self.engine.template_disk_name())
+            .join(self.engine().template_disk_name())
     }
 
     /// Resolves a create request's image or template into a disk plan.
@@ -162,16 +161,16 @@ impl<E: Engine> Node<E> {
         let slot = self.slot(&request.from_vm);
         let lock = slot.lock().await;
         let record = self.record(&request.from_vm)?;
-        if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
+        if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
             return Err(NodeError::Conflict(format!(
                 "cannot make a template of a VM that is {}; stop it first",
-                record.vm.state.as_str()
+                record.state.as_str()
             )));
         }
-        if let Some(template) = &record.vm.linked_to {
+        if let Some(template) = &record.linked_to {
             return Err(NodeError::Conflict(format!(
                 "VM {} is a linked clone of template {template}; make a full clone of it first",
-                record.vm.name
+                record.name
             )));
         }
         if self.store().template(name.as_str())?.is_some() {
@@ -200,7 +199,7 @@ impl<E: Engine> Node<E> {
     ) -> Result<(), NodeError> {
         let dir = self.templates_dir().join(name);
         let disk = self.template_disk(name);
-        let vm_disk = self.vm_disk(&record.vm.name);
+        let vm_disk = self.vm_disk(&record)?;
         // A directory without a template is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
         let linked = std::fs::create_dir_all(&dir)
@@ -227,12 +226,12 @@ impl<E: Engine> Node<E> {
         };
         let template = TemplateRecord {
             name: name.to_owned(),
-            image: record.vm.image.clone(),
+            image: record.image.clone(),
             image_dir: record.image_dir.clone(),
-            cpus: record.vm.cpus,
-            memory_mib: record.vm.memory_mib,
-            disk_mib: record.vm.disk_mib,
-            source_vm: record.vm.name.clone(),
+            cpus: record.cpus,
+            memory_mib: record.memory_mib,
+            disk_mib: record.disk_mib,
+            source_vm: record.name.clone(),
             created_at: now_millis(),
             disk_sha256: sha256,
         };
@@ -245,11 +244,11 @@ impl<E: Engine> Node<E> {
         };
         quetzal_engine::failpoint::crash("template-recorded");
         let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
-        if let Err(err) = std::fs::remove_dir_all(self.vm_dir(&record.vm.name)) {
-            tracing::warn!(vm = %record.vm.name, error = %err, "cannot remove the VM's directory");
+        if let Err(err) = std::fs::remove_dir_all(self.vm_dir(&record.name)) {
+            tracing::warn!(vm = %record.name, error = %err, "cannot remove the VM's directory");
         }
         self.publish(Published::Event(event));
-        self.forget_slot(&record.vm.name);
+        self.forget_slot(&record.name);
         Ok(())
     }
 
@@ -293,24 +292,24 @@ impl<E: Engine> Node<E> {
         };
         let locks = vec![first.lock().await, second.lock().await];
         let record = self.record(source)?;
-        if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
+        if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
             return Err(NodeError::Conflict(format!(
                 "cannot clone a VM that is {}; stop it first",
-                record.vm.state.as_str()
+                record.state.as_str()
             )));
         }
-        let keep_base = match &record.vm.linked_to {
+        let keep_base = match &record.linked_to {
             Some(template) => self.template_disk(template),
             None => Image::open(&record.image_dir)
                 .map_err(|e| NodeError::Internal(e.to_string()))?
                 .root_disk(),
         };
         let plan = DiskPlan::Copy {
-            from: self.vm_disk(source),
+            from: self.vm_disk(&record)?,
             keep_base,
-            linked_to: record.vm.linked_to.clone(),
+            linked_to: record.linked_to.clone(),
         };
-        let vm = Vm {
+        let vm = VmRecord {
             name: name.to_string(),
             state: VmState::Stopped,
             pid: None,
@@ -320,14 +319,13 @@ impl<E: Engine> Node<E> {
             machine_id: Some(super::new_machine_id()?),
             // Drawn when it is recorded.
             mac: String::new(),
-            engine: self.engine.kind().as_str().to_owned(),
-            addresses: Vec::new(),
-            ..record.vm.clone()
+            engine: self.engine().kind().as_str().to_owned(),
+            ..record.clone()
         };
         let cause = format!("cloned from {source}");
         let made = {
             let _net = self.net_op.lock().await;
-            self.make_vm(vm, &record.image_dir, &plan, &cause)?
+            self.make_vm(vm, &plan, &cause)?
         };
         match made {
             Made::Copy(pending) => {

@@ -11,7 +11,7 @@ use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::spec::{
     Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
 };
-use quetzal_engine::{Engine, EngineVm, Lifetime, SnapshotJobs};
+use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
 
 use super::{Node, NodeError, QUIT_TIMEOUT, Slot, append, backoff, down, now_millis};
@@ -19,12 +19,13 @@ use crate::lifecycle::Cause;
 use crate::store::{Change, VmRecord};
 use crate::supervisor::{self, Command, Exit};
 
-impl<E: Engine> Node<E> {
+impl Node {
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Vm, NodeError> {
         let slot = self.slot(name);
         let _op = slot.lock().await;
         let record = self.record(name)?;
         Self::allowed(&record, Cause::Start)?;
+        self.engine_of(&record)?;
         self.launch(
             &slot,
             &record,
@@ -99,9 +100,9 @@ impl<E: Engine> Node<E> {
             name,
             action,
             &Change {
-                pid: record.vm.pid,
-                started_at: record.vm.started_at,
-                restarts: record.vm.restarts,
+                pid: record.pid,
+                started_at: record.started_at,
+                restarts: record.restarts,
                 kind,
                 cause,
             },
@@ -120,7 +121,7 @@ impl<E: Engine> Node<E> {
         } else {
             "deleted by request"
         };
-        let event = self.store().delete_vm(name, cause)?;
+        let event = self.store().delete_vm(name, record.revision, cause)?;
         if !keep_disks {
             let dir = self.vm_dir(name);
             if let Err(err) = std::fs::remove_dir_all(&dir) {
@@ -151,7 +152,7 @@ impl<E: Engine> Node<E> {
         cause: &str,
         load_snapshot: Option<&str>,
     ) -> Result<(), NodeError> {
-        let name = record.vm.name.as_str();
+        let name = record.name.as_str();
         self.change(
             name,
             Cause::Start,
@@ -214,14 +215,9 @@ impl<E: Engine> Node<E> {
         &self,
         record: &VmRecord,
         load_snapshot: Option<&str>,
-    ) -> Result<(E::Vm, tokio::net::UnixStream), String> {
-        let vm = &record.vm;
-        if vm.engine != self.engine.kind().as_str() {
-            return Err(format!(
-                "VM {} runs on the {} engine, which this node does not have",
-                vm.name, vm.engine
-            ));
-        }
+    ) -> Result<(AnyVm, tokio::net::UnixStream), String> {
+        let vm = record;
+        let engine = self.engine_of(vm).map_err(|e| e.to_string())?;
         let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
         let network = self.vm_network(vm)?;
         if record.nic > 0x00ff_ffff {
@@ -242,7 +238,7 @@ impl<E: Engine> Node<E> {
             boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
                 .map_err(|e| e.to_string())?,
             disks: vec![Disk {
-                path: self.engine.layout(&dir).disk,
+                path: engine.layout(&dir).disk,
                 format: DiskFormat::Qcow2,
                 read_only: false,
             }],
@@ -258,8 +254,7 @@ impl<E: Engine> Node<E> {
             graphics: true,
         };
         quetzal_engine::failpoint::crash("start-before-spawn");
-        let mut engine_vm = self
-            .engine
+        let mut engine_vm = engine
             .create(&spec, &dir, Lifetime::Detached)
             .await
             .map_err(|e| e.to_string())?;
@@ -300,7 +295,7 @@ impl<E: Engine> Node<E> {
         record: &VmRecord,
         graceful: Option<Duration>,
     ) -> Result<(), NodeError> {
-        let name = record.vm.name.as_str();
+        let name = record.name.as_str();
         self.change(
             name,
             if graceful.is_some() {
@@ -309,9 +304,9 @@ impl<E: Engine> Node<E> {
                 Cause::ForceStop
             },
             &Change {
-                pid: record.vm.pid,
-                started_at: record.vm.started_at,
-                restarts: record.vm.restarts,
+                pid: record.pid,
+                started_at: record.started_at,
+                restarts: record.restarts,
                 kind: EventKind::Stopping,
                 cause: if graceful.is_some() {
                     "stop requested"
@@ -330,7 +325,7 @@ impl<E: Engine> Node<E> {
         let mut cause = "stopped by request".to_owned();
         let mut exit = None;
         if let Some(timeout) = graceful {
-            if record.vm.state == VmState::Paused {
+            if record.state == VmState::Paused {
                 let _ = live.call(Command::Resume).await;
             }
             if live.call(Command::Powerdown).await.is_ok() {
@@ -374,7 +369,7 @@ impl<E: Engine> Node<E> {
         let Ok(record) = self.record(name) else {
             return;
         };
-        if !matches!(record.vm.state, VmState::Running | VmState::Paused) {
+        if !matches!(record.state, VmState::Running | VmState::Paused) {
             return;
         }
         let (how, kind, cause) = match &exit {
@@ -426,7 +421,7 @@ impl<E: Engine> Node<E> {
                 return;
             };
             let now = live.run_state();
-            let (cause, kind, why) = match (record.vm.state, now.paused) {
+            let (cause, kind, why) = match (record.state, now.paused) {
                 (VmState::Running, true) => (
                     Cause::EnginePaused,
                     EventKind::Paused,
@@ -440,9 +435,9 @@ impl<E: Engine> Node<E> {
                 _ => return,
             };
             let change = Change {
-                pid: record.vm.pid,
-                started_at: record.vm.started_at,
-                restarts: record.vm.restarts,
+                pid: record.pid,
+                started_at: record.started_at,
+                restarts: record.restarts,
                 kind,
                 cause: &why,
             };
@@ -453,7 +448,7 @@ impl<E: Engine> Node<E> {
     }
 
     pub(super) fn apply_policy(self: &Arc<Self>, record: &VmRecord, state: VmState, cause: &str) {
-        let restart = match record.vm.restart_policy {
+        let restart = match record.restart_policy {
             RestartPolicy::Never => false,
             RestartPolicy::OnFailure => state == VmState::Crashed,
             RestartPolicy::Always => true,
@@ -461,16 +456,16 @@ impl<E: Engine> Node<E> {
         if !restart {
             return;
         }
-        let restarts = record.vm.restarts.saturating_add(1);
-        let delay = backoff(record.vm.restarts);
+        let restarts = record.restarts.saturating_add(1);
+        let delay = backoff(record.restarts);
         let why = format!(
             "restart policy {}: {cause}; restart {restarts} after {}s",
-            record.vm.restart_policy.as_str(),
+            record.restart_policy.as_str(),
             delay.as_secs()
         );
-        self.note(&record.vm.name, EventKind::Restarting, &why);
+        self.note(&record.name, EventKind::Restarting, &why);
         let node = Arc::clone(self);
-        let name = record.vm.name.clone();
+        let name = record.name.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let slot = node.slot(&name);
@@ -479,7 +474,7 @@ impl<E: Engine> Node<E> {
                 return;
             };
             // Someone may have started or deleted it meanwhile.
-            if !matches!(record.vm.state, VmState::Stopped | VmState::Crashed) {
+            if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
                 return;
             }
             if let Err(err) = node

@@ -1,4 +1,6 @@
-//! The node's state in SQLite: VMs and their event log.
+//! What the node keeps — VMs and their event log, snapshots, templates,
+//! networks, operations — behind the [`Store`] traits, and their SQLite
+//! implementation.
 //!
 //! Every state change and its event are written in one transaction, in WAL
 //! mode: a `kill -9` at any moment leaves a store that opens and holds
@@ -16,8 +18,10 @@ mod operations;
 mod snapshots;
 mod templates;
 
-pub use networks::NetworkRecord;
-pub use templates::TemplateRecord;
+pub use networks::{NetworkRecord, NetworkStore};
+pub use operations::OperationStore;
+pub use snapshots::SnapshotStore;
+pub use templates::{TemplateRecord, TemplateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -120,19 +124,70 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_by_start ON operations (started_at);",
 ];
 
-/// A VM as stored: the API's view plus what only the node needs.
+/// A VM as the node keeps it. The API's [`Vm`] is made from it in one
+/// place ([`VmRecord::to_api`]) and is never stored; the two share only
+/// the vocabulary of states and policies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmRecord {
-    pub vm: Vm,
-    /// The image build whose base disk the VM's overlay sits on.
+    pub name: String,
+    pub state: VmState,
+    /// The image it was made from, and the build whose base disk its
+    /// overlay sits on.
+    pub image: String,
     pub image_dir: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub labels: BTreeMap<String, String>,
+    pub restart_policy: RestartPolicy,
+    /// Its engine process, while it runs.
+    pub pid: Option<u32>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    /// Automatic restarts since it last started by request.
+    pub restarts: u32,
+    /// The engine that runs it (`qemu`).
+    pub engine: String,
+    /// The template whose disk its overlay sits on.
+    pub linked_to: Option<String>,
+    pub machine_id: Option<String>,
+    pub network: String,
+    /// Allocated by the store, unique among the node's VMs.
+    pub mac: String,
     /// Rises with every change: a change names the revision it was
     /// computed from and fails if the record moved on (compare-and-swap,
-    /// the shape an etcd-backed store has).
+    /// the shape an etcd-backed store has). Given by the store.
     pub revision: u64,
     /// Its NIC's number on this node, unique among its VMs (it names the
     /// TAP device); allocated by the store when the VM is inserted.
     pub nic: u32,
+}
+
+impl VmRecord {
+    /// What the API shows of it (its leased addresses are added by the
+    /// node, which reads them from the networks).
+    pub fn to_api(&self) -> Vm {
+        Vm {
+            name: self.name.clone(),
+            state: self.state,
+            image: self.image.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disk_mib: self.disk_mib,
+            labels: self.labels.clone(),
+            restart_policy: self.restart_policy,
+            pid: self.pid,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            restarts: self.restarts,
+            engine: self.engine.clone(),
+            linked_to: self.linked_to.clone(),
+            machine_id: self.machine_id.clone(),
+            network: self.network.clone(),
+            mac: self.mac.clone(),
+            addresses: Vec::new(),
+        }
+    }
 }
 
 /// A change of a VM's runtime fields, with the event that tells it (its
@@ -146,8 +201,28 @@ pub struct Change<'a> {
     pub cause: &'a str,
 }
 
+/// Everything the node keeps, one trait per concern. SQLite
+/// ([`SqliteStore`]) is the embedded default; a cluster keeps the same
+/// records in etcd behind the same traits.
+pub trait Store:
+    VmStore + SnapshotStore + TemplateStore + NetworkStore + OperationStore + Send + std::fmt::Debug
+{
+}
+
+impl<T> Store for T where
+    T: VmStore
+        + SnapshotStore
+        + TemplateStore
+        + NetworkStore
+        + OperationStore
+        + Send
+        + std::fmt::Debug
+{
+}
+
+/// The store in one SQLite file, in WAL mode.
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
 }
@@ -167,13 +242,63 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
-impl Store {
+/// VMs and their event log. A VM's every change names the revision it was
+/// computed from and is refused ([`StoreError::Stale`]) if the record
+/// moved on: compare-and-swap, the shape an etcd-backed store has.
+pub trait VmStore {
+    /// Inserts a new VM and its first event (`created`, or `creating`
+    /// for one whose disk is still being made).
+    fn insert_vm(
+        &mut self,
+        record: &VmRecord,
+        kind: EventKind,
+        cause: &str,
+    ) -> Result<Event, StoreError>;
+
+    /// Moves VM `name` from `revision` to `state` with `change`, and
+    /// records its event, atomically; [`StoreError::Stale`] when the VM
+    /// is no longer at `revision`.
+    fn change(
+        &mut self,
+        name: &str,
+        revision: u64,
+        state: VmState,
+        change: &Change<'_>,
+    ) -> Result<Event, StoreError>;
+
+    /// Records an event that changes nothing stored (a guest reset).
+    fn note(&mut self, name: &str, kind: EventKind, cause: &str) -> Result<Event, StoreError>;
+
+    /// Deletes VM `name` at `revision` with its snapshots and records its
+    /// `deleted` event; [`StoreError::Stale`] when it moved on.
+    fn delete_vm(&mut self, name: &str, revision: u64, cause: &str) -> Result<Event, StoreError>;
+
+    /// The VM named `name`, at its current revision.
+    fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError>;
+
+    /// Every VM, by name.
+    fn list(&self) -> Result<Vec<VmRecord>, StoreError>;
+
+    /// Events after `after`, oldest first, at most `limit`, for one VM or all.
+    fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, StoreError>;
+
+    /// The `limit` events just before `before`, oldest first (the end of
+    /// the log, read backwards a page at a time).
+    fn events_before(
+        &self,
+        before: i64,
+        limit: u32,
+        vm: Option<&str>,
+    ) -> Result<Vec<Event>, StoreError>;
+}
+
+impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|source| StoreError::Sqlite {
             path: path.to_owned(),
             source,
         })?;
-        let mut store = Store {
+        let mut store = SqliteStore {
             conn,
             path: path.to_owned(),
         };
@@ -204,17 +329,17 @@ impl Store {
         }
         Ok(())
     }
+}
 
-    /// Inserts a new VM and its first event (`created`, or `creating`
-    /// for one whose disk is still being made).
-    pub fn insert_vm(
+impl VmStore for SqliteStore {
+    fn insert_vm(
         &mut self,
         record: &VmRecord,
         kind: EventKind,
         cause: &str,
     ) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
-        let vm = &record.vm;
+        let vm = record;
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
@@ -225,7 +350,7 @@ impl Store {
             params![
                 vm.name,
                 vm.image,
-                record.image_dir.display().to_string(),
+                vm.image_dir.display().to_string(),
                 vm.cpus,
                 vm.memory_mib,
                 vm.disk_mib,
@@ -263,10 +388,7 @@ impl Store {
         Ok(event)
     }
 
-    /// Moves VM `name` from `revision` to `state` with `change`, and
-    /// records its event, atomically; [`StoreError::Stale`] when the VM
-    /// is no longer at `revision`.
-    pub fn change(
+    fn change(
         &mut self,
         name: &str,
         revision: u64,
@@ -290,32 +412,30 @@ impl Store {
             )
             .map_err(sql)?;
         if updated == 0 {
-            return Err(if vm_exists(&tx, name).map_err(sql)? {
-                StoreError::Stale {
-                    name: name.to_owned(),
-                    expected: revision,
-                }
-            } else {
-                StoreError::Missing(name.to_owned())
-            });
+            return Err(stale_or_missing(&tx, name, revision).map_err(sql)?);
         }
         let event = insert_event(&tx, name, change.kind, Some(state), change.cause).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(event)
     }
 
-    /// Records an event that changes nothing stored (a guest reset).
-    pub fn note(&mut self, name: &str, kind: EventKind, cause: &str) -> Result<Event, StoreError> {
-        let state = self.get(name)?.map(|r| r.vm.state);
+    fn note(&mut self, name: &str, kind: EventKind, cause: &str) -> Result<Event, StoreError> {
+        let state = self.get(name)?.map(|r| r.state);
         insert_event(&self.conn, name, kind, state, cause).map_err(|e| self.sql(e))
     }
 
-    /// Deletes a VM and records its `deleted` event.
-    pub fn delete_vm(&mut self, name: &str, cause: &str) -> Result<Event, StoreError> {
+    fn delete_vm(&mut self, name: &str, revision: u64, cause: &str) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
-        tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
+        let deleted = tx
+            .execute(
+                "DELETE FROM vms WHERE name = ?1 AND revision = ?2",
+                params![name, revision],
+            )
             .map_err(sql)?;
+        if deleted == 0 {
+            return Err(stale_or_missing(&tx, name, revision).map_err(sql)?);
+        }
         tx.execute("DELETE FROM snapshots WHERE vm = ?1", params![name])
             .map_err(sql)?;
         let event = insert_event(&tx, name, EventKind::Deleted, None, cause).map_err(sql)?;
@@ -323,7 +443,7 @@ impl Store {
         Ok(event)
     }
 
-    pub fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+    fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
         self.conn
             .query_row(
                 &format!("{SELECT_VM} WHERE name = ?1"),
@@ -335,8 +455,7 @@ impl Store {
             .transpose()
     }
 
-    /// Every VM, by name.
-    pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+    fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(&format!("{SELECT_VM} ORDER BY name"))
@@ -349,13 +468,7 @@ impl Store {
         rows.into_iter().collect()
     }
 
-    /// Events after `after`, oldest first, at most `limit`, for one VM or all.
-    pub fn events(
-        &self,
-        after: i64,
-        limit: u32,
-        vm: Option<&str>,
-    ) -> Result<Vec<Event>, StoreError> {
+    fn events(&self, after: i64, limit: u32, vm: Option<&str>) -> Result<Vec<Event>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(
@@ -368,9 +481,8 @@ impl Store {
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
-    /// The `limit` events just before `before`, oldest first (the end of
-    /// the log, read backwards a page at a time).
-    pub fn events_before(
+
+    fn events_before(
         &self,
         before: i64,
         limit: u32,
@@ -429,30 +541,39 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         Err(err) => return Ok(Err(err)),
     };
     Ok(Ok(VmRecord {
-        vm: Vm {
-            name,
-            state,
-            image: row.get(1)?,
-            cpus: row.get(3)?,
-            memory_mib: row.get(4)?,
-            disk_mib: row.get(5)?,
-            labels,
-            restart_policy,
-            pid: row.get(9)?,
-            created_at: row.get(10)?,
-            started_at: row.get(11)?,
-            restarts: row.get(12)?,
-            linked_to: row.get(13)?,
-            machine_id: row.get(14)?,
-            network: row.get(15)?,
-            mac: row.get(16)?,
-            engine: row.get(19)?,
-            addresses: Vec::new(),
-        },
+        name,
+        state,
+        image: row.get(1)?,
         image_dir: PathBuf::from(image_dir),
+        cpus: row.get(3)?,
+        memory_mib: row.get(4)?,
+        disk_mib: row.get(5)?,
+        labels,
+        restart_policy,
+        pid: row.get(9)?,
+        created_at: row.get(10)?,
+        started_at: row.get(11)?,
+        restarts: row.get(12)?,
+        linked_to: row.get(13)?,
+        machine_id: row.get(14)?,
+        network: row.get(15)?,
+        mac: row.get(16)?,
+        engine: row.get(19)?,
         revision: row.get(17)?,
         nic: row.get(18)?,
     }))
+}
+
+/// Why a change of VM `name` at `revision` matched no row.
+fn stale_or_missing(conn: &Connection, name: &str, revision: u64) -> rusqlite::Result<StoreError> {
+    Ok(if vm_exists(conn, name)? {
+        StoreError::Stale {
+            name: name.to_owned(),
+            expected: revision,
+        }
+    } else {
+        StoreError::Missing(name.to_owned())
+    })
 }
 
 fn vm_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
@@ -490,31 +611,33 @@ fn insert_event(
 mod tests {
     use super::*;
 
+    /// The store under test, seen only through its traits.
+    pub(super) fn open(dir: &tempfile::TempDir) -> Box<dyn Store> {
+        Box::new(SqliteStore::open(&dir.path().join("q.db")).unwrap())
+    }
+
     fn record(name: &str) -> VmRecord {
         VmRecord {
-            vm: Vm {
-                name: name.to_owned(),
-                state: VmState::Stopped,
-                image: "tiny".to_owned(),
-                cpus: 1,
-                memory_mib: 256,
-                disk_mib: 256,
-                labels: BTreeMap::from([("team".to_owned(), "web".to_owned())]),
-                restart_policy: RestartPolicy::OnFailure,
-                pid: None,
-                created_at: 1,
-                started_at: None,
-                restarts: 0,
-                linked_to: None,
-                machine_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
-                network: "default".to_owned(),
-                mac: format!(
-                    "52:54:00:00:00:{:02x}",
-                    name.bytes().map(u32::from).sum::<u32>() % 256
-                ),
-                engine: "qemu".to_owned(),
-                addresses: vec![],
-            },
+            name: name.to_owned(),
+            state: VmState::Stopped,
+            image: "tiny".to_owned(),
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 256,
+            labels: BTreeMap::from([("team".to_owned(), "web".to_owned())]),
+            restart_policy: RestartPolicy::OnFailure,
+            pid: None,
+            created_at: 1,
+            started_at: None,
+            restarts: 0,
+            linked_to: None,
+            machine_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
+            network: "default".to_owned(),
+            mac: format!(
+                "52:54:00:00:00:{:02x}",
+                name.bytes().map(u32::from).sum::<u32>() % 256
+            ),
+            engine: "qemu".to_owned(),
             image_dir: PathBuf::from("/images/tiny/x"),
             revision: 1,
             nic: 1,
@@ -524,7 +647,7 @@ mod tests {
     #[test]
     fn stores_and_reads_back_a_vm_with_its_created_event() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
 
         let event = store
             .insert_vm(&record("web"), EventKind::Created, "created by test")
@@ -538,7 +661,7 @@ mod tests {
     #[test]
     fn gives_each_vm_its_own_nic_number_and_refuses_a_taken_mac() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store
             .insert_vm(&record("a"), EventKind::Created, "x")
             .unwrap();
@@ -546,10 +669,8 @@ mod tests {
             .insert_vm(&record("b"), EventKind::Created, "x")
             .unwrap();
         let twin = VmRecord {
-            vm: Vm {
-                name: "c".to_owned(),
-                ..record("a").vm
-            },
+            name: "c".to_owned(),
+            mac: record("a").mac,
             ..record("c")
         };
 
@@ -563,7 +684,7 @@ mod tests {
     #[test]
     fn refuses_a_second_vm_with_the_same_name() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store
             .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
@@ -576,7 +697,7 @@ mod tests {
     #[test]
     fn a_change_updates_state_and_logs_its_cause() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store
             .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
@@ -586,10 +707,7 @@ mod tests {
             .unwrap();
 
         let stored = store.get("web").unwrap().unwrap();
-        assert_eq!(
-            (stored.vm.state, stored.vm.pid),
-            (VmState::Running, Some(42))
-        );
+        assert_eq!((stored.state, stored.pid), (VmState::Running, Some(42)));
         assert_eq!(stored.revision, 2);
         let events = store.events(1, 10, Some("web")).unwrap();
         assert_eq!(events.len(), 1);
@@ -609,7 +727,7 @@ mod tests {
     #[test]
     fn a_change_from_a_revision_that_moved_on_is_refused_and_leaves_no_trace() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store
             .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
@@ -623,11 +741,14 @@ mod tests {
             matches!(stale, Err(StoreError::Stale { expected: 1, .. })),
             "{stale:?}"
         );
-        assert_eq!(
-            store.get("web").unwrap().unwrap().vm.state,
-            VmState::Running
-        );
+        assert_eq!(store.get("web").unwrap().unwrap().state, VmState::Running);
         assert_eq!(store.events(0, 10, Some("web")).unwrap().len(), 2);
+        let stale_delete = store.delete_vm("web", 1, "x");
+        assert!(
+            matches!(stale_delete, Err(StoreError::Stale { .. })),
+            "{stale_delete:?}"
+        );
+        assert!(store.get("web").unwrap().is_some());
         let missing = store.change("ghost", 1, VmState::Running, &started("x"));
         assert!(
             matches!(missing, Err(StoreError::Missing(_))),
@@ -639,12 +760,12 @@ mod tests {
     fn reopening_keeps_everything_and_does_not_rerun_migrations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
-        Store::open(&path)
+        SqliteStore::open(&path)
             .unwrap()
             .insert_vm(&record("web"), EventKind::Created, "x")
             .unwrap();
 
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
 
         assert_eq!(store.list().unwrap().len(), 1);
     }
@@ -652,7 +773,7 @@ mod tests {
     #[test]
     fn reads_the_end_of_the_log_backwards_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store
             .insert_vm(&record("a"), EventKind::Created, "test")
             .unwrap();
@@ -678,7 +799,7 @@ mod tests {
     #[test]
     fn pages_events_after_an_id() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         for name in ["a", "b", "c"] {
             store
                 .insert_vm(&record(name), EventKind::Created, "x")

@@ -2,7 +2,7 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError, now_millis};
+use super::{SqliteStore, StoreError, now_millis};
 use crate::net::Subnet;
 
 /// A managed network as stored.
@@ -14,12 +14,21 @@ pub struct NetworkRecord {
     pub created_at: i64,
 }
 
-impl Store {
-    pub fn insert_network(
-        &mut self,
-        name: &str,
-        subnet: Subnet,
-    ) -> Result<NetworkRecord, StoreError> {
+/// Managed networks: written once, deleted whole.
+pub trait NetworkStore {
+    fn insert_network(&mut self, name: &str, subnet: Subnet) -> Result<NetworkRecord, StoreError>;
+
+    /// Every network, oldest first.
+    fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError>;
+
+    /// The VMs attached to `network`.
+    fn network_users(&self, network: &str) -> Result<Vec<String>, StoreError>;
+
+    fn delete_network(&mut self, name: &str) -> Result<(), StoreError>;
+}
+
+impl NetworkStore for SqliteStore {
+    fn insert_network(&mut self, name: &str, subnet: Subnet) -> Result<NetworkRecord, StoreError> {
         let created_at = now_millis();
         let inserted = self.conn.execute(
             "INSERT INTO networks (name, subnet, created_at) VALUES (?1, ?2, ?3)",
@@ -41,8 +50,7 @@ impl Store {
         }
     }
 
-    /// Every network, oldest first.
-    pub fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
+    fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached("SELECT id, name, subnet, created_at FROM networks ORDER BY id")
@@ -74,15 +82,14 @@ impl Store {
             .collect()
     }
 
-    /// The VMs attached to `network`.
-    pub fn network_users(&self, network: &str) -> Result<Vec<String>, StoreError> {
+    fn network_users(&self, network: &str) -> Result<Vec<String>, StoreError> {
         self.vm_names(
             "SELECT name FROM vms WHERE network = ?1 ORDER BY name",
             network,
         )
     }
 
-    pub fn delete_network(&mut self, name: &str) -> Result<(), StoreError> {
+    fn delete_network(&mut self, name: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM networks WHERE name = ?1", params![name])
             .map_err(|e| self.sql(e))?;

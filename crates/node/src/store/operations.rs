@@ -5,7 +5,7 @@
 use quetzal_api::{ErrorDetail, Operation, OperationKind, OperationState};
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, StoreError, now_millis};
+use super::{SqliteStore, StoreError, now_millis};
 
 /// How many finished operations the store keeps.
 const KEEP_FINISHED: u32 = 1000;
@@ -13,8 +13,25 @@ const KEEP_FINISHED: u32 = 1000;
 const SELECT_OPERATION: &str = "SELECT id, kind, target, state, progress, cancellable,
     error_code, error_message, started_at, finished_at FROM operations";
 
-impl Store {
-    pub fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+/// Operations: each is written only by the task that runs it.
+pub trait OperationStore {
+    fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError>;
+
+    /// Writes an operation's progress, state, error and end.
+    fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError>;
+
+    fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError>;
+
+    /// The newest `limit` operations, newest first.
+    fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError>;
+
+    /// At daemon start: what was running when the last daemon stopped
+    /// failed with it. Returns those operations.
+    fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError>;
+}
+
+impl OperationStore for SqliteStore {
+    fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO operations (id, kind, target, state, progress, cancellable,
@@ -37,8 +54,7 @@ impl Store {
         Ok(())
     }
 
-    /// Writes an operation's progress, state, error and end.
-    pub fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+    fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE operations SET state = ?2, progress = ?3, error_code = ?4,
@@ -66,7 +82,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+    fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
         self.conn
             .query_row(
                 &format!("{SELECT_OPERATION} WHERE id = ?1"),
@@ -78,8 +94,7 @@ impl Store {
             .transpose()
     }
 
-    /// The newest `limit` operations, newest first.
-    pub fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError> {
+    fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(&format!(
@@ -94,9 +109,7 @@ impl Store {
         rows.into_iter().collect()
     }
 
-    /// At daemon start: what was running when the last daemon stopped
-    /// failed with it. Returns those operations.
-    pub fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError> {
+    fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError> {
         let running: Vec<Operation> = self
             .operations(u32::MAX)?
             .into_iter()
@@ -158,6 +171,7 @@ fn read_operation(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::open;
 
     fn running(id: &str, started_at: i64) -> Operation {
         Operation {
@@ -176,7 +190,7 @@ mod tests {
     #[test]
     fn keeps_an_operation_and_its_progress() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store.insert_operation(&running("a", 1)).unwrap();
 
         let done = Operation {
@@ -194,7 +208,7 @@ mod tests {
     #[test]
     fn a_restart_fails_what_was_running_and_leaves_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("q.db")).unwrap();
+        let mut store = open(&dir);
         store.insert_operation(&running("a", 1)).unwrap();
         let done = Operation {
             state: OperationState::Succeeded,

@@ -4,11 +4,31 @@
 use quetzal_api::{Event, EventKind, Snapshot};
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, StoreError, insert_event, sqlite_error};
+use super::{SqliteStore, StoreError, insert_event, sqlite_error};
 
-impl Store {
+/// A VM's snapshots: the tree (each one's parent) and the one it is at.
+pub trait SnapshotStore {
     /// Records a new snapshot as the VM's current one, with its event.
-    pub fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError> {
+    fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError>;
+
+    /// The VM's snapshots, oldest first, and which one it is at.
+    fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError>;
+
+    /// Makes `name` the VM's current snapshot (after a revert).
+    fn set_current_snapshot(
+        &mut self,
+        vm: &str,
+        name: &str,
+        cause: &str,
+    ) -> Result<Event, StoreError>;
+
+    /// Removes a snapshot; its children take its parent, and a VM at it is
+    /// then at its parent.
+    fn remove_snapshot(&mut self, vm: &str, name: &str, cause: &str) -> Result<Event, StoreError>;
+}
+
+impl SnapshotStore for SqliteStore {
+    fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
@@ -27,8 +47,7 @@ impl Store {
         Ok(event)
     }
 
-    /// The VM's snapshots, oldest first, and which one it is at.
-    pub fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError> {
+    fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(
@@ -62,8 +81,7 @@ impl Store {
         Ok((rows, current))
     }
 
-    /// Makes `name` the VM's current snapshot (after a revert).
-    pub fn set_current_snapshot(
+    fn set_current_snapshot(
         &mut self,
         vm: &str,
         name: &str,
@@ -81,14 +99,7 @@ impl Store {
         Ok(event)
     }
 
-    /// Removes a snapshot; its children take its parent, and a VM at it is
-    /// then at its parent.
-    pub fn remove_snapshot(
-        &mut self,
-        vm: &str,
-        name: &str,
-        cause: &str,
-    ) -> Result<Event, StoreError> {
+    fn remove_snapshot(&mut self, vm: &str, name: &str, cause: &str) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         let parent: Option<String> = tx

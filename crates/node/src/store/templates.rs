@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use quetzal_api::{Event, EventKind};
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, StoreError, insert_event, sqlite_error};
+use super::{SqliteStore, StoreError, insert_event, sqlite_error};
 
 /// A template as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,10 +22,40 @@ pub struct TemplateRecord {
     pub disk_sha256: String,
 }
 
-impl Store {
+/// Templates, and the VMs that are linked clones of them. A template is
+/// written once (made from a VM in one step) and deleted whole.
+pub trait TemplateStore {
     /// Turns a VM into a template in one transaction: the template row in,
     /// the VM row out, with the VM's last event.
-    pub fn templatize(&mut self, template: &TemplateRecord) -> Result<Event, StoreError> {
+    fn templatize(&mut self, template: &TemplateRecord) -> Result<Event, StoreError>;
+
+    fn template(&self, name: &str) -> Result<Option<TemplateRecord>, StoreError>;
+
+    fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError>;
+
+    /// The VMs that are linked clones of `template`.
+    fn linked_clones(&self, template: &str) -> Result<Vec<String>, StoreError>;
+
+    fn delete_template(&mut self, name: &str) -> Result<(), StoreError>;
+}
+
+impl SqliteStore {
+    /// The names a one-parameter query over `vms` selects.
+    pub(super) fn vm_names(
+        &self,
+        query: &'static str,
+        value: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(query).map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map(params![value], |row| row.get(0))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+}
+
+impl TemplateStore for SqliteStore {
+    fn templatize(&mut self, template: &TemplateRecord) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
@@ -69,7 +99,7 @@ impl Store {
         Ok(event)
     }
 
-    pub fn template(&self, name: &str) -> Result<Option<TemplateRecord>, StoreError> {
+    fn template(&self, name: &str) -> Result<Option<TemplateRecord>, StoreError> {
         self.conn
             .query_row(
                 &format!("{SELECT_TEMPLATE} WHERE name = ?1"),
@@ -80,7 +110,7 @@ impl Store {
             .map_err(|e| self.sql(e))
     }
 
-    pub fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
+    fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(&format!("{SELECT_TEMPLATE} ORDER BY name"))
@@ -91,28 +121,14 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
-    /// The VMs that are linked clones of `template`.
-    pub fn linked_clones(&self, template: &str) -> Result<Vec<String>, StoreError> {
+    fn linked_clones(&self, template: &str) -> Result<Vec<String>, StoreError> {
         self.vm_names(
             "SELECT name FROM vms WHERE linked_to = ?1 ORDER BY name",
             template,
         )
     }
 
-    /// The names a one-parameter query over `vms` selects.
-    pub(super) fn vm_names(
-        &self,
-        query: &'static str,
-        value: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut statement = self.conn.prepare_cached(query).map_err(|e| self.sql(e))?;
-        let rows = statement
-            .query_map(params![value], |row| row.get(0))
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
-    }
-
-    pub fn delete_template(&mut self, name: &str) -> Result<(), StoreError> {
+    fn delete_template(&mut self, name: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM templates WHERE name = ?1", params![name])
             .map_err(|e| self.sql(e))?;

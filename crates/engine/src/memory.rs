@@ -1,16 +1,15 @@
-//! An engine whose VMs exist only in memory, for the node's unit tests:
+//! An engine whose VMs exist only in memory, for the node's unit tests
+//! (built with the `memory` feature, never into quetzald's engines):
 //! the node's rules (states, recovery, operations) run against it without
 //! QEMU, and a test plays the engine's part (a VM that pauses or dies by
 //! itself). Disks are plain files, so what the node makes and removes can
 //! be seen.
 
-#![allow(clippy::unwrap_used)] // Test code: a poisoned lock is a failed test.
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use quetzal_engine::{
+use crate::{
     DiskError, Engine, EngineKind, EngineVm, Layout, Lifetime, SnapshotAction, SnapshotJobs, Usage,
     VmEvent, VmSpec, VmState,
 };
@@ -21,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 #[error("{0}")]
 pub struct MemoryError(String);
 
-impl quetzal_engine::Failure for MemoryError {
+impl crate::Failure for MemoryError {
     fn no_space(&self) -> bool {
         false
     }
@@ -53,7 +52,10 @@ pub struct MemoryEngine {
 impl MemoryEngine {
     /// How many VMs run (none may be left behind).
     pub fn running(&self) -> usize {
-        let shared = self.shared.lock().unwrap();
+        let shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         shared
             .machines
             .values()
@@ -64,7 +66,10 @@ impl MemoryEngine {
     /// Plays the engine: the VM in `dir` reports `event` (and is in the
     /// state it implies).
     pub fn report(&self, dir: &Path, event: VmEvent) {
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         let machine = shared.machines.get_mut(dir).expect("a VM runs there");
         match &event {
             VmEvent::Paused => machine.state = VmState::Paused,
@@ -76,7 +81,10 @@ impl MemoryEngine {
 
     /// The VM in `dir` dies at once (as a killed QEMU).
     pub fn crash(&self, dir: &Path) {
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         let machine = shared.machines.get_mut(dir).expect("a VM runs there");
         end(machine, false);
     }
@@ -123,7 +131,10 @@ impl Engine for MemoryEngine {
         run_dir: &Path,
         _lifetime: Lifetime,
     ) -> Result<MemoryVm, MemoryError> {
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         shared.next_pid += 1;
         let pid = 100_000 + shared.next_pid;
         let (events, _) = mpsc::unbounded_channel();
@@ -140,7 +151,10 @@ impl Engine for MemoryEngine {
     }
 
     async fn adopt(&self, run_dir: &Path, _pid: Option<u32>) -> Option<MemoryVm> {
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         let machine = shared.machines.get_mut(run_dir)?;
         if *machine.gone.borrow() {
             return None;
@@ -221,7 +235,11 @@ pub struct MemoryVm {
 
 impl MemoryVm {
     fn with<T>(&self, f: impl FnOnce(&mut Machine) -> T) -> Result<T, MemoryError> {
-        let mut shared = self.engine.shared.lock().unwrap();
+        let mut shared = self
+            .engine
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
         match shared.machines.get_mut(&self.dir) {
             Some(machine) if !*machine.gone.borrow() => Ok(f(machine)),
             _ => Err(MemoryError("the VM is gone".to_owned())),
