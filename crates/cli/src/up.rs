@@ -98,9 +98,15 @@ async fn ensure_demo(client: &Client) -> anyhow::Result<()> {
     }
     eprintln!("quetzal: creating and starting the demo VM '{DEMO}'");
     let body = json!({ "name": DEMO, "image": DEFAULT_IMAGE, "restart_policy": "on-failure" });
-    client
+    let answer = client
         .call(Method::POST, "/api/v1/vms", Some(&body))
         .await?;
+    // A node that has not built the image yet builds it first (202).
+    if let Some(op) = answer.get("operation") {
+        let op: quetzal_api::Operation = serde_json::from_value(op.clone())?;
+        let what = crate::operation::describe(op.kind);
+        crate::operation::finish(client, op, what).await?;
+    }
     client
         .call(Method::POST, &format!("/api/v1/vms/{DEMO}/start"), None)
         .await?;

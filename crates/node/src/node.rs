@@ -1,6 +1,7 @@
 //! The node's domain: VMs, their lifecycle and restart policy, over the
-//! store and the engine. HTTP handlers call these functions and nothing
-//! else; every rule lives here (or in [`crate::lifecycle`]).
+//! store and the node's engines, with networks and operations as parts of
+//! their own. HTTP handlers call these functions and nothing else; every
+//! rule lives here (or in [`crate::lifecycle`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,10 +16,12 @@ use tokio::sync::broadcast;
 
 use crate::lifecycle::{self, Cause};
 use crate::net::{self, HostNetworks};
-use crate::store::{Change, SqliteStore, Store, StoreError, VmRecord, now_millis};
+use crate::store::{Change, SqliteStore, Store, VmRecord, now_millis};
 use crate::supervisor::{Live, Stats};
 
+mod core;
 mod create;
+mod error;
 mod networks;
 mod operations;
 mod recovery;
@@ -27,12 +30,17 @@ mod templates;
 mod vms;
 
 pub use create::Created;
-pub use operations::Progress;
-
-pub use networks::{DEFAULT_NETWORK, USER_NETWORK};
+pub use error::{
+    ErrorKind, Fault, NetworkError, NodeError, OperationError, SnapshotError, TemplateError,
+    VmError,
+};
+pub use networks::{DEFAULT_NETWORK, Networks, USER_NETWORK};
+pub use operations::{Operations, Progress};
 
 pub use templates::{DiskPlan, DiskSource};
 
+/// How often the lease files are read for new addresses.
+const LEASE_POLL: Duration = Duration::from_secs(1);
 /// How many events of one kind a guest can make us log per minute.
 pub const GUEST_EVENTS_PER_MINUTE: u32 = 10;
 /// How long a graceful stop waits for the guest before forcing it off.
@@ -43,38 +51,6 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DISK_MIB: u64 = 16 << 20;
 /// Free space a new VM needs at least, for its overlay to start.
 const MIN_FREE_MIB: u64 = 64;
-
-/// A domain error; the API maps each kind to one status code.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    InsufficientStorage(String),
-    #[error("{0}")]
-    Internal(String),
-    /// Long work stopped because a user asked.
-    #[error("{0}")]
-    Cancelled(String),
-}
-
-impl NodeError {
-    /// The stable code clients see (`error.code`).
-    pub fn code(&self) -> &'static str {
-        match self {
-            NodeError::NotFound(_) => "not_found",
-            NodeError::Conflict(_) => "conflict",
-            NodeError::Invalid(_) => "invalid_request",
-            NodeError::InsufficientStorage(_) => "insufficient_storage",
-            NodeError::Internal(_) => "internal",
-            NodeError::Cancelled(_) => "cancelled",
-        }
-    }
-}
 
 /// What the event stream carries.
 #[derive(Clone, Debug)]
@@ -88,31 +64,6 @@ pub enum Published {
 impl From<Event> for Published {
     fn from(event: Event) -> Self {
         Published::Event(event)
-    }
-}
-
-impl From<crate::supervisor::CallError> for NodeError {
-    fn from(err: crate::supervisor::CallError) -> Self {
-        if err.no_space {
-            NodeError::InsufficientStorage(err.message)
-        } else {
-            NodeError::Internal(err.message)
-        }
-    }
-}
-
-impl From<StoreError> for NodeError {
-    fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::Exists(name) => {
-                NodeError::Conflict(format!("a VM named {name} already exists"))
-            }
-            StoreError::Missing(name) => NodeError::NotFound(format!("no VM named {name}")),
-            StoreError::Stale { name, .. } => {
-                NodeError::Conflict(format!("VM {name} changed meanwhile; try again"))
-            }
-            other => NodeError::Internal(other.to_string()),
-        }
     }
 }
 
@@ -148,25 +99,21 @@ impl Slot {
 }
 
 /// The node's domain over its engines (QEMU in quetzald; an in-memory
-/// one in the unit tests of the rules).
+/// one in the unit tests of the rules). The VMs' lifecycle is its own
+/// state (slots, engines, images); networks and operations are parts
+/// with theirs; all share the store and the event stream ([`core::Core`]).
 #[derive(Debug)]
 pub struct Node {
     data: PathBuf,
-    store: Mutex<Box<dyn Store>>,
+    core: Arc<core::Core>,
     engines: Engines,
     images: ImageStore,
-    events: broadcast::Sender<Published>,
-    running: operations::Running,
+    operations: Operations,
+    networks: Networks,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
     accel: Accel,
-    host_net: HostNetworks,
-    /// Serializes network changes (and VM creation against deletion of
-    /// the network it joins).
-    net_op: tokio::sync::Mutex<()>,
-    /// MAC to leased address, from the networks' lease files.
-    addresses: Mutex<HashMap<String, String>>,
 }
 
 impl Node {
@@ -185,34 +132,57 @@ impl Node {
     ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data.join("vms"))?;
         let store: Box<dyn Store> = Box::new(SqliteStore::open(&data.join("quetzal.db"))?);
-        let (events, _) = broadcast::channel(1024);
+        let core = Arc::new(core::Core::new(store));
         let node = Arc::new(Node {
             data: data.to_owned(),
-            store: Mutex::new(store),
             engines,
             images: ImageStore::new(data),
-            events,
-            running: operations::Running::default(),
+            operations: Operations::new(Arc::clone(&core)),
+            networks: Networks::new(Arc::clone(&core), host_net),
+            core,
             slots: Mutex::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
-            host_net,
-            net_op: tokio::sync::Mutex::default(),
-            addresses: Mutex::default(),
         });
         node.engines.check_installed()?;
-        node.bring_up_networks().await;
-        node.read_leases(false);
+        node.networks.bring_up().await;
+        node.networks.read_leases();
         node.recover().await?;
         node.watch_leases();
         Ok(node)
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
-        self.store
-            .lock()
-            .expect("never poisoned: no panics while held")
+        self.core.store()
+    }
+
+    /// The node's managed networks.
+    pub fn networks(&self) -> &Networks {
+        &self.networks
+    }
+
+    /// The node's operations.
+    pub fn operations(&self) -> &Operations {
+        &self.operations
+    }
+
+    /// Reads the lease files every second (after a first read at start);
+    /// a VM whose address changed gets an `address` event.
+    fn watch_leases(self: &Arc<Self>) {
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(node) = node.upgrade() else {
+                    return;
+                };
+                for (vm, cause) in node.networks.read_leases() {
+                    node.note_from_guest(&vm, EventKind::Address, &cause);
+                }
+                drop(node);
+                tokio::time::sleep(LEASE_POLL).await;
+            }
+        });
     }
 
     fn slot(&self, name: &str) -> Arc<Slot> {
@@ -233,13 +203,13 @@ impl Node {
     }
 
     /// The engine that runs a VM, as its record names it.
-    fn engine_of(&self, vm: &VmRecord) -> Result<&AnyEngine, NodeError> {
-        self.engines.named(&vm.engine).ok_or_else(|| {
-            NodeError::Conflict(format!(
-                "VM {} runs on the {} engine, which this node does not have",
-                vm.name, vm.engine
-            ))
-        })
+    fn engine_of(&self, vm: &VmRecord) -> Result<&AnyEngine, VmError> {
+        self.engines
+            .named(&vm.engine)
+            .ok_or_else(|| VmError::NoEngine {
+                name: vm.name.clone(),
+                engine: vm.engine.clone(),
+            })
     }
 
     /// Where a VM's files are, as its engine lays them out.
@@ -254,26 +224,22 @@ impl Node {
 
     /// The size of a disk the guest sees, in MiB.
     fn disk_mib(&self, disk: &Path) -> Result<u64, NodeError> {
-        self.engine()
-            .disk_size_mib(disk)
-            .map_err(|e| NodeError::Internal(e.to_string()))
+        Ok(self.engine().disk_size_mib(disk)?)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Published> {
-        self.events.subscribe()
+        self.core.subscribe()
     }
 
     fn publish(&self, published: Published) {
-        if let Published::Event(event) = &published {
-            tracing::info!(vm = %event.vm, kind = %event.kind, cause = %event.cause, "vm event");
-        }
-        let _ = self.events.send(published);
+        self.core.publish(published);
     }
 
     fn record(&self, name: &str) -> Result<VmRecord, NodeError> {
-        self.store()
-            .get(name)?
-            .ok_or_else(|| NodeError::NotFound(format!("no VM named {name}")))
+        let found = self.store().get(name)?;
+        Ok(found.ok_or_else(|| VmError::NotFound {
+            name: name.to_owned(),
+        })?)
     }
 
     /// Moves a VM through the state machine ([`lifecycle::transition`])
@@ -281,8 +247,7 @@ impl Node {
     /// the VM is still at the revision the new state was computed from.
     fn change(&self, name: &str, cause: Cause, change: &Change<'_>) -> Result<(), NodeError> {
         let record = self.record(name)?;
-        let state = lifecycle::transition(record.state, cause)
-            .map_err(|refused| NodeError::Conflict(refused.to_string()))?;
+        let state = lifecycle::transition(record.state, cause).map_err(VmError::from)?;
         let event = self.store().change(name, record.revision, state, change)?;
         self.publish(event.into());
         Ok(())
@@ -292,7 +257,7 @@ impl Node {
     fn allowed(record: &VmRecord, cause: Cause) -> Result<(), NodeError> {
         lifecycle::transition(record.state, cause)
             .map(drop)
-            .map_err(|refused| NodeError::Conflict(refused.to_string()))
+            .map_err(|refused| VmError::from(refused).into())
     }
 
     /// Records an event its guest triggered (a reset, a new address),
@@ -327,14 +292,11 @@ impl Node {
 
     /// Records an event that changes no state.
     pub fn note(&self, name: &str, kind: EventKind, cause: &str) {
-        match self.store().note(name, kind, cause) {
-            Ok(event) => self.publish(event.into()),
-            Err(err) => tracing::warn!(vm = %name, error = %err, "cannot record event"),
-        }
+        self.core.note(name, kind, cause);
     }
 
     pub fn get(&self, name: &str) -> Result<Vm, NodeError> {
-        Ok(self.with_addresses(self.record(name)?.to_api()))
+        Ok(self.networks.with_addresses(self.record(name)?.to_api()))
     }
 
     /// VMs, filtered by state and by labels (`key=value`, all must match).
@@ -349,7 +311,7 @@ impl Node {
             .into_iter()
             .filter(|vm| state.is_none_or(|state| vm.state == state))
             .filter(|vm| labels.iter().all(|(k, v)| vm.labels.get(k) == Some(v)))
-            .map(|vm| self.with_addresses(vm.to_api()))
+            .map(|vm| self.networks.with_addresses(vm.to_api()))
             .collect())
     }
 
@@ -397,7 +359,7 @@ impl Node {
     async fn live_stats(&self, name: &str, live: &Live) -> Option<Stats> {
         let mut s = live.stats().await?;
         let nic = self.record(name).ok()?.nic;
-        let tap = self.host_net.tap(nic);
+        let tap = self.networks.tap(nic);
         // What the TAP transmits, the guest receives.
         s.net_received_bytes = net::tap_counter(&tap, "tx_bytes");
         s.net_sent_bytes = net::tap_counter(&tap, "rx_bytes");
@@ -407,7 +369,9 @@ impl Node {
     /// One running VM's counters.
     pub async fn vm_stats(&self, name: &str) -> Result<quetzal_api::VmStats, NodeError> {
         self.record(name)?;
-        let not_running = || NodeError::Conflict(format!("VM {name} is not running"));
+        let not_running = || VmError::NotRunning {
+            name: name.to_owned(),
+        };
         let live = self.slot(name).live().ok_or_else(not_running)?;
         let s = self.live_stats(name, &live).await.ok_or_else(not_running)?;
         #[allow(clippy::cast_precision_loss)] // Exact below 2^53 ms.
@@ -427,7 +391,10 @@ impl Node {
     pub fn vnc_socket(&self, name: &str) -> Result<PathBuf, NodeError> {
         let record = self.record(name)?;
         if self.slot(name).live().is_none() {
-            return Err(NodeError::Conflict(format!("VM {name} is not running")));
+            return Err(VmError::NotRunning {
+                name: name.to_owned(),
+            }
+            .into());
         }
         Ok(self.layout(&record)?.vnc)
     }
@@ -481,7 +448,7 @@ fn fill_random(bytes: &mut [u8]) -> Result<(), NodeError> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(bytes))
-        .map_err(|e| NodeError::Internal(format!("/dev/urandom: {e}")))
+        .map_err(|e| Fault::Random(e).into())
 }
 
 /// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.
@@ -490,8 +457,8 @@ fn backoff(restarts: u32) -> Duration {
 }
 
 fn free_mib(dir: &Path) -> Result<u64, NodeError> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+    let stat =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| Fault::io(dir)(std::io::Error::from(e)))?;
     Ok(stat.blocks_available() * stat.fragment_size() / (1 << 20))
 }
 

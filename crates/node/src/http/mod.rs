@@ -33,7 +33,7 @@ use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
 use utoipa::OpenApi;
 
-use crate::node::{Created, DEFAULT_STOP_TIMEOUT, Node, NodeError, Published};
+use crate::node::{Created, DEFAULT_STOP_TIMEOUT, ErrorKind, Node, NodeError, Published};
 
 /// The largest message a console client may send (typed input): what
 /// a client can make us hold is bounded.
@@ -80,12 +80,12 @@ impl IntoResponse for ApiError {
 
 impl From<NodeError> for ApiError {
     fn from(err: NodeError) -> Self {
-        let status = match &err {
-            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
-            NodeError::Conflict(_) | NodeError::Cancelled(_) => StatusCode::CONFLICT,
-            NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            NodeError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            NodeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match err.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict | ErrorKind::Cancelled => StatusCode::CONFLICT,
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, err.code(), err.to_string())
     }
@@ -658,7 +658,7 @@ async fn vm_stats(
 /// Managed networks, oldest first, with their leases.
 #[utoipa::path(get, path = "/api/v1/networks", responses((status = 200, body = Vec<Network>)))]
 async fn list_networks(State(app): State<AppState>) -> Result<Json<Vec<Network>>, ApiError> {
-    Ok(Json(app.node.networks()?))
+    Ok(Json(app.node.networks().list()?))
 }
 
 /// Create a network: a bridge with DHCP, DNS and NAT.
@@ -671,7 +671,7 @@ async fn create_network(
 ) -> Result<(StatusCode, Json<Network>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(app.node.create_network(request).await?),
+        Json(app.node.networks().create(request).await?),
     ))
 }
 
@@ -682,7 +682,7 @@ async fn get_network(
     State(app): State<AppState>,
     Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<Network>, ApiError> {
-    Ok(Json(app.node.network(&name)?))
+    Ok(Json(app.node.networks().get(&name)?))
 }
 
 /// Delete a network no VM uses.
@@ -692,7 +692,7 @@ async fn delete_network(
     State(app): State<AppState>,
     Path(NamePath { name }): Path<NamePath>,
 ) -> Result<StatusCode, ApiError> {
-    app.node.delete_network(&name).await?;
+    app.node.networks().delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

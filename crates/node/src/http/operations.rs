@@ -25,7 +25,7 @@ pub(super) fn accepted(operation: Operation) -> Response {
     responses((status = 200, body = OperationList)))]
 pub(super) async fn list(State(app): State<AppState>) -> Result<Json<OperationList>, ApiError> {
     Ok(Json(OperationList {
-        operations: app.node.operations()?,
+        operations: app.node.operations().list()?,
     }))
 }
 
@@ -37,7 +37,7 @@ pub(super) async fn get(
     Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<OperationResponse>, ApiError> {
     Ok(Json(OperationResponse {
-        operation: app.node.operation(&id)?,
+        operation: app.node.operations().get(&id)?,
     }))
 }
 
@@ -50,5 +50,5 @@ pub(super) async fn cancel(
     State(app): State<AppState>,
     Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Response, ApiError> {
-    Ok(accepted(app.node.cancel_operation(&id)?))
+    Ok(accepted(app.node.operations().cancel(&id)?))
 }

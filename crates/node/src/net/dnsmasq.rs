@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::Subnet;
+use super::{HostNetError, Subnet};
 
 /// A DHCP lease as dnsmasq records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,10 +80,9 @@ impl Supervised {
     /// Writes the configuration, ends a dnsmasq left by an earlier daemon
     /// (its pid file names it), and starts a new one; fails if it does not
     /// come up.
-    pub async fn start(dir: &Path, bridge: &str, subnet: Subnet) -> Result<Self, String> {
+    pub async fn start(dir: &Path, bridge: &str, subnet: Subnet) -> Result<Self, HostNetError> {
         let conf = dir.join("dnsmasq.conf");
-        std::fs::write(&conf, config(dir, bridge, subnet))
-            .map_err(|e| format!("{}: {e}", conf.display()))?;
+        std::fs::write(&conf, config(dir, bridge, subnet)).map_err(HostNetError::io(&conf))?;
         kill_stale(dir);
         let mut child = spawn(dir, &conf)?;
         // dnsmasq writes its pid file once it listens; if it exits first,
@@ -99,9 +98,11 @@ impl Supervised {
                     child = spawn(dir, &conf)?;
                     continue;
                 }
-                return Err(format!(
-                    "dnsmasq for {bridge} exited at once ({status}): {log}"
-                ));
+                return Err(HostNetError::DnsmasqExited {
+                    bridge: bridge.to_owned(),
+                    status,
+                    log,
+                });
             }
             if dir.join("dnsmasq.pid").exists() {
                 break;
@@ -145,10 +146,10 @@ impl Supervised {
     }
 }
 
-fn spawn(dir: &Path, conf: &Path) -> Result<tokio::process::Child, String> {
+fn spawn(dir: &Path, conf: &Path) -> Result<tokio::process::Child, HostNetError> {
     let _ = std::fs::remove_file(dir.join("dnsmasq.pid"));
-    let log = std::fs::File::create(dir.join("dnsmasq.log"))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log_path = dir.join("dnsmasq.log");
+    let log = std::fs::File::create(&log_path).map_err(HostNetError::io(&log_path))?;
     tokio::process::Command::new("dnsmasq")
         .arg("--keep-in-foreground")
         .arg(format!("--conf-file={}", conf.display()))
@@ -160,7 +161,7 @@ fn spawn(dir: &Path, conf: &Path) -> Result<tokio::process::Child, String> {
         // take the network's DHCP down with it.
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start dnsmasq: {e}"))
+        .map_err(HostNetError::DnsmasqSpawn)
 }
 
 /// Ends the dnsmasq whose pid file is in `dir`, if it is still that

@@ -23,6 +23,54 @@ use nix::fcntl::{Flock, FlockArg};
 pub use dnsmasq::Lease;
 pub use subnet::Subnet;
 
+/// Why the host could not be made to match the networks.
+#[derive(Debug, thiserror::Error)]
+pub enum HostNetError {
+    /// This host cannot have managed networks (the reason).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host tool answered with an error (what it printed).
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("cannot read `{command}`: {source}")]
+    Unreadable {
+        command: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot turn on IPv4 forwarding: {0}")]
+    Forwarding(#[source] std::io::Error),
+    #[error("cannot start dnsmasq: {0}")]
+    DnsmasqSpawn(#[source] std::io::Error),
+    #[error("dnsmasq for {bridge} exited at once ({status}): {log}")]
+    DnsmasqExited {
+        bridge: String,
+        status: std::process::ExitStatus,
+        log: String,
+    },
+}
+
+impl HostNetError {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HostNetError + '_ {
+        move |source| HostNetError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
 /// A network as the host side needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkSpec {
@@ -93,10 +141,13 @@ impl HostNetworks {
 
     /// Routes the host has now, as (address, prefix length), except those
     /// of `own` bridges: what a new network must not overlap.
-    pub async fn host_routes(&self) -> Result<Vec<(Ipv4Addr, u8, String)>, String> {
+    pub async fn host_routes(&self) -> Result<Vec<(Ipv4Addr, u8, String)>, HostNetError> {
         let out = run("ip", &["-j", "-4", "route", "show", "table", "all"], None).await?;
         let routes: Vec<serde_json::Value> =
-            serde_json::from_str(&out).map_err(|e| format!("cannot read `ip -j route`: {e}"))?;
+            serde_json::from_str(&out).map_err(|source| HostNetError::Unreadable {
+                command: "ip -j route",
+                source,
+            })?;
         Ok(routes
             .iter()
             .filter(|route| route["type"].as_str().is_none_or(|t| t == "unicast"))
@@ -110,23 +161,22 @@ impl HostNetworks {
 
     /// Holds a host-wide lock while a subnet is chosen and its bridge made,
     /// so that two nodes never pick the same one.
-    pub fn subnet_lock() -> Result<Flock<std::fs::File>, String> {
+    pub fn subnet_lock() -> Result<Flock<std::fs::File>, HostNetError> {
         let path = Path::new("/run/quetzal-subnets.lock");
-        let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = std::fs::File::create(path).map_err(HostNetError::io(path))?;
         Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| format!("{}: {e}", path.display()))
+            .map_err(|(_, e)| HostNetError::io(path)(e.into()))
     }
 
     /// Makes the host match `networks`: bridges with their gateway
     /// address, forwarding on, the nftables table, a dnsmasq per network.
     /// Bridges of networks no longer listed are removed.
-    pub async fn ensure(&self, networks: &[NetworkSpec]) -> Result<(), String> {
-        self.available()?;
+    pub async fn ensure(&self, networks: &[NetworkSpec]) -> Result<(), HostNetError> {
+        self.available().map_err(HostNetError::Unavailable)?;
         for network in networks {
             self.ensure_bridge(network).await?;
         }
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| format!("cannot turn on IPv4 forwarding: {e}"))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(HostNetError::Forwarding)?;
         let rules = nft_ruleset(&self.table(), &self.bridged(networks));
         run("nft", &["-f", "-"], Some(&rules)).await?;
         for network in networks {
@@ -143,7 +193,7 @@ impl HostNetworks {
 
     /// Stops a network's dnsmasq and removes its bridge and files; the
     /// caller then calls [`Self::ensure`] with the networks left.
-    pub async fn remove(&self, network: &NetworkSpec) -> Result<(), String> {
+    pub async fn remove(&self, network: &NetworkSpec) -> Result<(), HostNetError> {
         let supervised = self
             .dnsmasq
             .lock()
@@ -161,7 +211,7 @@ impl HostNetworks {
     }
 
     /// Plugs a VM's TAP (made by its QEMU) into its network's bridge.
-    pub async fn plug(&self, tap: &str, network: &NetworkSpec) -> Result<(), String> {
+    pub async fn plug(&self, tap: &str, network: &NetworkSpec) -> Result<(), HostNetError> {
         let bridge = self.bridge(network);
         run("ip", &["link", "set", tap, "master", &bridge, "up"], None).await?;
         Ok(())
@@ -186,11 +236,11 @@ impl HostNetworks {
             .collect()
     }
 
-    async fn links(&self) -> Result<Vec<String>, String> {
+    async fn links(&self) -> Result<Vec<String>, HostNetError> {
         links_with_prefix(&self.prefix).await
     }
 
-    async fn ensure_bridge(&self, network: &NetworkSpec) -> Result<(), String> {
+    async fn ensure_bridge(&self, network: &NetworkSpec) -> Result<(), HostNetError> {
         let bridge = self.bridge(network);
         if !self.links().await?.contains(&bridge) {
             run("ip", &["link", "add", &bridge, "type", "bridge"], None).await?;
@@ -201,7 +251,7 @@ impl HostNetworks {
         Ok(())
     }
 
-    async fn ensure_dnsmasq(&self, network: &NetworkSpec) -> Result<(), String> {
+    async fn ensure_dnsmasq(&self, network: &NetworkSpec) -> Result<(), HostNetError> {
         if self
             .dnsmasq
             .lock()
@@ -211,7 +261,7 @@ impl HostNetworks {
             return Ok(());
         }
         let dir = self.network_dir(&network.name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(HostNetError::io(&dir))?;
         let supervised =
             dnsmasq::Supervised::start(&dir, &self.bridge(network), network.subnet).await?;
         self.dnsmasq
@@ -258,7 +308,7 @@ pub fn nft_ruleset(table: &str, networks: &[(String, Subnet)]) -> String {
 /// dnsmasq processes, its bridges and its nftables table. For tests and
 /// for uninstalling; a stopped daemon otherwise leaves its networks up so
 /// that running VMs keep them.
-pub async fn teardown(data: &Path) -> Result<(), String> {
+pub async fn teardown(data: &Path) -> Result<(), HostNetError> {
     let dir = data.join("networks");
     let Ok(prefix) = std::fs::read_to_string(dir.join("prefix")) else {
         return Ok(());
@@ -291,10 +341,13 @@ pub fn tap_counter(device: &str, counter: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn links_with_prefix(prefix: &str) -> Result<Vec<String>, String> {
+async fn links_with_prefix(prefix: &str) -> Result<Vec<String>, HostNetError> {
     let out = run("ip", &["-j", "link", "show"], None).await?;
     let links: Vec<serde_json::Value> =
-        serde_json::from_str(&out).map_err(|e| format!("cannot read `ip -j link`: {e}"))?;
+        serde_json::from_str(&out).map_err(|source| HostNetError::Unreadable {
+            command: "ip -j link",
+            source,
+        })?;
     Ok(links
         .iter()
         .filter_map(|link| link["ifname"].as_str())
@@ -346,7 +399,7 @@ fn on_path(program: &str) -> bool {
 
 /// Runs a host tool, feeding it `input`; its stdout, or an error with
 /// what it printed.
-async fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
+async fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, HostNetError> {
     use tokio::io::AsyncWriteExt;
     let mut command = tokio::process::Command::new(program);
     command
@@ -360,26 +413,25 @@ async fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let shown = format!("{program} {}", args.join(" "));
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let spawn_failed = |source| HostNetError::Spawn {
+        command: shown.clone(),
+        source,
+    };
+    let mut child = command.spawn().map_err(spawn_failed)?;
     if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
         stdin
             .write_all(input.as_bytes())
             .await
-            .map_err(|e| format!("cannot feed {shown}: {e}"))?;
+            .map_err(spawn_failed)?;
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = child.wait_with_output().await.map_err(spawn_failed)?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(HostNetError::Failed {
+            command: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 

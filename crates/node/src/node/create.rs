@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use quetzal_api::{CreateVm, EventKind, Operation, OperationKind, Vm, VmState};
-use quetzal_engine::DiskError;
 use quetzal_engine::spec::{Cpus, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
 
+use super::error::{Fault, VmError};
 use super::templates::DiskPlan;
 use super::{MAX_DISK_MIB, MIN_FREE_MIB, Node, NodeError, free_mib, new_machine_id, random_bytes};
 use crate::store::{Change, VmRecord, now_millis};
@@ -41,16 +41,20 @@ impl Node {
     /// template's (at once), or a full clone (an operation). An image not
     /// built yet is built first, in an operation that then makes the VM.
     pub async fn create(self: &Arc<Self>, request: CreateVm) -> Result<Created, NodeError> {
-        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
-        Cpus::new(request.cpus).map_err(|e| NodeError::Invalid(cpus_message(&e.to_string())))?;
-        MemoryMib::new(request.memory_mib, self.host_memory_mib)
-            .map_err(|e| NodeError::Invalid(memory_message(&e.to_string())))?;
+        let name = VmName::new(&request.name).map_err(invalid)?;
+        Cpus::new(request.cpus).map_err(|e| VmError::Invalid {
+            reason: cpus_message(&e.to_string()),
+        })?;
+        MemoryMib::new(request.memory_mib, self.host_memory_mib).map_err(|e| VmError::Invalid {
+            reason: memory_message(&e.to_string()),
+        })?;
         let guard = self.slot(name.as_str()).lock().await;
         if let Some(image) = self.image_to_build(&request)? {
             if self.store().get(name.as_str())?.is_some() {
-                return Err(NodeError::Conflict(format!(
-                    "a VM named {name} already exists"
-                )));
+                return Err(VmError::Exists {
+                    name: name.to_string(),
+                }
+                .into());
             }
             return Ok(Created::Operation(
                 self.build_then_create(image, request, guard)?,
@@ -85,31 +89,28 @@ impl Node {
     ) -> Result<Operation, NodeError> {
         let node = Arc::clone(self);
         let target = format!("/api/v1/vms/{}", request.name);
-        self.start_operation(
+        self.operations.start(
             OperationKind::BuildImage,
             target,
             false,
             move |progress| async move {
                 let images = node.images.clone();
                 tracing::info!(image = %image, "building an image on first use");
+                let building = image.clone();
                 tokio::task::spawn_blocking(move || {
                     // Each step of a build is one line: five steps in all.
                     let mut steps = 0;
-                    images.build(&image, &mut |line| {
+                    images.build(&building, &mut |line| {
                         steps += 1;
                         tracing::info!(step = line, "image build");
                         progress.set((steps * 18).min(90));
                     })
                 })
                 .await
-                .map_err(|e| NodeError::Internal(format!("the image build failed: {e}")))?
-                .map_err(|e| NodeError::Internal(format!("the image build failed: {e}")))?;
-                match node.create_locked(request, guard).await? {
-                    Created::Vm(_) => Ok(()),
-                    Created::Operation(_) => Err(NodeError::Internal(
-                        "a VM made from an image is never a copy".to_owned(),
-                    )),
-                }
+                .map_err(Fault::task("the image build"))?
+                .map_err(|source| VmError::ImageBuild { image, source })?;
+                // An image's VM is an overlay, made at once: never a copy.
+                node.create_locked(request, guard).await.map(drop)
             },
         )
     }
@@ -120,19 +121,23 @@ impl Node {
         request: CreateVm,
         guard: OwnedMutexGuard<()>,
     ) -> Result<Created, NodeError> {
-        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let name = VmName::new(&request.name).map_err(invalid)?;
         let source = self.disk_source(&request)?;
         let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
         if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
-            return Err(NodeError::Invalid(format!(
-                "disk_mib must be between the base disk's {} and {MAX_DISK_MIB}, not {disk_mib}",
-                source.base_mib
-            )));
+            return Err(VmError::Invalid {
+                reason: format!(
+                    "disk_mib must be between the base disk's {} and {MAX_DISK_MIB}, not {disk_mib}",
+                    source.base_mib
+                ),
+            }
+            .into());
         }
         if source.plan.is_copy() && disk_mib != source.base_mib {
-            return Err(NodeError::Invalid(
-                "disk_mib cannot be changed on a full clone".to_owned(),
-            ));
+            return Err(VmError::Invalid {
+                reason: "disk_mib cannot be changed on a full clone".to_owned(),
+            }
+            .into());
         }
         let vm = VmRecord {
             name: name.to_string(),
@@ -166,9 +171,9 @@ impl Node {
         let made = {
             // Held only while the network is chosen and the VM recorded on
             // it, never through a copy.
-            let _net = self.net_op.lock().await;
+            let _net = self.networks.hold().await;
             let vm = VmRecord {
-                network: self.choose_network(request.network.as_deref())?,
+                network: self.networks.choose(request.network.as_deref())?,
                 ..vm
             };
             self.make_vm(vm, &source.plan, &cause)?
@@ -195,30 +200,29 @@ impl Node {
     ) -> Result<Made, NodeError> {
         let free = free_mib(&self.data.join("vms"))?;
         if free < MIN_FREE_MIB {
-            return Err(NodeError::InsufficientStorage(format!(
-                "only {free} MiB free in {}; a VM needs at least {MIN_FREE_MIB} MiB",
-                self.data.display()
-            )));
+            return Err(VmError::NoRoom {
+                dir: self.data.clone(),
+                free_mib: free,
+                needed_mib: MIN_FREE_MIB,
+            }
+            .into());
         }
         let engine = self.engine_of(&vm)?;
         let room = engine.max_dir_name(&self.data.join("vms"));
         if vm.name.len() > room {
-            return Err(NodeError::Invalid(format!(
-                "the name {} is too long for this node's data directory: at most {room} characters here",
-                vm.name
-            )));
+            return Err(VmError::NameTooLong {
+                name: vm.name,
+                max: room,
+            }
+            .into());
         }
         if self.store().get(&vm.name)?.is_some() {
-            return Err(NodeError::Conflict(format!(
-                "a VM named {} already exists",
-                vm.name
-            )));
+            return Err(VmError::Exists { name: vm.name }.into());
         }
         let dir = self.vm_dir(&vm.name);
         // A directory without a VM is left from a create cut short.
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(Fault::io(&dir))?;
         let disk = self.vm_disk(&vm)?;
         let (state, kind, made) = match plan {
             DiskPlan::Overlay { base, .. } => (
@@ -226,7 +230,7 @@ impl Node {
                 EventKind::Created,
                 engine
                     .create_disk(base, &disk, vm.disk_mib)
-                    .map_err(disk_error),
+                    .map_err(NodeError::from),
             ),
             DiskPlan::Copy { .. } => (VmState::Creating, EventKind::Creating, Ok(())),
         };
@@ -262,16 +266,14 @@ impl Node {
         kind: EventKind,
         cause: &str,
     ) -> Result<quetzal_api::Event, NodeError> {
-        for _ in 0..8 {
+        for _ in 0..MAC_DRAWS {
             record.mac = random_mac()?;
             match self.store().insert_vm(record, kind, cause) {
                 Err(crate::store::StoreError::MacTaken(_)) => continue,
                 other => return Ok(other?),
             }
         }
-        Err(NodeError::Internal(
-            "no free MAC address after 8 random draws".to_owned(),
-        ))
+        Err(VmError::NoFreeMac { draws: MAC_DRAWS }.into())
     }
 
     /// Copies a `creating` VM's disk in an operation of `kind` that holds
@@ -285,49 +287,50 @@ impl Node {
     ) -> Result<Operation, NodeError> {
         let node = Arc::clone(self);
         let target = format!("/api/v1/vms/{}", pending.name);
-        self.start_operation(kind, target, true, move |progress| async move {
-            let _locks = locks;
-            let copied = {
-                let (from, keep_base, disk) = (
-                    pending.from.clone(),
-                    pending.keep_base.clone(),
-                    pending.disk.clone(),
-                );
-                let progress = progress.clone();
-                let engine = node.engine().clone();
-                tokio::task::spawn_blocking(move || {
-                    engine.copy_disk(&from, &keep_base, &disk, &mut |percent| {
-                        progress.set(percent);
-                        quetzal_engine::failpoint::stall_until("copy-stall", || {
-                            progress.cancelled()
-                        });
-                        !progress.cancelled()
+        self.operations
+            .start(kind, target, true, move |progress| async move {
+                let _locks = locks;
+                let copied = {
+                    let (from, keep_base, disk) = (
+                        pending.from.clone(),
+                        pending.keep_base.clone(),
+                        pending.disk.clone(),
+                    );
+                    let progress = progress.clone();
+                    let engine = node.engine().clone();
+                    tokio::task::spawn_blocking(move || {
+                        engine.copy_disk(&from, &keep_base, &disk, &mut |percent| {
+                            progress.set(percent);
+                            quetzal_engine::failpoint::stall_until("copy-stall", || {
+                                progress.cancelled()
+                            });
+                            !progress.cancelled()
+                        })
                     })
-                })
-                .await
-                .map_err(|e| NodeError::Internal(format!("the copy failed: {e}")))
-                .and_then(|copied| copied.map_err(disk_error))
-            };
-            let name = pending.name.as_str();
-            let done = copied.and_then(|()| {
-                node.change(
-                    name,
-                    crate::lifecycle::Cause::Copied,
-                    &Change {
-                        pid: None,
-                        started_at: None,
-                        restarts: 0,
-                        kind: EventKind::Created,
-                        cause: &cause,
-                    },
-                )
-            });
-            if let Err(err) = &done {
-                node.note(name, EventKind::CreateFailed, &err.to_string());
-                node.remove_vm_record(name, &pending.dir, "its disk could not be made");
-            }
-            done
-        })
+                    .await
+                    .map_err(|e| NodeError::from(Fault::task("the copy")(e)))
+                    .and_then(|copied| Ok(copied?))
+                };
+                let name = pending.name.as_str();
+                let done = copied.and_then(|()| {
+                    node.change(
+                        name,
+                        crate::lifecycle::Cause::Copied,
+                        &Change {
+                            pid: None,
+                            started_at: None,
+                            restarts: 0,
+                            kind: EventKind::Created,
+                            cause: &cause,
+                        },
+                    )
+                });
+                if let Err(err) = &done {
+                    node.note(name, EventKind::CreateFailed, &err.to_string());
+                    node.remove_vm_record(name, &pending.dir, "its disk could not be made");
+                }
+                done
+            })
     }
 
     /// Removes a VM that never became whole: its record and its directory.
@@ -355,17 +358,19 @@ pub(super) enum Made {
     Copy(PendingCopy),
 }
 
+/// How many random MAC addresses a new VM may draw before giving up.
+const MAC_DRAWS: u32 = 8;
+
 /// A random, locally administered unicast MAC address.
 fn random_mac() -> Result<String, NodeError> {
     let bytes = random_bytes::<6>()?;
     Ok(Mac::from_random(bytes).to_string())
 }
 
-pub(super) fn disk_error(err: DiskError) -> NodeError {
-    match err {
-        DiskError::NoSpace { .. } => NodeError::InsufficientStorage(err.to_string()),
-        DiskError::Cancelled { .. } => NodeError::Cancelled("cancelled by request".to_owned()),
-        other => NodeError::Internal(other.to_string()),
+/// A create request's name, cpus or memory that the spec refuses.
+fn invalid(err: impl std::fmt::Display) -> VmError {
+    VmError::Invalid {
+        reason: err.to_string(),
     }
 }
 

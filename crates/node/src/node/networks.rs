@@ -1,15 +1,18 @@
-//! Managed networks in the node's domain: the store's records, the
-//! rules (names, subnets, who uses what) and the addresses VMs got. The
-//! host side (bridges, dnsmasq, nftables) is [`crate::net`].
+//! Managed networks, a part of the node with its own state: the store's
+//! records, the rules (names, subnets, who uses what), the lock that
+//! orders network changes against VMs joining them, and the addresses VMs
+//! were leased. The host side (bridges, dnsmasq, nftables) is
+//! [`crate::net`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use quetzal_api::{CreateNetwork, Lease, Network, Vm};
 use quetzal_engine::spec::VmName;
 
-use super::{Node, NodeError};
+use super::NodeError;
+use super::core::Core;
+use super::error::{Fault, NetworkError};
 use crate::net::{HostNetworks, NetworkSpec, Subnet, subnet};
 use crate::store::{NetworkRecord, VmRecord};
 
@@ -17,8 +20,6 @@ use crate::store::{NetworkRecord, VmRecord};
 pub const DEFAULT_NETWORK: &str = "default";
 /// Not a network: QEMU's user-mode networking.
 pub const USER_NETWORK: &str = "user";
-/// How often the lease files are read for new addresses.
-const LEASE_POLL: Duration = Duration::from_secs(1);
 
 fn spec(record: &NetworkRecord) -> NetworkSpec {
     NetworkSpec {
@@ -28,16 +29,58 @@ fn spec(record: &NetworkRecord) -> NetworkSpec {
     }
 }
 
-impl Node {
+/// The node's managed networks.
+#[derive(Debug)]
+pub struct Networks {
+    core: Arc<Core>,
+    host: HostNetworks,
+    /// Serializes network changes, and a VM joining a network against
+    /// that network's deletion.
+    op: tokio::sync::Mutex<()>,
+    /// MAC to leased address, from the networks' lease files.
+    addresses: Mutex<HashMap<String, String>>,
+}
+
+impl Networks {
+    pub(super) fn new(core: Arc<Core>, host: HostNetworks) -> Self {
+        Networks {
+            core,
+            host,
+            op: tokio::sync::Mutex::default(),
+            addresses: Mutex::default(),
+        }
+    }
+
+    /// Holds network changes off: taken to choose a new VM's network and
+    /// record the VM on it (never through a disk copy).
+    pub(super) async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.op.lock().await
+    }
+
+    /// The TAP device of the VM with NIC number `nic`.
+    pub(super) fn tap(&self, nic: u32) -> String {
+        self.host.tap(nic)
+    }
+
+    /// Plugs a VM's TAP into its network's bridge.
+    pub(super) async fn plug(
+        &self,
+        tap: &str,
+        network: &NetworkSpec,
+    ) -> Result<(), crate::net::HostNetError> {
+        self.host.plug(tap, network).await
+    }
+
     /// At daemon start: makes the default network if the host can have
     /// one, and brings bridges, rules and dnsmasq up to the store's
     /// networks (after a restart they are reused, after a reboot remade).
-    pub(super) async fn bring_up_networks(&self) {
-        let _op = self.net_op.lock().await;
-        if self.host_net.available().is_err() {
+    pub(super) async fn bring_up(&self) {
+        let _op = self.op.lock().await;
+        if self.host.available().is_err() {
             return;
         }
         let has_default = self
+            .core
             .store()
             .networks()
             .is_ok_and(|nets| nets.iter().any(|n| n.name == DEFAULT_NETWORK));
@@ -53,71 +96,70 @@ impl Node {
     }
 
     async fn sync_host(&self) -> Result<(), NodeError> {
-        let specs: Vec<NetworkSpec> = self.store().networks()?.iter().map(spec).collect();
-        self.host_net
-            .ensure(&specs)
-            .await
-            .map_err(NodeError::Internal)
+        let specs: Vec<NetworkSpec> = self.core.store().networks()?.iter().map(spec).collect();
+        Ok(self.host.ensure(&specs).await.map_err(Fault::HostNetwork)?)
     }
 
-    pub async fn create_network(&self, request: CreateNetwork) -> Result<Network, NodeError> {
-        VmName::new(&request.name)
-            .map_err(|e| NodeError::Invalid(e.to_string().replace("VM name", "network name")))?;
+    pub async fn create(&self, request: CreateNetwork) -> Result<Network, NodeError> {
+        VmName::new(&request.name).map_err(|e| NetworkError::Invalid {
+            reason: e.to_string().replace("VM name", "network name"),
+        })?;
         if request.name == USER_NETWORK {
-            return Err(NodeError::Invalid(
-                "`user` names user-mode networking; pick another network name".to_owned(),
-            ));
+            return Err(NetworkError::UserIsReserved.into());
         }
         let subnet = request
             .subnet
             .as_deref()
             .map(str::parse::<Subnet>)
             .transpose()
-            .map_err(NodeError::Invalid)?;
-        self.host_net.available().map_err(|reason| {
-            NodeError::Conflict(format!("cannot create networks here: {reason}"))
-        })?;
-        let _op = self.net_op.lock().await;
+            .map_err(|reason| NetworkError::Invalid { reason })?;
+        self.host
+            .available()
+            .map_err(|reason| NetworkError::Unavailable { reason })?;
+        let _op = self.op.lock().await;
         let record = self.add_network(&request.name, subnet).await?;
-        Ok(self.network_view(&record, &self.store().list()?))
+        let vms = self.core.store().list()?;
+        Ok(self.view(&record, &vms))
     }
 
     /// Checks and records a network and brings it up; on failure nothing
-    /// of it is left. Called with `net_op` held.
+    /// of it is left. Called with `op` held.
     async fn add_network(
         &self,
         name: &str,
         subnet: Option<Subnet>,
     ) -> Result<NetworkRecord, NodeError> {
-        let existing = self.store().networks()?;
+        let existing = self.core.store().networks()?;
         if existing.iter().any(|n| n.name == name) {
-            return Err(NodeError::Conflict(format!(
-                "a network named {name} already exists"
-            )));
+            return Err(NetworkError::Exists {
+                name: name.to_owned(),
+            }
+            .into());
         }
         // Held until the bridge (and so its route) exists: another node
         // on this host then sees the subnet as taken.
-        let _host_lock = HostNetworks::subnet_lock().map_err(NodeError::Internal)?;
-        let routes = self
-            .host_net
-            .host_routes()
-            .await
-            .map_err(NodeError::Internal)?;
+        let _host_lock = HostNetworks::subnet_lock().map_err(Fault::HostNetwork)?;
+        let routes = self.host.host_routes().await.map_err(Fault::HostNetwork)?;
         let subnet = match subnet {
             Some(subnet) => {
                 if let Some(other) = existing.iter().find(|n| n.subnet.overlaps(subnet)) {
-                    return Err(NodeError::Conflict(format!(
-                        "{subnet} overlaps network {} ({})",
-                        other.name, other.subnet
-                    )));
+                    return Err(NetworkError::OverlapsNetwork {
+                        subnet: subnet.to_string(),
+                        other: other.name.clone(),
+                        other_subnet: other.subnet.to_string(),
+                    }
+                    .into());
                 }
                 if let Some((address, prefix, dev)) = routes
                     .iter()
                     .find(|(a, p, _)| subnet::overlaps_route(subnet, (*a, *p)))
                 {
-                    return Err(NodeError::Conflict(format!(
-                        "{subnet} overlaps the host's route to {address}/{prefix} on {dev}"
-                    )));
+                    return Err(NetworkError::OverlapsRoute {
+                        subnet: subnet.to_string(),
+                        route: format!("{address}/{prefix}"),
+                        device: dev.clone(),
+                    }
+                    .into());
                 }
                 subnet
             }
@@ -128,23 +170,17 @@ impl Node {
                         .iter()
                         .map(|n| (n.subnet.network(), n.subnet.prefix())),
                 );
-                subnet::pick(&taken).ok_or_else(|| {
-                    NodeError::Conflict("no free /24 left in 10.80.0.0-10.95.255.0".to_owned())
-                })?
+                subnet::pick(&taken).ok_or(NetworkError::NoFreeSubnet)?
             }
         };
-        let record = self
-            .store()
-            .insert_network(name, subnet)
-            .map_err(|e| match e {
-                crate::store::StoreError::Exists(name) => {
-                    NodeError::Conflict(format!("a network named {name} already exists"))
-                }
-                other => other.into(),
-            })?;
+        let inserted = self.core.store().insert_network(name, subnet);
+        let record = inserted.map_err(|e| match e {
+            crate::store::StoreError::Exists(name) => NetworkError::Exists { name }.into(),
+            other => NodeError::from(other),
+        })?;
         if let Err(err) = self.sync_host().await {
-            let _ = self.host_net.remove(&spec(&record)).await;
-            self.store().delete_network(name)?;
+            let _ = self.host.remove(&spec(&record)).await;
+            self.core.store().delete_network(name)?;
             let _ = self.sync_host().await;
             return Err(err);
         }
@@ -152,35 +188,38 @@ impl Node {
         Ok(record)
     }
 
-    pub fn networks(&self) -> Result<Vec<Network>, NodeError> {
-        let records = self.store().networks()?;
-        let vms = self.store().list()?;
-        Ok(records.iter().map(|r| self.network_view(r, &vms)).collect())
+    pub fn list(&self) -> Result<Vec<Network>, NodeError> {
+        let records = self.core.store().networks()?;
+        let vms = self.core.store().list()?;
+        Ok(records.iter().map(|r| self.view(r, &vms)).collect())
     }
 
-    pub fn network(&self, name: &str) -> Result<Network, NodeError> {
-        let record = self.network_record(name)?;
-        Ok(self.network_view(&record, &self.store().list()?))
+    pub fn get(&self, name: &str) -> Result<Network, NodeError> {
+        let record = self.record(name)?;
+        let vms = self.core.store().list()?;
+        Ok(self.view(&record, &vms))
     }
 
-    fn network_record(&self, name: &str) -> Result<NetworkRecord, NodeError> {
-        self.store()
-            .networks()?
-            .into_iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| NodeError::NotFound(format!("no network named {name}")))
+    fn record(&self, name: &str) -> Result<NetworkRecord, NetworkError> {
+        let networks = self.core.store().networks();
+        networks
+            .ok()
+            .and_then(|networks| networks.into_iter().find(|n| n.name == name))
+            .ok_or_else(|| NetworkError::NotFound {
+                name: name.to_owned(),
+            })
     }
 
     /// A network as the API shows it, with its VMs among `vms` and its
     /// leases matched to them by MAC.
-    fn network_view(&self, record: &NetworkRecord, vms: &[VmRecord]) -> Network {
+    fn view(&self, record: &NetworkRecord, vms: &[VmRecord]) -> Network {
         let vm_with_mac = |mac: &str| vms.iter().find(|r| r.mac == mac).map(|r| r.name.clone());
         let spec = spec(record);
         Network {
             name: record.name.clone(),
             subnet: record.subnet.to_string(),
             gateway: record.subnet.gateway().to_string(),
-            bridge: self.host_net.bridge(&spec),
+            bridge: self.host.bridge(&spec),
             created_at: record.created_at,
             vms: vms
                 .iter()
@@ -188,7 +227,7 @@ impl Node {
                 .map(|r| r.name.clone())
                 .collect(),
             leases: self
-                .host_net
+                .host
                 .leases(&spec)
                 .into_iter()
                 .map(|lease| Lease {
@@ -203,26 +242,25 @@ impl Node {
     }
 
     /// Deletes an unused network: its dnsmasq, bridge and rules go.
-    pub async fn delete_network(&self, name: &str) -> Result<(), NodeError> {
+    pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
         if name == DEFAULT_NETWORK {
-            return Err(NodeError::Conflict(
-                "the default network belongs to the node and cannot be deleted".to_owned(),
-            ));
+            return Err(NetworkError::DefaultIsTheNodes.into());
         }
-        let _op = self.net_op.lock().await;
-        let record = self.network_record(name)?;
-        let users = self.store().network_users(name)?;
+        let _op = self.op.lock().await;
+        let record = self.record(name)?;
+        let users = self.core.store().network_users(name)?;
         if !users.is_empty() {
-            return Err(NodeError::Conflict(format!(
-                "network {name} is in use by {}; delete those VMs first",
-                users.join(", ")
-            )));
+            return Err(NetworkError::InUse {
+                name: name.to_owned(),
+                users,
+            }
+            .into());
         }
-        self.host_net
+        self.host
             .remove(&spec(&record))
             .await
-            .map_err(NodeError::Internal)?;
-        self.store().delete_network(name)?;
+            .map_err(Fault::HostNetwork)?;
+        self.core.store().delete_network(name)?;
         self.sync_host().await?;
         tracing::info!(network = %name, "network deleted");
         Ok(())
@@ -230,11 +268,12 @@ impl Node {
 
     /// The network a new VM goes on: the one asked for (which must exist),
     /// else the default network where there is one, else user-mode.
-    pub(super) fn choose_network(&self, requested: Option<&str>) -> Result<String, NodeError> {
+    /// Called with [`Networks::hold`] held.
+    pub(super) fn choose(&self, requested: Option<&str>) -> Result<String, NetworkError> {
         match requested {
             Some(USER_NETWORK) => Ok(USER_NETWORK.to_owned()),
-            Some(name) => self.network_record(name).map(|r| r.name),
-            None => Ok(match self.network_record(DEFAULT_NETWORK) {
+            Some(name) => self.record(name).map(|r| r.name),
+            None => Ok(match self.record(DEFAULT_NETWORK) {
                 Ok(_) => DEFAULT_NETWORK.to_owned(),
                 Err(_) => USER_NETWORK.to_owned(),
             }),
@@ -242,20 +281,21 @@ impl Node {
     }
 
     /// The managed network a VM's NIC is plugged into, if any.
-    pub(super) fn vm_network(&self, vm: &VmRecord) -> Result<Option<NetworkSpec>, String> {
+    pub(super) fn of_vm(&self, vm: &VmRecord) -> Result<Option<NetworkSpec>, NetworkError> {
         if vm.network == USER_NETWORK {
             return Ok(None);
         }
-        self.host_net
+        self.host
             .available()
-            .map_err(|reason| format!("network {} is not available: {reason}", vm.network))?;
-        self.network_record(&vm.network)
-            .map(|r| Some(spec(&r)))
-            .map_err(|e| e.to_string())
+            .map_err(|reason| NetworkError::NotAvailable {
+                name: vm.network.clone(),
+                reason,
+            })?;
+        self.record(&vm.network).map(|r| Some(spec(&r)))
     }
 
     /// Fills in the addresses a VM was leased.
-    pub(super) fn with_addresses(&self, mut vm: Vm) -> Vm {
+    pub fn with_addresses(&self, mut vm: Vm) -> Vm {
         if vm.network != USER_NETWORK {
             vm.addresses = self
                 .addresses
@@ -269,30 +309,15 @@ impl Node {
         vm
     }
 
-    /// Reads the lease files every second (after a first read at start).
-    pub(super) fn watch_leases(self: &Arc<Self>) {
-        let node = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let Some(node) = node.upgrade() else {
-                    return;
-                };
-                node.read_leases(true);
-                drop(node);
-                tokio::time::sleep(LEASE_POLL).await;
-            }
-        });
-    }
-
-    /// Learns the addresses in the lease files; with `announce`, a VM
-    /// whose address changed gets an `address` event.
-    pub(super) fn read_leases(&self, announce: bool) {
-        let Ok(records) = self.store().networks() else {
-            return;
+    /// Learns the addresses in the lease files, and which VMs' changed:
+    /// each with the cause of its `address` event.
+    pub(super) fn read_leases(&self) -> Vec<(String, String)> {
+        let Ok(records) = self.core.store().networks() else {
+            return Vec::new();
         };
         let mut now: HashMap<String, String> = HashMap::new();
         for record in &records {
-            for lease in self.host_net.leases(&spec(record)) {
+            for lease in self.host.leases(&spec(record)) {
                 now.insert(lease.mac, lease.address);
             }
         }
@@ -309,17 +334,19 @@ impl Node {
             *known = now;
             changed
         };
-        if changed.is_empty() || !announce {
-            return;
+        if changed.is_empty() {
+            return Vec::new();
         }
-        let Ok(vms) = self.store().list() else {
-            return;
+        let Ok(vms) = self.core.store().list() else {
+            return Vec::new();
         };
-        for (mac, address) in changed {
-            if let Some(record) = vms.iter().find(|r| r.mac == mac) {
+        changed
+            .into_iter()
+            .filter_map(|(mac, address)| {
+                let record = vms.iter().find(|r| r.mac == mac)?;
                 let cause = format!("DHCP on network {} gave it {address}", record.network);
-                self.note_from_guest(&record.name, quetzal_api::EventKind::Address, &cause);
-            }
-        }
+                Some((record.name.clone(), cause))
+            })
+            .collect()
     }
 }

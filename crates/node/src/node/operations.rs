@@ -8,10 +8,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use quetzal_api::{ErrorDetail, Operation, OperationKind, OperationState};
+use quetzal_api::{Operation, OperationKind, OperationState};
 use tokio::sync::watch;
 
-use super::{Node, NodeError, Published, now_millis, random_hex};
+use super::core::Core;
+use super::error::{ErrorKind, Fault, OperationError};
+use super::{NodeError, Published, now_millis, random_hex};
+use crate::store::{Failure, OperationRecord};
 
 /// How many operations a listing shows.
 const LIST_LIMIT: u32 = 200;
@@ -20,7 +23,7 @@ const PROGRESS_STEP: u8 = 5;
 
 /// The operations running in this daemon: how to cancel each.
 #[derive(Debug, Default)]
-pub(super) struct Running {
+struct Running {
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
 }
 
@@ -49,23 +52,12 @@ impl Running {
 
 /// What an operation's work gets: a way to report progress and to learn
 /// that it was cancelled.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Progress {
-    node: Arc<Node>,
+    core: Arc<Core>,
     id: String,
     cancel: watch::Receiver<bool>,
     last: Arc<Mutex<u8>>,
-}
-
-impl Clone for Progress {
-    fn clone(&self) -> Self {
-        Progress {
-            node: Arc::clone(&self.node),
-            id: self.id.clone(),
-            cancel: self.cancel.clone(),
-            last: Arc::clone(&self.last),
-        }
-    }
 }
 
 impl Progress {
@@ -81,8 +73,7 @@ impl Progress {
             }
             *last = percent;
         }
-        self.node
-            .update_operation(&self.id, |op| op.progress = percent);
+        update(&self.core, &self.id, |op| op.progress = percent);
     }
 
     /// Whether a user asked to stop it.
@@ -91,12 +82,27 @@ impl Progress {
     }
 }
 
-impl Node {
+/// The node's operations: those stored, and how to cancel those running.
+#[derive(Debug)]
+pub struct Operations {
+    core: Arc<Core>,
+    running: Arc<Running>,
+}
+
+impl Operations {
+    pub(super) fn new(core: Arc<Core>) -> Self {
+        Operations {
+            core,
+            running: Arc::default(),
+        }
+    }
+
     /// Starts `work` as an operation on `target` (an API path) and returns
     /// it, running. `work` runs in its own task; what it returns ends the
-    /// operation (a [`NodeError::Cancelled`] as `cancelled`).
-    pub(super) fn start_operation<F, Fut>(
-        self: &Arc<Self>,
+    /// operation (an error of kind [`ErrorKind::Cancelled`] as
+    /// `cancelled`).
+    pub(super) fn start<F, Fut>(
+        &self,
         kind: OperationKind,
         target: String,
         cancellable: bool,
@@ -106,7 +112,7 @@ impl Node {
         F: FnOnce(Progress) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), NodeError>> + Send + 'static,
     {
-        let op = Operation {
+        let op = OperationRecord {
             id: random_hex(8)?,
             kind,
             target,
@@ -117,28 +123,28 @@ impl Node {
             started_at: now_millis(),
             finished_at: None,
         };
-        self.store().insert_operation(&op)?;
+        self.core.store().insert_operation(&op)?;
         let (cancel_tx, cancel) = watch::channel(false);
         self.running.insert(&op.id, cancel_tx);
         let progress = Progress {
-            node: Arc::clone(self),
+            core: Arc::clone(&self.core),
             id: op.id.clone(),
             cancel,
             last: Arc::default(),
         };
         tracing::info!(operation = %op.id, kind = op.kind.as_str(), target = %op.target, "operation started");
-        self.publish(Published::Operation(op.clone()));
-        let node = Arc::clone(self);
+        self.core.publish(Published::Operation(op.to_api()));
+        let (core, running) = (Arc::clone(&self.core), Arc::clone(&self.running));
         let id = op.id.clone();
         tokio::spawn(async move {
             // Its own task, so that a panic in the work still ends the
             // operation (as failed) instead of leaving it running.
             let result = match tokio::spawn(work(progress)).await {
                 Ok(result) => result,
-                Err(err) => Err(NodeError::Internal(format!("the operation failed: {err}"))),
+                Err(err) => Err(Fault::task("the operation")(err).into()),
             };
-            node.running.remove(&id);
-            node.update_operation(&id, |op| {
+            running.remove(&id);
+            update(&core, &id, |op| {
                 op.finished_at = Some(now_millis());
                 match &result {
                     Ok(()) => {
@@ -146,11 +152,11 @@ impl Node {
                         op.progress = 100;
                     }
                     Err(err) => {
-                        op.state = match err {
-                            NodeError::Cancelled(_) => OperationState::Cancelled,
+                        op.state = match err.kind() {
+                            ErrorKind::Cancelled => OperationState::Cancelled,
                             _ => OperationState::Failed,
                         };
-                        op.error = Some(ErrorDetail {
+                        op.error = Some(Failure {
                             code: err.code().to_owned(),
                             message: err.to_string(),
                         });
@@ -158,65 +164,62 @@ impl Node {
                 }
             });
         });
-        Ok(op)
-    }
-
-    /// Changes a stored operation and publishes it.
-    fn update_operation(&self, id: &str, change: impl FnOnce(&mut Operation)) {
-        let updated = {
-            let mut store = self.store();
-            store.operation(id).and_then(|op| {
-                let Some(mut op) = op else { return Ok(None) };
-                change(&mut op);
-                store.update_operation(&op).map(|()| Some(op))
-            })
-        };
-        match updated {
-            Ok(Some(op)) => {
-                if op.state.is_finished() {
-                    tracing::info!(operation = %op.id, state = op.state.as_str(), "operation ended");
-                }
-                self.publish(Published::Operation(op));
-            }
-            Ok(None) => {}
-            Err(err) => {
-                tracing::warn!(operation = %id, error = %err, "cannot record the operation")
-            }
-        }
+        Ok(op.to_api())
     }
 
     /// The newest operations, newest first.
-    pub fn operations(&self) -> Result<Vec<Operation>, NodeError> {
-        Ok(self.store().operations(LIST_LIMIT)?)
+    pub fn list(&self) -> Result<Vec<Operation>, NodeError> {
+        let records = self.core.store().operations(LIST_LIMIT)?;
+        Ok(records.iter().map(OperationRecord::to_api).collect())
     }
 
-    pub fn operation(&self, id: &str) -> Result<Operation, NodeError> {
-        self.store()
-            .operation(id)?
-            .ok_or_else(|| NodeError::NotFound(format!("no operation with id {id}")))
+    pub fn get(&self, id: &str) -> Result<Operation, NodeError> {
+        let found = self.core.store().operation(id)?;
+        let record = found.ok_or_else(|| OperationError::NotFound { id: id.to_owned() })?;
+        Ok(record.to_api())
     }
 
     /// Asks a running, cancellable operation to stop. It ends `cancelled`
     /// once its work has undone what it made.
-    pub fn cancel_operation(&self, id: &str) -> Result<Operation, NodeError> {
-        let op = self.operation(id)?;
+    pub fn cancel(&self, id: &str) -> Result<Operation, NodeError> {
+        let op = self.get(id)?;
         if op.state.is_finished() {
-            return Err(NodeError::Conflict(format!(
-                "operation {id} has already {}",
-                op.state.as_str()
-            )));
+            return Err(OperationError::Finished {
+                id: op.id,
+                state: op.state,
+            }
+            .into());
         }
         if !op.cancellable {
-            return Err(NodeError::Conflict(format!(
-                "a {} operation cannot be cancelled",
-                op.kind.as_str()
-            )));
+            return Err(OperationError::NotCancellable { kind: op.kind }.into());
         }
         if !self.running.cancel(id) {
-            return Err(NodeError::Conflict(format!(
-                "operation {id} is ending already"
-            )));
+            return Err(OperationError::Ending { id: op.id }.into());
         }
-        self.operation(id)
+        self.get(id)
+    }
+}
+
+/// Changes a stored operation and publishes it.
+fn update(core: &Core, id: &str, change: impl FnOnce(&mut OperationRecord)) {
+    let updated = {
+        let mut store = core.store();
+        store.operation(id).and_then(|op| {
+            let Some(mut op) = op else { return Ok(None) };
+            change(&mut op);
+            store.update_operation(&op).map(|()| Some(op))
+        })
+    };
+    match updated {
+        Ok(Some(op)) => {
+            if op.state.is_finished() {
+                tracing::info!(operation = %op.id, state = op.state.as_str(), "operation ended");
+            }
+            core.publish(Published::Operation(op.to_api()));
+        }
+        Ok(None) => {}
+        Err(err) => {
+            tracing::warn!(operation = %id, error = %err, "cannot record the operation")
+        }
     }
 }

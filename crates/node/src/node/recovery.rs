@@ -12,6 +12,7 @@ use quetzal_api::VmState;
 use crate::store::VmRecord;
 use quetzal_engine::{EngineVm, SnapshotAction};
 
+use super::error::Fault;
 use super::{Node, NodeError, Published, down};
 use crate::lifecycle::Cause;
 use crate::store::Change;
@@ -23,7 +24,7 @@ impl Node {
         let interrupted = self.store().fail_interrupted_operations()?;
         for op in interrupted {
             tracing::warn!(operation = %op.id, kind = op.kind.as_str(), target = %op.target, "operation interrupted by a daemon restart");
-            self.publish(Published::Operation(op));
+            self.publish(Published::Operation(op.to_api()));
         }
         self.remove_half_made()?;
         self.reattach().await
@@ -104,8 +105,7 @@ impl Node {
         let (reader, path) = (engine.clone(), disk.clone());
         let on_disk = tokio::task::spawn_blocking(move || reader.disk_snapshots(&path))
             .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+            .map_err(Fault::task("reading the disk's snapshots"))??;
         let (stored, _) = self.store().snapshots(name)?;
         for tag in on_disk
             .iter()
@@ -117,9 +117,7 @@ impl Node {
                     live.call(Command::Snapshot(SnapshotJob::Delete, tag.clone()))
                         .await?
                 }
-                None => engine
-                    .snapshot_disk(&disk, SnapshotAction::Delete, tag)
-                    .map_err(|e| NodeError::Internal(e.to_string()))?,
+                None => engine.snapshot_disk(&disk, SnapshotAction::Delete, tag)?,
             }
         }
         for snapshot in stored.iter().filter(|s| !on_disk.contains(&s.name)) {

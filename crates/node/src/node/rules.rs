@@ -13,7 +13,7 @@ use quetzal_engine::memory::MemoryEngine;
 use quetzal_engine::{AnyEngine, Engines, VmEvent};
 use tokio::sync::broadcast;
 
-use super::{Created, Node, NodeError, Published};
+use super::{Created, ErrorKind, Node, NodeError, Published};
 use crate::net::HostNetworks;
 
 /// A data directory with a stand-in `tiny` image (stub files: the
@@ -62,6 +62,14 @@ async fn node(data: &Path, engine: &MemoryEngine) -> Arc<Node> {
     )
     .await
     .unwrap()
+}
+
+/// The message of a refusal that must be a conflict (409).
+fn conflict<T: std::fmt::Debug>(result: Result<T, NodeError>) -> String {
+    match result {
+        Err(err) if err.kind() == ErrorKind::Conflict => err.to_string(),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
 }
 
 fn request(name: &str) -> CreateVm {
@@ -145,12 +153,12 @@ fn what_the_state_machine_refuses_is_a_conflict_that_changes_nothing() {
         let resume = node.resume("web").await;
         let stop = node.stop("web", Duration::from_secs(1)).await;
 
-        assert!(matches!(&resume, Err(NodeError::Conflict(m)) if m == "cannot resume a VM that is stopped"), "{resume:?}");
-        assert!(matches!(stop, Err(NodeError::Conflict(_))));
+        assert_eq!(conflict(resume), "cannot resume a VM that is stopped");
+        conflict(stop);
         assert_eq!(node.get("web").unwrap().state, VmState::Stopped);
         node.start("web").await.unwrap();
         let delete = node.delete("web", false).await;
-        assert!(matches!(&delete, Err(NodeError::Conflict(m)) if m.ends_with("stop it first")), "{delete:?}");
+        assert!(conflict(delete).ends_with("stop it first"));
     });
 }
 
@@ -175,8 +183,7 @@ fn a_vm_goes_to_the_engine_that_made_it_and_one_the_node_lacks_is_refused() {
         let start = node.start("web").await;
 
         assert!(
-            matches!(&start, Err(NodeError::Conflict(m)) if m.contains("runs on the memory engine, which this node does not have")),
-            "{start:?}"
+            conflict(start).contains("runs on the memory engine, which this node does not have")
         );
         let vm = node.get("web").unwrap();
         assert_eq!((vm.state, vm.engine.as_str()), (VmState::Stopped, "memory"));
@@ -322,7 +329,7 @@ async fn wait_operation(node: &Node, id: &str) -> quetzal_api::Operation {
     let mut events = node.subscribe();
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let op = node.operation(id).unwrap();
+            let op = node.operations().get(id).unwrap();
             if op.state != OperationState::Running {
                 return op;
             }

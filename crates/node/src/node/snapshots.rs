@@ -8,29 +8,39 @@ use quetzal_engine::{AnyEngine, Engine};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use quetzal_api::{
-    CreateSnapshot, EventKind, Operation, OperationKind, Snapshot, SnapshotList, VmState,
-};
+use quetzal_api::{CreateSnapshot, EventKind, Operation, OperationKind, SnapshotList, VmState};
 use quetzal_engine::SnapshotAction;
 use quetzal_engine::spec::VmName;
 
+use super::error::{Fault, SnapshotError, VmError};
 use super::{Node, NodeError, now_millis};
-use crate::store::VmRecord;
+use crate::store::{SnapshotRecord, VmRecord};
+use crate::supervisor::CallError;
 use crate::supervisor::{Command, Live, SnapshotJob};
 
 impl Node {
     pub fn snapshots(&self, vm: &str) -> Result<SnapshotList, NodeError> {
         self.record(vm)?;
         let (snapshots, current) = self.store().snapshots(vm)?;
-        Ok(SnapshotList { snapshots, current })
+        Ok(SnapshotList {
+            snapshots: snapshots.iter().map(SnapshotRecord::to_api).collect(),
+            current,
+        })
     }
 
-    fn snapshot(&self, vm: &str, name: &str) -> Result<Snapshot, NodeError> {
-        self.snapshots(vm)?
-            .snapshots
+    fn snapshot(&self, vm: &str, name: &str) -> Result<SnapshotRecord, NodeError> {
+        self.record(vm)?;
+        let (snapshots, _) = self.store().snapshots(vm)?;
+        snapshots
             .into_iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| NodeError::NotFound(format!("VM {vm} has no snapshot named {name}")))
+            .ok_or_else(|| {
+                SnapshotError::NotFound {
+                    vm: vm.to_owned(),
+                    name: name.to_owned(),
+                }
+                .into()
+            })
     }
 
     /// Takes a snapshot, as an operation: with memory while the VM runs or
@@ -40,23 +50,26 @@ impl Node {
         vm: &str,
         request: CreateSnapshot,
     ) -> Result<Operation, NodeError> {
-        let name = VmName::new(&request.name)
-            .map_err(|e| NodeError::Invalid(e.to_string().replace("VM name", "snapshot name")))?;
+        let name = VmName::new(&request.name).map_err(|e| SnapshotError::InvalidName {
+            reason: e.to_string().replace("VM name", "snapshot name"),
+        })?;
         let slot = self.slot(vm);
         let lock = slot.lock().await;
         let record = self.record(vm)?;
         let (existing, current) = self.store().snapshots(vm)?;
         if existing.iter().any(|s| s.name == name.as_str()) {
-            return Err(NodeError::Conflict(format!(
-                "VM {vm} already has a snapshot named {name}"
-            )));
+            return Err(SnapshotError::Exists {
+                vm: vm.to_owned(),
+                name: name.to_string(),
+            }
+            .into());
         }
         let how = self.snapshot_target(&slot, &record, "snapshot")?;
         let node = Arc::clone(self);
         let vm = vm.to_owned();
         let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
         let release = self.vm_dir(&vm).join("failpoint-release");
-        self.start_operation(
+        self.operations.start(
             OperationKind::SnapshotCreate,
             target,
             false,
@@ -68,13 +81,13 @@ impl Node {
                     On::Live(live) => live
                         .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
                         .await
-                        .map_err(snapshot_failed)?,
+                        .map_err(failed(&vm))?,
                     On::Disk(engine, disk) => {
                         run_offline(engine, disk, SnapshotAction::Create, name.to_string()).await?
                     }
                 }
                 quetzal_engine::failpoint::crash("snapshot-taken");
-                let snapshot = Snapshot {
+                let snapshot = SnapshotRecord {
                     vm: vm.clone(),
                     name: name.to_string(),
                     created_at: now_millis(),
@@ -102,20 +115,21 @@ impl Node {
         &self,
         slot: &super::Slot,
         vm: &VmRecord,
-        what: &str,
+        action: &'static str,
     ) -> Result<On, NodeError> {
         match vm.state {
-            VmState::Running | VmState::Paused => slot
-                .live()
-                .map(On::Live)
-                .ok_or_else(|| NodeError::Conflict(format!("VM {} is not running", vm.name))),
+            VmState::Running | VmState::Paused => {
+                Ok(slot
+                    .live()
+                    .map(On::Live)
+                    .ok_or_else(|| VmError::NotRunning {
+                        name: vm.name.clone(),
+                    })?)
+            }
             VmState::Stopped | VmState::Crashed => {
                 Ok(On::Disk(self.engine_of(vm)?.clone(), self.vm_disk(vm)?))
             }
-            other => Err(NodeError::Conflict(format!(
-                "cannot {what} a VM that is {}",
-                other.as_str()
-            ))),
+            state => Err(SnapshotError::Refused { action, state }.into()),
         }
     }
 
@@ -134,14 +148,16 @@ impl Node {
         let snapshot = self.snapshot(vm, name)?;
         let how = self.snapshot_target(&slot, &record, "revert")?;
         if matches!(how, On::Live(_)) && !snapshot.with_memory {
-            return Err(NodeError::Conflict(format!(
-                "snapshot {name} has no memory state (it was taken while {vm} was stopped); stop the VM to revert to it"
-            )));
+            return Err(SnapshotError::NoMemory {
+                vm: vm.to_owned(),
+                name: name.to_owned(),
+            }
+            .into());
         }
         let node = Arc::clone(self);
         let (vm, name) = (vm.to_owned(), name.to_owned());
         let target = format!("/api/v1/vms/{vm}");
-        self.start_operation(
+        self.operations.start(
             OperationKind::SnapshotRevert,
             target,
             false,
@@ -152,7 +168,7 @@ impl Node {
                     On::Live(live) => {
                         live.call(Command::Snapshot(SnapshotJob::Load, name.clone()))
                             .await
-                            .map_err(snapshot_failed)?;
+                            .map_err(failed(&vm))?;
                         if record.state == VmState::Running {
                             live.call(Command::Resume).await?;
                         }
@@ -187,7 +203,7 @@ impl Node {
         let node = Arc::clone(self);
         let (vm, name) = (vm.to_owned(), name.to_owned());
         let target = format!("/api/v1/vms/{vm}/snapshots/{name}");
-        self.start_operation(
+        self.operations.start(
             OperationKind::SnapshotDelete,
             target,
             false,
@@ -197,7 +213,7 @@ impl Node {
                     On::Live(live) => live
                         .call(Command::Snapshot(SnapshotJob::Delete, name.clone()))
                         .await
-                        .map_err(snapshot_failed)?,
+                        .map_err(failed(&vm))?,
                     On::Disk(engine, disk) => {
                         run_offline(engine, disk, SnapshotAction::Delete, name.clone()).await?
                     }
@@ -230,16 +246,16 @@ async fn run_offline(
     action: SnapshotAction,
     tag: String,
 ) -> Result<(), NodeError> {
-    tokio::task::spawn_blocking(move || engine.snapshot_disk(&disk, action, &tag))
+    let done = tokio::task::spawn_blocking(move || engine.snapshot_disk(&disk, action, &tag))
         .await
-        .map_err(|e| NodeError::Internal(e.to_string()))?
-        .map_err(super::create::disk_error)
+        .map_err(Fault::task("the snapshot job"))?;
+    Ok(done?)
 }
 
-/// A failed snapshot job: out of space is its own kind (507).
-fn snapshot_failed(err: crate::supervisor::CallError) -> NodeError {
-    match NodeError::from(err) {
-        NodeError::Internal(message) => NodeError::Internal(format!("snapshot failed: {message}")),
-        other => other,
+/// A failed snapshot job of VM `vm` (out of space is its own kind, 507).
+fn failed(vm: &str) -> impl FnOnce(CallError) -> SnapshotError + '_ {
+    move |source| SnapshotError::Failed {
+        vm: vm.to_owned(),
+        source,
     }
 }

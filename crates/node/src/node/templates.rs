@@ -13,9 +13,10 @@ use quetzal_engine::spec::VmName;
 use quetzal_image::{Image, ImageError};
 
 use super::create::Made;
+use super::error::{Fault, TemplateError, VmError};
 use super::{Node, NodeError, Published, now_millis};
-use crate::store::TemplateRecord;
 use crate::store::VmRecord;
+use crate::store::{StoreError, TemplateRecord};
 
 /// How a new VM's disk is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,9 +78,9 @@ impl Node {
                 .unwrap_or(quetzal_image::DEFAULT_IMAGE);
             let image = self.images.get(name).map_err(|err| match err {
                 ImageError::Unknown { .. } | ImageError::NotBuilt { .. } => {
-                    NodeError::Invalid(err.to_string())
+                    NodeError::from(TemplateError::Image(err))
                 }
-                other => NodeError::Internal(other.to_string()),
+                other => Fault::Image(other).into(),
             })?;
             return Ok(DiskSource {
                 base_mib: self.disk_mib(&image.root_disk())?,
@@ -91,16 +92,10 @@ impl Node {
             });
         };
         if request.image.is_some() {
-            return Err(NodeError::Invalid(
-                "give either image or template, not both".to_owned(),
-            ));
+            return Err(TemplateError::ImageAndTemplate.into());
         }
-        let record = self
-            .store()
-            .template(template)?
-            .ok_or_else(|| NodeError::NotFound(format!("no template named {template}")))?;
-        let image =
-            Image::open(&record.image_dir).map_err(|e| NodeError::Internal(e.to_string()))?;
+        let record = self.template_record(template)?;
+        let image = Image::open(&record.image_dir).map_err(Fault::Image)?;
         let disk = self.template_disk(template);
         let plan = if request.full_clone {
             DiskPlan::Copy {
@@ -142,11 +137,15 @@ impl Node {
     }
 
     pub fn template(&self, name: &str) -> Result<Template, NodeError> {
-        let record = self
-            .store()
-            .template(name)?
-            .ok_or_else(|| NodeError::NotFound(format!("no template named {name}")))?;
+        let record = self.template_record(name)?;
         self.template_view(record)
+    }
+
+    fn template_record(&self, name: &str) -> Result<TemplateRecord, NodeError> {
+        let found = self.store().template(name)?;
+        Ok(found.ok_or_else(|| TemplateError::NotFound {
+            name: name.to_owned(),
+        })?)
     }
 
     /// Turns a stopped VM into a template: its disk moves to
@@ -156,31 +155,35 @@ impl Node {
         self: &Arc<Self>,
         request: CreateTemplate,
     ) -> Result<Operation, NodeError> {
-        let name = VmName::new(&request.name)
-            .map_err(|e| NodeError::Invalid(e.to_string().replace("VM name", "template name")))?;
+        let name = VmName::new(&request.name).map_err(|e| TemplateError::InvalidName {
+            reason: e.to_string().replace("VM name", "template name"),
+        })?;
         let slot = self.slot(&request.from_vm);
         let lock = slot.lock().await;
         let record = self.record(&request.from_vm)?;
         if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
-            return Err(NodeError::Conflict(format!(
-                "cannot make a template of a VM that is {}; stop it first",
-                record.state.as_str()
-            )));
+            return Err(TemplateError::NotStopped {
+                action: "make a template of",
+                state: record.state,
+            }
+            .into());
         }
         if let Some(template) = &record.linked_to {
-            return Err(NodeError::Conflict(format!(
-                "VM {} is a linked clone of template {template}; make a full clone of it first",
-                record.name
-            )));
+            return Err(TemplateError::LinkedClone {
+                vm: record.name.clone(),
+                template: template.clone(),
+            }
+            .into());
         }
         if self.store().template(name.as_str())?.is_some() {
-            return Err(NodeError::Conflict(format!(
-                "a template named {name} already exists"
-            )));
+            return Err(TemplateError::Exists {
+                name: name.to_string(),
+            }
+            .into());
         }
         let node = Arc::clone(self);
         let target = format!("/api/v1/templates/{name}");
-        self.start_operation(
+        self.operations.start(
             OperationKind::CreateTemplate,
             target,
             false,
@@ -205,14 +208,14 @@ impl Node {
         let linked = std::fs::create_dir_all(&dir)
             // A hard link: until the store says otherwise, the VM keeps its disk.
             .and_then(|()| std::fs::hard_link(&vm_disk, &disk))
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", disk.display())));
+            .map_err(|e| NodeError::from(Fault::io(&disk)(e)));
         let hashed = match linked {
             Ok(()) => {
-                let disk = disk.clone();
-                tokio::task::spawn_blocking(move || quetzal_image::sha256_file(&disk))
+                let path = disk.clone();
+                tokio::task::spawn_blocking(move || quetzal_image::sha256_file(&path))
                     .await
-                    .map_err(|e| NodeError::Internal(e.to_string()))
-                    .and_then(|hashed| hashed.map_err(|e| NodeError::Internal(e.to_string())))
+                    .map_err(|e| NodeError::from(Fault::task("hashing the disk")(e)))
+                    .and_then(|hashed| hashed.map_err(|e| Fault::Image(e).into()))
             }
             Err(err) => Err(err),
         };
@@ -235,11 +238,15 @@ impl Node {
             created_at: now_millis(),
             disk_sha256: sha256,
         };
-        let event = match self.store().templatize(&template) {
+        let templatized = self.store().templatize(&template);
+        let event = match templatized {
             Ok(event) => event,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(err.into());
+                return Err(match err {
+                    StoreError::Exists(name) => TemplateError::Exists { name }.into(),
+                    other => other.into(),
+                });
             }
         };
         quetzal_engine::failpoint::crash("template-recorded");
@@ -256,10 +263,11 @@ impl Node {
     pub async fn delete_template(&self, name: &str) -> Result<(), NodeError> {
         let template = self.template(name)?;
         if !template.linked_clones.is_empty() {
-            return Err(NodeError::Conflict(format!(
-                "template {name} has linked clones: {}; delete them first (full clones do not count)",
-                template.linked_clones.join(", ")
-            )));
+            return Err(TemplateError::HasLinkedClones {
+                name: name.to_owned(),
+                clones: template.linked_clones,
+            }
+            .into());
         }
         self.store().delete_template(name)?;
         let dir = self.templates_dir().join(name);
@@ -277,11 +285,14 @@ impl Node {
         source: &str,
         request: CloneVm,
     ) -> Result<Operation, NodeError> {
-        let name = VmName::new(&request.name).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let name = VmName::new(&request.name).map_err(|e| VmError::Invalid {
+            reason: e.to_string(),
+        })?;
         if name.as_str() == source {
-            return Err(NodeError::Conflict(format!(
-                "a VM named {source} already exists"
-            )));
+            return Err(VmError::Exists {
+                name: source.to_owned(),
+            }
+            .into());
         }
         // Both locks, in name order: two clones in opposite directions
         // cannot wait on each other.
@@ -293,15 +304,16 @@ impl Node {
         let locks = vec![first.lock().await, second.lock().await];
         let record = self.record(source)?;
         if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
-            return Err(NodeError::Conflict(format!(
-                "cannot clone a VM that is {}; stop it first",
-                record.state.as_str()
-            )));
+            return Err(TemplateError::NotStopped {
+                action: "clone",
+                state: record.state,
+            }
+            .into());
         }
         let keep_base = match &record.linked_to {
             Some(template) => self.template_disk(template),
             None => Image::open(&record.image_dir)
-                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .map_err(Fault::Image)?
                 .root_disk(),
         };
         let plan = DiskPlan::Copy {
@@ -324,16 +336,14 @@ impl Node {
         };
         let cause = format!("cloned from {source}");
         let made = {
-            let _net = self.net_op.lock().await;
+            let _net = self.networks.hold().await;
             self.make_vm(vm, &plan, &cause)?
         };
         match made {
             Made::Copy(pending) => {
                 self.copy_in_operation(OperationKind::CloneVm, pending, locks, cause)
             }
-            Made::Done(_) => Err(NodeError::Internal(
-                "a clone of a VM is always a copy".to_owned(),
-            )),
+            Made::Done(_) => Err(Fault::Broken("a clone of a VM is always a copy").into()),
         }
     }
 }

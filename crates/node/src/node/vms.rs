@@ -14,6 +14,7 @@ use quetzal_engine::spec::{
 use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
 
+use super::error::{Fault, VmError};
 use super::{Node, NodeError, QUIT_TIMEOUT, Slot, append, backoff, down, now_millis};
 use crate::lifecycle::Cause;
 use crate::store::{Change, VmRecord};
@@ -88,9 +89,9 @@ impl Node {
         let _op = slot.lock().await;
         let record = self.record(name)?;
         Self::allowed(&record, action)?;
-        let live = slot
-            .live()
-            .ok_or_else(|| NodeError::Conflict(format!("VM {name} is not running")))?;
+        let live = slot.live().ok_or_else(|| VmError::NotRunning {
+            name: name.to_owned(),
+        })?;
         let (command, kind, cause) = match action {
             Cause::Pause => (Command::Pause, EventKind::Paused, "pause requested"),
             _ => (Command::Resume, EventKind::Resumed, "resume requested"),
@@ -204,7 +205,11 @@ impl Node {
                         cause: &reason,
                     },
                 )?;
-                Err(NodeError::Internal(reason))
+                Err(VmError::Boot {
+                    name: name.to_owned(),
+                    source: Box::new(err),
+                }
+                .into())
             }
         }
     }
@@ -215,35 +220,31 @@ impl Node {
         &self,
         record: &VmRecord,
         load_snapshot: Option<&str>,
-    ) -> Result<(AnyVm, tokio::net::UnixStream), String> {
+    ) -> Result<(AnyVm, tokio::net::UnixStream), NodeError> {
         let vm = record;
-        let engine = self.engine_of(vm).map_err(|e| e.to_string())?;
-        let image = Image::open(&record.image_dir).map_err(|e| e.to_string())?;
-        let network = self.vm_network(vm)?;
+        let engine = self.engine_of(vm)?;
+        let image = Image::open(&record.image_dir).map_err(Fault::Image)?;
+        let network = self.networks.of_vm(vm)?;
         if record.nic > 0x00ff_ffff {
-            return Err(format!(
-                "NIC number {} is beyond what TAP names can hold",
-                record.nic
-            ));
+            return Err(VmError::NicBeyondTaps { nic: record.nic }.into());
         }
-        let tap = self.host_net.tap(record.nic);
+        let tap = self.networks.tap(record.nic);
         let dir = self.vm_dir(&vm.name);
         let spec = VmSpec {
-            name: VmName::new(&vm.name).map_err(|e| e.to_string())?,
-            cpus: Cpus::new(vm.cpus).map_err(|e| e.to_string())?,
-            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib)
-                .map_err(|e| e.to_string())?,
+            name: VmName::new(&vm.name).map_err(Fault::Spec)?,
+            cpus: Cpus::new(vm.cpus).map_err(Fault::Spec)?,
+            memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib).map_err(Fault::Spec)?,
             machine: Machine::Pc,
             accel: self.accel,
             boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
-                .map_err(|e| e.to_string())?,
+                .map_err(Fault::Spec)?,
             disks: vec![Disk {
                 path: engine.layout(&dir).disk,
                 format: DiskFormat::Qcow2,
                 read_only: false,
             }],
             nics: vec![Nic {
-                mac: vm.mac.parse().map_err(|e| format!("{e}"))?,
+                mac: vm.mac.parse().map_err(Fault::Spec)?,
                 backend: match &network {
                     Some(_) => NicBackend::Tap {
                         ifname: tap.clone(),
@@ -257,25 +258,24 @@ impl Node {
         let mut engine_vm = engine
             .create(&spec, &dir, Lifetime::Detached)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Fault::Boot)?;
         // From here on a failed step ends the QEMU it started: nothing runs
         // that the store does not show as running.
         let started = async {
             if let Some(network) = &network {
-                self.host_net.plug(&tap, network).await?;
-            }
-            let console = engine_vm.console().await.map_err(|e| e.to_string())?;
-            if let Some(tag) = load_snapshot {
-                engine_vm
-                    .snapshots()
-                    .load(tag)
+                self.networks
+                    .plug(&tap, network)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(Fault::HostNetwork)?;
+            }
+            let console = engine_vm.console().await.map_err(Fault::Boot)?;
+            if let Some(tag) = load_snapshot {
+                engine_vm.snapshots().load(tag).await.map_err(Fault::Boot)?;
             }
             quetzal_engine::failpoint::crash("start-before-cont");
-            engine_vm.start().await.map_err(|e| e.to_string())?;
+            engine_vm.start().await.map_err(Fault::Boot)?;
             quetzal_engine::failpoint::crash("start-after-cont");
-            Ok(console)
+            Ok::<_, NodeError>(console)
         }
         .await;
         match started {

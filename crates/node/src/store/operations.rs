@@ -7,6 +7,50 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, StoreError, now_millis};
 
+/// An operation as the node keeps it; the API's [`Operation`] is made
+/// from it by [`OperationRecord::to_api`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperationRecord {
+    pub id: String,
+    pub kind: OperationKind,
+    /// The API path of what it works on.
+    pub target: String,
+    pub state: OperationState,
+    /// 0-100.
+    pub progress: u8,
+    pub cancellable: bool,
+    /// Why it failed or was cancelled.
+    pub error: Option<Failure>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// Why an operation ended without success: a stable code and a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+}
+
+impl OperationRecord {
+    pub fn to_api(&self) -> Operation {
+        Operation {
+            id: self.id.clone(),
+            kind: self.kind,
+            target: self.target.clone(),
+            state: self.state,
+            progress: self.progress,
+            cancellable: self.cancellable,
+            error: self.error.as_ref().map(|failure| ErrorDetail {
+                code: failure.code.clone(),
+                message: failure.message.clone(),
+            }),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        }
+    }
+}
+
 /// How many finished operations the store keeps.
 const KEEP_FINISHED: u32 = 1000;
 
@@ -15,23 +59,23 @@ const SELECT_OPERATION: &str = "SELECT id, kind, target, state, progress, cancel
 
 /// Operations: each is written only by the task that runs it.
 pub trait OperationStore {
-    fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError>;
+    fn insert_operation(&mut self, op: &OperationRecord) -> Result<(), StoreError>;
 
     /// Writes an operation's progress, state, error and end.
-    fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError>;
+    fn update_operation(&mut self, op: &OperationRecord) -> Result<(), StoreError>;
 
-    fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError>;
+    fn operation(&self, id: &str) -> Result<Option<OperationRecord>, StoreError>;
 
     /// The newest `limit` operations, newest first.
-    fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError>;
+    fn operations(&self, limit: u32) -> Result<Vec<OperationRecord>, StoreError>;
 
     /// At daemon start: what was running when the last daemon stopped
     /// failed with it. Returns those operations.
-    fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError>;
+    fn fail_interrupted_operations(&mut self) -> Result<Vec<OperationRecord>, StoreError>;
 }
 
 impl OperationStore for SqliteStore {
-    fn insert_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+    fn insert_operation(&mut self, op: &OperationRecord) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO operations (id, kind, target, state, progress, cancellable,
@@ -54,7 +98,7 @@ impl OperationStore for SqliteStore {
         Ok(())
     }
 
-    fn update_operation(&mut self, op: &Operation) -> Result<(), StoreError> {
+    fn update_operation(&mut self, op: &OperationRecord) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "UPDATE operations SET state = ?2, progress = ?3, error_code = ?4,
@@ -82,7 +126,7 @@ impl OperationStore for SqliteStore {
         Ok(())
     }
 
-    fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+    fn operation(&self, id: &str) -> Result<Option<OperationRecord>, StoreError> {
         self.conn
             .query_row(
                 &format!("{SELECT_OPERATION} WHERE id = ?1"),
@@ -94,7 +138,7 @@ impl OperationStore for SqliteStore {
             .transpose()
     }
 
-    fn operations(&self, limit: u32) -> Result<Vec<Operation>, StoreError> {
+    fn operations(&self, limit: u32) -> Result<Vec<OperationRecord>, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(&format!(
@@ -109,17 +153,17 @@ impl OperationStore for SqliteStore {
         rows.into_iter().collect()
     }
 
-    fn fail_interrupted_operations(&mut self) -> Result<Vec<Operation>, StoreError> {
-        let running: Vec<Operation> = self
+    fn fail_interrupted_operations(&mut self) -> Result<Vec<OperationRecord>, StoreError> {
+        let running: Vec<OperationRecord> = self
             .operations(u32::MAX)?
             .into_iter()
             .filter(|op| op.state == OperationState::Running)
             .collect();
         let mut failed = Vec::new();
         for op in running {
-            let op = Operation {
+            let op = OperationRecord {
                 state: OperationState::Failed,
-                error: Some(ErrorDetail {
+                error: Some(Failure {
                     code: "interrupted".to_owned(),
                     message: "quetzald stopped while it ran; what it had made was removed"
                         .to_owned(),
@@ -134,7 +178,7 @@ impl OperationStore for SqliteStore {
     }
 }
 
-type Row = Result<Operation, StoreError>;
+type Row = Result<OperationRecord, StoreError>;
 
 fn read_operation(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let id: String = row.get(0)?;
@@ -152,14 +196,14 @@ fn read_operation(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             "state of operation {id}: {state}"
         ))));
     };
-    Ok(Ok(Operation {
+    Ok(Ok(OperationRecord {
         id,
         kind,
         target: row.get(2)?,
         state,
         progress: row.get(4)?,
         cancellable: row.get(5)?,
-        error: code.map(|code| ErrorDetail {
+        error: code.map(|code| Failure {
             code,
             message: message.unwrap_or_default(),
         }),
@@ -173,8 +217,8 @@ mod tests {
     use super::*;
     use crate::store::tests::open;
 
-    fn running(id: &str, started_at: i64) -> Operation {
-        Operation {
+    fn running(id: &str, started_at: i64) -> OperationRecord {
+        OperationRecord {
             id: id.to_owned(),
             kind: OperationKind::FullClone,
             target: "/api/v1/vms/c1".to_owned(),
@@ -193,7 +237,7 @@ mod tests {
         let mut store = open(&dir);
         store.insert_operation(&running("a", 1)).unwrap();
 
-        let done = Operation {
+        let done = OperationRecord {
             state: OperationState::Succeeded,
             progress: 100,
             finished_at: Some(2),
@@ -210,7 +254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(&dir);
         store.insert_operation(&running("a", 1)).unwrap();
-        let done = Operation {
+        let done = OperationRecord {
             state: OperationState::Succeeded,
             ..running("b", 2)
         };

@@ -6,13 +6,38 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, StoreError, insert_event, sqlite_error};
 
+/// A snapshot as the node keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub vm: String,
+    pub name: String,
+    pub created_at: i64,
+    /// Taken while the VM ran: it holds the memory too.
+    pub with_memory: bool,
+    /// The snapshot the VM was at when this one was taken.
+    pub parent: Option<String>,
+}
+
+impl SnapshotRecord {
+    pub fn to_api(&self) -> Snapshot {
+        Snapshot {
+            vm: self.vm.clone(),
+            name: self.name.clone(),
+            created_at: self.created_at,
+            with_memory: self.with_memory,
+            parent: self.parent.clone(),
+        }
+    }
+}
+
 /// A VM's snapshots: the tree (each one's parent) and the one it is at.
 pub trait SnapshotStore {
     /// Records a new snapshot as the VM's current one, with its event.
-    fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError>;
+    fn add_snapshot(&mut self, snapshot: &SnapshotRecord, cause: &str)
+    -> Result<Event, StoreError>;
 
     /// The VM's snapshots, oldest first, and which one it is at.
-    fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError>;
+    fn snapshots(&self, vm: &str) -> Result<(Vec<SnapshotRecord>, Option<String>), StoreError>;
 
     /// Makes `name` the VM's current snapshot (after a revert).
     fn set_current_snapshot(
@@ -28,7 +53,11 @@ pub trait SnapshotStore {
 }
 
 impl SnapshotStore for SqliteStore {
-    fn add_snapshot(&mut self, snapshot: &Snapshot, cause: &str) -> Result<Event, StoreError> {
+    fn add_snapshot(
+        &mut self,
+        snapshot: &SnapshotRecord,
+        cause: &str,
+    ) -> Result<Event, StoreError> {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
@@ -47,7 +76,7 @@ impl SnapshotStore for SqliteStore {
         Ok(event)
     }
 
-    fn snapshots(&self, vm: &str) -> Result<(Vec<Snapshot>, Option<String>), StoreError> {
+    fn snapshots(&self, vm: &str) -> Result<(Vec<SnapshotRecord>, Option<String>), StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(
@@ -57,7 +86,7 @@ impl SnapshotStore for SqliteStore {
             .map_err(|e| self.sql(e))?;
         let rows = statement
             .query_map(params![vm], |row| {
-                Ok(Snapshot {
+                Ok(SnapshotRecord {
                     vm: row.get(0)?,
                     name: row.get(1)?,
                     created_at: row.get(2)?,
