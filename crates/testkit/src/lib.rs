@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use quetzal_image::{Image, ImageStore};
 
+/// The tiny guest's whole shell prompt: the text, then the line editor's
+/// cursor-position query.
+pub const PROMPT: &str = "tiny:/# \u{1b}[6n";
 /// How long a guest may take to do something under TCG on a busy host.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -280,9 +283,13 @@ impl Quetzal {
         stdin.flush().expect("quetzal reads its stdin");
     }
 
-    /// Waits for the shell prompt printed after byte `from`.
+    /// Waits for the shell prompt printed after byte `from`, to its end:
+    /// busybox's line editor prints `tiny:/# ` and then asks the terminal
+    /// where its cursor is. A guest paused or snapshotted between the two
+    /// (a test that snapshots right after a command) would otherwise be
+    /// caught mid-prompt, and its console log end without a whole prompt.
     pub fn wait_prompt_after(&self, from: usize) -> usize {
-        self.stdout.wait_for_after(from, "tiny:/# ", GUEST_TIMEOUT)
+        self.stdout.wait_for_after(from, PROMPT, GUEST_TIMEOUT)
     }
 
     /// Types `command` and returns its output, with carriage returns
@@ -679,7 +686,7 @@ impl Cli {
         let deadline = Instant::now() + GUEST_TIMEOUT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.ends_with("tiny:/# \u{1b}[6n") {
+            if text.ends_with(PROMPT) {
                 break;
             }
             if Instant::now() > deadline {

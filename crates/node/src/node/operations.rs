@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quetzal_api::{Operation, OperationKind, OperationState};
 use tokio::sync::watch;
@@ -18,8 +20,11 @@ use crate::store::{Failure, OperationRecord};
 
 /// How many operations a listing shows.
 const LIST_LIMIT: u32 = 200;
-/// The smallest rise of progress that is recorded and published.
+/// The smallest rise of progress that is recorded and published...
 const PROGRESS_STEP: u8 = 5;
+/// ...and the least time between two records: a copy of a second writes
+/// the store a few times, one of 70 ms not at all until it ends.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The operations running in this daemon: how to cancel each.
 #[derive(Debug, Default)]
@@ -57,21 +62,28 @@ pub struct Progress {
     core: Arc<Core>,
     id: String,
     cancel: watch::Receiver<bool>,
-    last: Arc<Mutex<u8>>,
+    /// The last progress recorded, and when.
+    last: Arc<Mutex<(u8, Instant)>>,
+    /// The last progress reported, recorded or not: a failed operation
+    /// ends showing how far it got.
+    reported: Arc<AtomicU8>,
 }
 
 impl Progress {
     /// Records how far the work is (0-100): a rise of at least
-    /// [`PROGRESS_STEP`] points, so a copy writes the store some 20 times,
-    /// not on every line a copy reports.
+    /// [`PROGRESS_STEP`] points, at most every [`PROGRESS_INTERVAL`], so a
+    /// copy does not write the store on every line it reports.
     pub fn set(&self, percent: u32) {
         let percent = u8::try_from(percent.min(100)).expect("at most 100");
+        self.reported.fetch_max(percent, Ordering::Relaxed);
         {
             let mut last = self.last.lock().expect("never poisoned");
-            if percent < last.saturating_add(PROGRESS_STEP) {
+            let (recorded, at) = *last;
+            if percent < recorded.saturating_add(PROGRESS_STEP) || at.elapsed() < PROGRESS_INTERVAL
+            {
                 return;
             }
-            *last = percent;
+            *last = (percent, Instant::now());
         }
         update(&self.core, &self.id, |op| op.progress = percent);
     }
@@ -130,8 +142,10 @@ impl Operations {
             core: Arc::clone(&self.core),
             id: op.id.clone(),
             cancel,
-            last: Arc::default(),
+            last: Arc::new(Mutex::new((0, Instant::now()))),
+            reported: Arc::default(),
         };
+        let reported = Arc::clone(&progress.reported);
         tracing::info!(operation = %op.id, kind = op.kind.as_str(), target = %op.target, "operation started");
         self.core.publish(Published::Operation(op.to_api()));
         let (core, running) = (Arc::clone(&self.core), Arc::clone(&self.running));
@@ -152,6 +166,7 @@ impl Operations {
                         op.progress = 100;
                     }
                     Err(err) => {
+                        op.progress = op.progress.max(reported.load(Ordering::Relaxed));
                         op.state = match err.kind() {
                             ErrorKind::Cancelled => OperationState::Cancelled,
                             _ => OperationState::Failed,
