@@ -3,7 +3,6 @@
 //! `--no-wait` they print its id and return.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
 use hyper::Method;
@@ -24,9 +23,6 @@ pub fn describe(kind: OperationKind) -> &'static str {
         OperationKind::SnapshotDelete => "deleting the snapshot",
     }
 }
-
-/// How often a waiting command reads the operation again.
-const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, Args)]
 pub struct WaitArgs {
@@ -81,9 +77,11 @@ pub async fn finish(client: &Client, mut op: Operation, what: &str) -> anyhow::R
     );
     bar.set_message(what.to_owned());
     let path = format!("/api/v1/operations/{}", encode(&op.id));
+    // The daemon answers when the operation ends, or after a second with
+    // its progress so far.
+    let path = format!("{path}/wait?timeout_secs=1");
     while op.state == OperationState::Running {
         bar.set_position(u64::from(op.progress));
-        tokio::time::sleep(POLL).await;
         op = client
             .call_as::<OperationResponse>(Method::GET, &path, None)
             .await?

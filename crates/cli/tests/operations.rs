@@ -81,12 +81,21 @@ fn a_cancelled_copy_ends_cancelled_and_leaves_nothing() {
     let daemon = Daemon::start_armed(Path::new(QUETZALD), data, "copy-stall=return");
     template(&daemon);
     let id = start_full_clone(&daemon, "c1");
-    // While it runs, the VM shows as `creating`.
+    // While it runs, the VM shows as `creating`, and a wait that ends
+    // before the operation answers it still running.
     let vm = json(&daemon, &["vm", "show", "c1", "--output", "json"]);
     assert_eq!(vm["state"], "creating");
+    let wait = format!("/api/v1/operations/{id}/wait");
+    let (status, body) = daemon.request("GET", &format!("{wait}?timeout_secs=0"), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""state":"running""#), "{body}");
 
     let (status, body) = daemon.request("DELETE", &format!("/api/v1/operations/{id}"), None);
     assert_eq!(status, 202, "{body}");
+    // A wait with the default timeout answers once the copy has stopped.
+    let (status, body) = daemon.request("GET", &wait, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""state":"cancelled""#), "{body}");
     cli(&daemon).fails(&["operation", "wait", &id], "cancelled");
 
     let op = json(&daemon, &["operation", "show", &id, "--output", "json"]);
@@ -122,6 +131,17 @@ fn unknown_operations_are_404_and_finished_ones_cannot_be_cancelled() {
     );
     assert_eq!(status, 409, "{body}");
     cli(&daemon).fails(&["operation", "show", "nope"], "no operation with id nope");
+    let (status, _) = daemon.request("GET", "/api/v1/operations/nope/wait", None);
+    assert_eq!(status, 404);
+    // A finished operation is answered at once; a wait past a minute is
+    // refused.
+    let done = format!("/api/v1/operations/{made_template}/wait");
+    let (status, body) = daemon.request("GET", &done, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""state":"succeeded""#), "{body}");
+    let (status, body) = daemon.request("GET", &format!("{done}?timeout_secs=61"), None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("timeout_secs must be at most 60"), "{body}");
     let (status, body) = daemon.request(
         "POST",
         "/api/v1/vms",

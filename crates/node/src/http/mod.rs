@@ -187,6 +187,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         vm_stats,
         operations::list,
         operations::get,
+        operations::wait,
         operations::cancel,
         web::login,
         web::logout,
@@ -271,6 +272,7 @@ pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
             "/api/v1/operations/{id}",
             get(operations::get).delete(operations::cancel),
         )
+        .route("/api/v1/operations/{id}/wait", get(operations::wait))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream_events))
         .route("/api/v1/host", get(host))

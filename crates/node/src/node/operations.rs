@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quetzal_api::{Operation, OperationKind, OperationState};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::core::Core;
 use super::error::{ErrorKind, Fault, OperationError};
@@ -192,6 +192,36 @@ impl Operations {
         let found = self.core.store().operation(id)?;
         let record = found.ok_or_else(|| OperationError::NotFound { id: id.to_owned() })?;
         Ok(record.to_api())
+    }
+
+    /// The operation once it has ended, or as it is after `timeout`: a
+    /// client waits without polling (it follows the event stream here).
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Operation, NodeError> {
+        // Subscribed before reading, so an end between the two is heard.
+        let mut events = self.core.subscribe();
+        let op = self.get(id)?;
+        if op.state.is_finished() {
+            return Ok(op);
+        }
+        let ended = async {
+            loop {
+                match events.recv().await {
+                    Ok(Published::Operation(op)) if op.id == id && op.state.is_finished() => {
+                        return;
+                    }
+                    Ok(_) => {}
+                    // Missed messages: the store says whether it ended.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if self.get(id).is_ok_and(|op| op.state.is_finished()) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, ended).await;
+        self.get(id)
     }
 
     /// Asks a running, cancellable operation to stop. It ends `cancelled`
