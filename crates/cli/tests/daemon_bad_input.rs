@@ -105,6 +105,19 @@ fn rejects_invalid_create_requests_and_creates_nothing() {
 }
 
 #[test]
+fn a_body_past_the_limit_is_413_and_creates_nothing() {
+    let daemon = daemon();
+    let labels = "x".repeat(300 * 1024);
+    let body = format!(r#"{{"name": "big", "labels": {{"a": "{labels}"}}}}"#);
+
+    let answer = api(&daemon, "POST", "/api/v1/vms", Some(&body));
+
+    let message = assert_error(&answer, 413, "payload_too_large");
+    assert!(message.contains("256 KiB"), "{message}");
+    assert_nothing_created(&daemon);
+}
+
+#[test]
 fn answers_404_for_what_does_not_exist() {
     let daemon = daemon();
 

@@ -1,7 +1,8 @@
 //! What the OpenAPI document says beyond each handler's own annotation:
 //! the path parameters, the bearer scheme applied to every operation but
 //! the login, and the error answers every operation can give (401 on the
-//! TCP listener, 400 where something is parsed, 500 for a bug).
+//! TCP listener, 400 where something is parsed, 413 where a body is read,
+//! 500 for a bug).
 
 use serde::Deserialize;
 use utoipa::openapi::path::Operation;
@@ -81,6 +82,13 @@ impl utoipa::Modify for Contract {
                     || operation.request_body.is_some()
                 {
                     add_error(operation, 400, "A malformed path, query or body");
+                }
+                if operation.request_body.is_some() {
+                    add_error(
+                        operation,
+                        413,
+                        "A body larger than quetzald reads (256 KiB)",
+                    );
                 }
                 add_error(
                     operation,

@@ -104,11 +104,19 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
             .await
             .map(|Json(value)| Body(value))
             .map_err(|rejection: JsonRejection| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    rejection.body_text(),
-                )
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the request body is larger than {} KiB", MAX_BODY / 1024),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        rejection.body_text(),
+                    )
+                }
             })
     }
 }
@@ -302,7 +310,12 @@ pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
         .route("/api/v1/session", post(web::login).delete(web::logout))
         .with_state(auth);
     open.merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
+
+/// The largest request body the API reads (every body is a small JSON
+/// object; a client cannot make the daemon buffer more).
+pub const MAX_BODY: usize = 256 * 1024;
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
