@@ -318,6 +318,39 @@ fn daemon_kill_9_and_restart_keeps_vms_running_with_their_console_history() {
 }
 
 #[test]
+fn a_guest_flooding_its_console_cannot_grow_the_log_without_bound() {
+    let daemon = daemon();
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    ok(&daemon, &["vm", "create", "loud", "--start"]);
+
+    // 1.25 MiB of output, more than the 1 MiB past which the daemon cuts
+    // a log (a serial console under TCG prints some 55 KB/s: a test of
+    // more would take minutes).
+    let flood = "yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 1310720; echo; echo flooded";
+    let printed = cli.in_guest("loud", flood);
+
+    assert!(
+        printed.ends_with("flooded"),
+        "{}",
+        &printed[printed.len() - 200..]
+    );
+    let log = daemon.data.path().join("vms/loud/console.log");
+    let size = std::fs::metadata(&log).unwrap().len();
+    // Cut once past 1 MiB to its last 256 KiB, then grown by the rest:
+    // less than what the guest printed.
+    assert!(size < 1 << 20, "the console log is {size} bytes");
+    // What a new viewer gets still ends with the latest output, and the
+    // shell still answers.
+    assert_eq!(cli.in_guest("loud", "echo calm"), "calm");
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(
+        text.contains("flooded") && text.contains("calm"),
+        "{}",
+        &text[text.len() - 300..]
+    );
+}
+
+#[test]
 fn a_vm_that_died_while_the_daemon_was_down_is_marked_and_restarted_per_policy() {
     let mut daemon = daemon();
     ok(

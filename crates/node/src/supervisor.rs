@@ -2,6 +2,7 @@
 //! connection, runs the commands the node sends it one at a time, fans the
 //! console out to every viewer, and reports how the VM ended.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::consolelog;
 use crate::node::Node;
 
 /// What the node asks of a running VM.
@@ -155,6 +157,7 @@ pub fn spawn<V: EngineVm>(
     generation: u64,
     vm: V,
     console: UnixStream,
+    console_log: PathBuf,
     paused: bool,
 ) -> Live {
     let (commands_tx, commands) = mpsc::channel(8);
@@ -182,6 +185,7 @@ pub fn spawn<V: EngineVm>(
         console_in,
         run_state: run_state_tx,
         generation,
+        console_log,
     };
     tokio::spawn(async move {
         let exit = task.run(&node, &name).await;
@@ -200,6 +204,9 @@ struct Task<V: EngineVm> {
     console_in: mpsc::Receiver<Vec<u8>>,
     run_state: watch::Sender<RunState>,
     generation: u64,
+    /// Where the engine logs the console, kept bounded
+    /// ([`crate::consolelog`]).
+    console_log: PathBuf,
 }
 
 impl<V: EngineVm> Task<V> {
@@ -209,6 +216,7 @@ impl<V: EngineVm> Task<V> {
         let (mut from_guest, mut to_guest) = self.console.into_split();
         let mut buf = vec![0u8; 8192];
         let mut console_open = true;
+        let mut since_check = 0;
         let mut ending: Option<Exit> = None;
         loop {
             tokio::select! {
@@ -287,8 +295,22 @@ impl<V: EngineVm> Task<V> {
                 }
                 read = from_guest.read(&mut buf), if console_open => match read {
                     Ok(0) | Err(_) => console_open = false,
-                    // Nobody watching is fine: QEMU's console.log keeps it.
-                    Ok(n) => { let _ = self.console_out.send(buf[..n].to_vec()); }
+                    // Nobody watching is fine: the engine's console log keeps it.
+                    Ok(n) => {
+                        let _ = self.console_out.send(buf[..n].to_vec());
+                        since_check += n;
+                        if since_check >= consolelog::CHECK_EVERY {
+                            since_check = 0;
+                            let trimmed = consolelog::trim(
+                                &self.console_log,
+                                consolelog::MAX_BYTES,
+                                consolelog::KEEP_BYTES,
+                            );
+                            if let Err(err) = trimmed {
+                                tracing::warn!(vm = %name, error = %err, "cannot cut the console log");
+                            }
+                        }
+                    }
                 },
                 Some(input) = self.console_in.recv() => {
                     if to_guest.write_all(&input).await.is_err() {

@@ -232,6 +232,7 @@ impl Node {
             generation,
             engine_vm,
             console,
+            self.layout(&record)?.console_log,
             paused,
         );
         slot.set_live(Some(Arc::new(live)));

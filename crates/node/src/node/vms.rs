@@ -177,6 +177,7 @@ impl Node {
                     generation,
                     vm,
                     console,
+                    self.layout(record)?.console_log,
                     false,
                 );
                 slot.set_live(Some(Arc::new(live)));
