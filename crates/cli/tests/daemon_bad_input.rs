@@ -336,6 +336,50 @@ fn the_tcp_listener_needs_the_token() {
 }
 
 #[test]
+fn logins_from_one_address_are_limited_to_30_a_minute() {
+    let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
+    let addr = daemon.tcp_addr().unwrap().to_owned();
+    let token = std::fs::read_to_string(daemon.data.path().join("token")).unwrap();
+    let tcp = || std::net::TcpStream::connect(&addr).unwrap();
+    let login = |token: &str| {
+        let body = format!(r#"{{"token": "{}"}}"#, token.trim());
+        http(tcp(), "POST", "/api/v1/session", Some(&body), &[]).0
+    };
+
+    let guesses: Vec<u16> = (0..30).map(|_| login("nope")).collect();
+    let right_after = http(
+        tcp(),
+        "POST",
+        "/api/v1/session",
+        Some(&format!(r#"{{"token": "{}"}}"#, token.trim())),
+        &[],
+    );
+
+    assert!(guesses.iter().all(|status| *status == 401), "{guesses:?}");
+    assert_eq!(right_after.0, 429, "{}", right_after.1);
+    assert!(
+        right_after.1.contains(r#""code":"too_many_requests""#),
+        "{}",
+        right_after.1
+    );
+    assert!(
+        right_after.1.contains("at most 30 a minute"),
+        "{}",
+        right_after.1
+    );
+    // The API itself, with the token, is not held up.
+    let bearer = format!("Bearer {}", token.trim());
+    let vms = http(
+        tcp(),
+        "GET",
+        "/api/v1/vms",
+        None,
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(vms, (200, "[]".to_owned()));
+}
+
+#[test]
 fn the_cli_works_over_tcp_with_the_token() {
     let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
     let addr = daemon.tcp_addr().unwrap().to_owned();

@@ -76,7 +76,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "quetzald serving on TCP (token required)");
             let auth = Arc::new(http::web::Auth::new(token));
-            Some(axum::serve(listener, http::router(state, Some(auth))))
+            // With each connection's peer address: logins are limited per
+            // client.
+            let app =
+                http::router(state, Some(auth)).into_make_service_with_connect_info::<SocketAddr>();
+            Some(axum::serve(listener, app))
         }
         None => None,
     };

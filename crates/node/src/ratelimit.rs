@@ -38,11 +38,14 @@ impl Limiter {
         }
     }
 
+    /// Whether its window has passed: it would start afresh.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        self.started
+            .is_none_or(|started| now.duration_since(started) >= self.window)
+    }
+
     pub fn admit(&mut self, now: Instant) -> Verdict {
-        let fresh = self
-            .started
-            .is_none_or(|started| now.duration_since(started) >= self.window);
-        if fresh {
+        if self.is_idle(now) {
             let left_out = self.suppressed;
             self.started = Some(now);
             self.admitted = 1;

@@ -1,15 +1,20 @@
 //! The dashboard: its files (embedded at build time from `web/dist`) and
 //! its login, which trades the API token for a session cookie.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::Extension;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use quetzal_api::Login;
 
 use super::{ApiError, Body};
+use crate::ratelimit::{Limiter, Verdict};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/assets.rs"));
@@ -18,12 +23,20 @@ mod embedded {
 /// The cookie a dashboard session lives in.
 pub const COOKIE: &str = "quetzal_session";
 
+/// How many logins one client address may try per minute.
+pub const LOGINS_PER_MINUTE: u32 = 30;
+/// How many client addresses the login limits remember before they forget
+/// the idle ones.
+const LOGIN_CLIENTS: usize = 4096;
+
 /// The TCP listener's credentials: the API token, and the sessions
-/// logged in with it (kept in memory: a daemon restart logs people out).
+/// logged in with it (kept in memory: a daemon restart logs people out),
+/// and how often each client address tried to log in.
 #[derive(Debug)]
 pub struct Auth {
     token: String,
     sessions: Mutex<HashSet<String>>,
+    logins: Mutex<HashMap<IpAddr, Limiter>>,
 }
 
 impl Auth {
@@ -31,7 +44,25 @@ impl Auth {
         Auth {
             token,
             sessions: Mutex::default(),
+            logins: Mutex::default(),
         }
+    }
+
+    /// Whether `client` may try another login now.
+    fn may_log_in(&self, client: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut logins = self
+            .logins
+            .lock()
+            .expect("never poisoned: no panics while held");
+        if logins.len() >= LOGIN_CLIENTS {
+            logins.retain(|_, limiter| !limiter.is_idle(now));
+        }
+        let verdict = logins
+            .entry(client)
+            .or_insert_with(|| Limiter::new(LOGINS_PER_MINUTE, Duration::from_secs(60)))
+            .admit(now);
+        matches!(verdict, Verdict::Log { .. })
     }
 
     /// Whether a request carries the token or a live session.
@@ -76,17 +107,32 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Log in with the API token: answers with a session cookie (HttpOnly,
-/// SameSite=Strict) for the dashboard.
+/// SameSite=Strict) for the dashboard. At most 30 tries a minute from one
+/// client address.
 #[utoipa::path(post, path = "/api/v1/session", request_body = Login,
-    responses((status = 204), (status = 401, body = quetzal_api::ErrorBody)))]
+    responses((status = 204), (status = 401, body = quetzal_api::ErrorBody),
+        (status = 429, body = quetzal_api::ErrorBody)))]
 pub async fn login(
     State(auth): State<Option<Arc<Auth>>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Body(login): Body<Login>,
 ) -> Result<Response, ApiError> {
     let Some(auth) = auth else {
         // The Unix socket: its file mode is the access control.
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
+    if let Some(Extension(ConnectInfo(peer))) = peer
+        && !auth.may_log_in(peer.ip())
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!(
+                "too many logins from {}: at most {LOGINS_PER_MINUTE} a minute; try again later",
+                peer.ip()
+            ),
+        ));
+    }
     if !crate::token::matches(&login.token, &auth.token) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
