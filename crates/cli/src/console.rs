@@ -87,7 +87,9 @@ pub async fn attach_remote(client: &Client, name: &str) -> anyhow::Result<ExitCo
             format!("Bearer {token}").parse()?,
         );
     }
-    let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await?;
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .map_err(refusal)?;
     let terminal = RawTerminal::enter()?;
     if terminal.is_some() {
         eprint!(
@@ -136,4 +138,16 @@ pub async fn attach_remote(client: &Client, name: &str) -> anyhow::Result<ExitCo
     std::io::Write::flush(&mut std::io::stdout())?;
     // The stdin reader thread may sit in a blocking read: leave without it.
     std::process::exit(0);
+}
+
+/// A refused upgrade as the API's own message (`VM … has 8 viewers
+/// already`), not only its status line.
+fn refusal(err: tokio_tungstenite::tungstenite::Error) -> anyhow::Error {
+    if let tokio_tungstenite::tungstenite::Error::Http(response) = &err
+        && let Some(body) = response.body()
+        && let Ok(body) = serde_json::from_slice::<quetzal_api::ErrorBody>(body)
+    {
+        return anyhow::anyhow!("{}", body.error.message);
+    }
+    err.into()
 }

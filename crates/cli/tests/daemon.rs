@@ -351,6 +351,33 @@ fn a_guest_flooding_its_console_cannot_grow_the_log_without_bound() {
 }
 
 #[test]
+fn a_vm_takes_eight_console_viewers_and_refuses_the_ninth_clearly() {
+    let daemon = daemon();
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    ok(&daemon, &["vm", "create", "watched", "--start"]);
+    wait_for_boots(&daemon, "watched", 1);
+
+    let viewers: Vec<Quetzal> = (0..8)
+        .map(|_| {
+            let viewer = Quetzal::spawn(
+                Path::new(QUETZAL),
+                daemon.data.path(),
+                &["vm", "console", "watched"],
+            );
+            // Connected once the history arrives.
+            viewer.stdout.wait_for("tiny: up");
+            viewer
+        })
+        .collect();
+
+    cli.fails(
+        &["vm", "console", "watched"],
+        "VM watched has 8 console and screen viewers already; close one first",
+    );
+    drop(viewers);
+}
+
+#[test]
 fn a_vm_that_died_while_the_daemon_was_down_is_marked_and_restarted_per_policy() {
     let mut daemon = daemon();
     ok(

@@ -58,6 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = http::AppState {
         node,
         host: Arc::new(host),
+        viewers: Arc::default(),
     };
 
     let socket = socket_path(data);

@@ -22,10 +22,14 @@ pub async fn console(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let (log, live) = app.node.console(&name)?;
+    let seat = app.viewers.of_vm(&name)?;
     Ok(ws
         .max_message_size(super::CONSOLE_MAX_MESSAGE)
         .max_frame_size(super::CONSOLE_MAX_MESSAGE)
-        .on_upgrade(move |socket| session(socket, log, live)))
+        .on_upgrade(move |socket| async move {
+            session(socket, log, live).await;
+            drop(seat);
+        }))
 }
 
 async fn session(

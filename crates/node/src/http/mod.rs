@@ -7,6 +7,7 @@ mod contract;
 use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
 mod operations;
+pub mod viewers;
 mod vnc;
 pub mod web;
 
@@ -46,6 +47,8 @@ pub const VNC_MAX_MESSAGE: usize = 1 << 20;
 pub struct AppState {
     pub node: Arc<Node>,
     pub host: Arc<quetzal_engine::host::HostInfo>,
+    /// The consoles, screens and event streams open now.
+    pub viewers: Arc<viewers::Viewers>,
 }
 
 /// An error answer.
@@ -566,9 +569,12 @@ async fn list_events(
 /// Events as they happen (server-sent events, one JSON `Event` each).
 async fn stream_events(
     State(app): State<AppState>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let events =
-        tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(|event| {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    // Held as long as the stream: dropped with it when the client leaves.
+    let seat = app.viewers.stream()?;
+    let events = tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(
+        move |event| {
+            let _seat = &seat;
             let event = event.ok()?;
             let sse = match event {
                 Published::Event(event) => SseEvent::default()
@@ -579,8 +585,9 @@ async fn stream_events(
                     .json_data(&OperationResponse { operation: op }),
             };
             sse.ok().map(Ok)
-        });
-    Sse::new(events).keep_alive(KeepAlive::default())
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 /// The host and its VM counts.

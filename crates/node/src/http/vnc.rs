@@ -17,6 +17,7 @@ pub async fn vnc(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let socket_path = app.node.vnc_socket(&name)?;
+    let seat = app.viewers.of_vm(&name)?;
     let server = UnixStream::connect(&socket_path).await.map_err(|e| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -29,7 +30,10 @@ pub async fn vnc(
         .protocols(["binary"])
         .max_message_size(super::VNC_MAX_MESSAGE)
         .max_frame_size(super::VNC_MAX_MESSAGE)
-        .on_upgrade(move |socket| relay(socket, server)))
+        .on_upgrade(move |socket| async move {
+            relay(socket, server).await;
+            drop(seat);
+        }))
 }
 
 async fn relay(mut socket: WebSocket, server: UnixStream) {
