@@ -1,7 +1,7 @@
 //! The dashboard: its files (embedded at build time from `web/dist`) and
 //! its login, which trades the API token for a session cookie.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,11 @@ mod embedded {
 /// The cookie a dashboard session lives in.
 pub const COOKIE: &str = "quetzal_session";
 
+/// How long a dashboard session lasts unused.
+pub const SESSION_IDLE: Duration = Duration::from_secs(8 * 3600);
+/// How many sessions are kept at most: past it, the one unused longest
+/// goes.
+const MAX_SESSIONS: usize = 1024;
 /// How many logins one client address may try per minute.
 pub const LOGINS_PER_MINUTE: u32 = 30;
 /// How many client addresses the login limits remember before they forget
@@ -35,7 +40,8 @@ const LOGIN_CLIENTS: usize = 4096;
 #[derive(Debug)]
 pub struct Auth {
     token: String,
-    sessions: Mutex<HashSet<String>>,
+    /// Each session, with when it was last used.
+    sessions: Mutex<HashMap<String, Instant>>,
     logins: Mutex<HashMap<IpAddr, Limiter>>,
 }
 
@@ -88,10 +94,47 @@ impl Auth {
     }
 
     fn live(&self, session: &str) -> bool {
-        self.sessions
+        self.touch(session, Instant::now())
+    }
+
+    /// Whether `session` is live at `now` (used within [`SESSION_IDLE`]);
+    /// a live one counts as used now, an idle one ends.
+    fn touch(&self, session: &str, now: Instant) -> bool {
+        let mut sessions = self
+            .sessions
             .lock()
-            .expect("never poisoned: no panics while held")
-            .contains(session)
+            .expect("never poisoned: no panics while held");
+        match sessions.get_mut(session) {
+            Some(last) if now.saturating_duration_since(*last) < SESSION_IDLE => {
+                *last = now;
+                true
+            }
+            Some(_) => {
+                sessions.remove(session);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Starts a session used at `now`.
+    fn open_session(&self, session: String, now: Instant) {
+        let mut sessions = self
+            .sessions
+            .lock()
+            .expect("never poisoned: no panics while held");
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, last| now.saturating_duration_since(*last) < SESSION_IDLE);
+        }
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, last)| **last)
+                .map(|(id, _)| id.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(session, now);
     }
 }
 
@@ -141,10 +184,7 @@ pub async fn login(
         ));
     }
     let session = crate::node::random_hex(32).map_err(ApiError::from)?;
-    auth.sessions
-        .lock()
-        .expect("never poisoned: no panics while held")
-        .insert(session.clone());
+    auth.open_session(session.clone(), Instant::now());
     let cookie = format!("{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict");
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
@@ -232,7 +272,7 @@ mod tests {
     #[test]
     fn admits_the_token_or_a_live_session_only() {
         let auth = Auth::new("secret".into());
-        auth.sessions.lock().unwrap().insert("s1".into());
+        auth.open_session("s1".into(), Instant::now());
         assert!(
             auth.admits(&headers(&[(header::AUTHORIZATION, "Bearer secret")]))
                 .is_ok()
@@ -268,5 +308,33 @@ mod tests {
         );
         assert_eq!(content_type("/assets/x.css"), "text/css; charset=utf-8");
         assert_eq!(content_type("/assets/x.bin"), "application/octet-stream");
+    }
+
+    #[test]
+    fn a_session_ends_after_being_unused_for_eight_hours() {
+        let auth = Auth::new("secret".into());
+        let start = Instant::now();
+        auth.open_session("s1".into(), start);
+
+        assert!(auth.touch("s1", start + SESSION_IDLE / 2));
+        // Used at half time: it lasts a whole idle time from then.
+        assert!(auth.touch("s1", start + SESSION_IDLE));
+        assert!(!auth.touch("s1", start + SESSION_IDLE * 2));
+        assert!(!auth.touch("s1", start), "an ended session stays ended");
+    }
+
+    #[test]
+    fn the_sessions_kept_are_bounded() {
+        let auth = Auth::new("secret".into());
+        let start = Instant::now();
+        for i in 0..=MAX_SESSIONS {
+            let at = start + Duration::from_secs(u64::try_from(i).unwrap());
+            auth.open_session(format!("s{i}"), at);
+        }
+        let later = start + Duration::from_secs(2000);
+
+        assert_eq!(auth.sessions.lock().unwrap().len(), MAX_SESSIONS);
+        assert!(!auth.touch("s0", later), "the one unused longest went");
+        assert!(auth.touch(&format!("s{MAX_SESSIONS}"), later));
     }
 }
