@@ -368,7 +368,7 @@ fn random_mac() -> Result<String, NodeError> {
 }
 
 /// A create request's name, cpus or memory that the spec refuses.
-fn invalid(err: impl std::fmt::Display) -> VmError {
+pub(super) fn invalid(err: impl std::fmt::Display) -> VmError {
     VmError::Invalid {
         reason: err.to_string(),
     }

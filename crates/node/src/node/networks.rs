@@ -200,14 +200,17 @@ impl Networks {
         Ok(self.view(&record, &vms))
     }
 
-    fn record(&self, name: &str) -> Result<NetworkRecord, NetworkError> {
-        let networks = self.core.store().networks();
-        networks
-            .ok()
-            .and_then(|networks| networks.into_iter().find(|n| n.name == name))
-            .ok_or_else(|| NetworkError::NotFound {
-                name: name.to_owned(),
-            })
+    /// The network named `name`, if there is one.
+    fn find(&self, name: &str) -> Result<Option<NetworkRecord>, NodeError> {
+        let networks = self.core.store().networks()?;
+        Ok(networks.into_iter().find(|n| n.name == name))
+    }
+
+    fn record(&self, name: &str) -> Result<NetworkRecord, NodeError> {
+        let found = self.find(name)?;
+        Ok(found.ok_or_else(|| NetworkError::NotFound {
+            name: name.to_owned(),
+        })?)
     }
 
     /// A network as the API shows it, with its VMs among `vms` and its
@@ -269,19 +272,19 @@ impl Networks {
     /// The network a new VM goes on: the one asked for (which must exist),
     /// else the default network where there is one, else user-mode.
     /// Called with [`Networks::hold`] held.
-    pub(super) fn choose(&self, requested: Option<&str>) -> Result<String, NetworkError> {
+    pub(super) fn choose(&self, requested: Option<&str>) -> Result<String, NodeError> {
         match requested {
             Some(USER_NETWORK) => Ok(USER_NETWORK.to_owned()),
             Some(name) => self.record(name).map(|r| r.name),
-            None => Ok(match self.record(DEFAULT_NETWORK) {
-                Ok(_) => DEFAULT_NETWORK.to_owned(),
-                Err(_) => USER_NETWORK.to_owned(),
+            None => Ok(match self.find(DEFAULT_NETWORK)? {
+                Some(_) => DEFAULT_NETWORK.to_owned(),
+                None => USER_NETWORK.to_owned(),
             }),
         }
     }
 
     /// The managed network a VM's NIC is plugged into, if any.
-    pub(super) fn of_vm(&self, vm: &VmRecord) -> Result<Option<NetworkSpec>, NetworkError> {
+    pub(super) fn of_vm(&self, vm: &VmRecord) -> Result<Option<NetworkSpec>, NodeError> {
         if vm.network == USER_NETWORK {
             return Ok(None);
         }

@@ -285,9 +285,7 @@ impl Node {
         source: &str,
         request: CloneVm,
     ) -> Result<Operation, NodeError> {
-        let name = VmName::new(&request.name).map_err(|e| VmError::Invalid {
-            reason: e.to_string(),
-        })?;
+        let name = VmName::new(&request.name).map_err(super::create::invalid)?;
         if name.as_str() == source {
             return Err(VmError::Exists {
                 name: source.to_owned(),
