@@ -12,6 +12,7 @@ import { VmDetail } from './pages/VmDetail.jsx';
 import { Templates } from './pages/Templates.jsx';
 import { Networks } from './pages/Networks.jsx';
 import { Events } from './pages/Events.jsx';
+import { Audit } from './pages/Audit.jsx';
 import { Login } from './pages/Login.jsx';
 import { ErrorNote, Loading, Operations } from './ui.jsx';
 import './style.css';
@@ -22,6 +23,7 @@ const NAV = [
   ['#/templates', 'Templates'],
   ['#/networks', 'Networks'],
   ['#/events', 'Events'],
+  ['#/audit', 'Audit'],
 ];
 
 function parseRoute() {
@@ -49,6 +51,7 @@ function Page({ route }) {
   if (first === 'templates') return <Templates />;
   if (first === 'networks') return <Networks />;
   if (first === 'events') return <Events />;
+  if (first === 'audit') return <Audit />;
   return <ErrorNote message={`No page at ${location.hash}`} />;
 }
 

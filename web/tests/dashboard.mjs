@@ -42,13 +42,14 @@ try {
   await page.getByText('That token is not right').waitFor();
   await shot(page, 'login');
 
-  step('log in with the token: the session lives in an HttpOnly, SameSite=Strict cookie');
+  step('log in with the token: the session lives in an HttpOnly, Secure, SameSite=Strict cookie');
   await page.getByLabel('API token').fill(token);
   await page.getByRole('button', { name: 'Log in' }).click();
   await page.getByRole('heading', { name: 'Overview' }).waitFor();
   const [cookie] = await context.cookies();
   assert.equal(cookie.name, 'quetzal_session');
   assert.equal(cookie.httpOnly, true);
+  assert.equal(cookie.secure, true);
   assert.equal(cookie.sameSite, 'Strict');
   assert.match(await page.getByTestId('accel').innerText(), /^(kvm|tcg)$/);
   await shot(page, 'overview');
@@ -168,6 +169,16 @@ try {
   await row.waitFor({ state: 'detached' });
   const gone = await page.evaluate(async () => (await fetch('/api/v1/vms/pw1')).status);
   assert.equal(gone, 404);
+
+  step('the audit page lists what was done, by whom, and new changes arrive live');
+  await page.getByRole('link', { name: 'Audit' }).click();
+  await page.getByRole('heading', { name: 'Audit log' }).waitFor();
+  const deleted = page.getByTestId('audit-row').filter({ hasText: 'DELETE /api/v1/vms/pw1' });
+  await deleted.first().waitFor();
+  assert.match(await deleted.first().innerText(), /admin/);
+  await page.evaluate(async () => fetch('/api/v1/vms/pw1/start', { method: 'POST' }));
+  await page.getByTestId('audit-row').filter({ hasText: 'POST /api/v1/vms/pw1/start' }).first().waitFor();
+  await shot(page, 'audit');
 
   step('log out: the API refuses the old session');
   await page.getByRole('button', { name: 'Log out' }).click();

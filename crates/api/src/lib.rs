@@ -415,6 +415,10 @@ pub struct Host {
     pub accel: String,
     pub accel_reason: String,
     pub vms_by_state: BTreeMap<String, u64>,
+    /// The SHA-256 fingerprint (hex) of the certificate the HTTPS
+    /// listener serves; none without `--listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
 }
 
 /// `POST /api/v1/vms/{name}/snapshots`.
@@ -632,4 +636,101 @@ pub struct OperationResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OperationList {
     pub operations: Vec<Operation>,
+}
+
+/// What a token may do. Each role may do everything the ones before it
+/// may.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything; changes nothing, no consoles.
+    Viewer,
+    /// Also runs VMs: their lifecycle, consoles and screens, snapshots,
+    /// clones, templates, operations.
+    Operator,
+    /// Everything: also tokens, networks and the audit log.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A named API token; its secret is shown once, when it is made, and
+/// never again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub name: String,
+    pub role: Role,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// When it stops working (Unix milliseconds); none: never.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// When a request last carried it (to the minute).
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub name: String,
+    pub role: Role,
+    /// Days until it expires; none: never.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3650)]
+    pub expires_days: Option<u32>,
+}
+
+/// A token just made, with its secret (shown only now).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: Token,
+    /// What a client sends as `Authorization: Bearer <secret>`.
+    pub secret: String,
+}
+
+/// One mutating request, as the audit log keeps it: never its body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    /// The token's name; `local` on the Unix socket; `-` when no valid
+    /// credentials came with it.
+    pub who: String,
+    /// The client's address, or `unix` with the peer's uid.
+    pub source: String,
+    pub method: String,
+    /// The request's path (without its query).
+    pub path: String,
+    /// The answer's status code.
+    pub status: u16,
 }

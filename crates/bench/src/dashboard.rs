@@ -21,8 +21,10 @@ pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     let status = Command::new("node")
         .arg("bench/dashboard.mjs")
         .current_dir(&web)
-        .env("QUETZAL_URL", format!("http://{listen}"))
+        .env("QUETZAL_URL", format!("https://{listen}"))
         .env("QUETZAL_TOKEN", token.trim())
+        .env("QUETZAL_CERT", data.join("tls/node.crt"))
+        .env("NODE_EXTRA_CA_CERTS", data.join("tls/node.crt"))
         .env("RUNS", runs.to_string())
         .status()
         .context("cannot run node")?;

@@ -1,7 +1,9 @@
 //! The CLI's way to quetzald: HTTP/1.1 over the daemon's Unix socket (or
-//! over TCP with the token, when `QUETZAL_URL` is set).
+//! over HTTPS with a token, when `QUETZAL_URL` is set; the server is
+//! trusted by its pinned certificate fingerprint, see [`crate::trust`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -21,6 +23,18 @@ pub enum ClientError {
     NotRunning { path: String },
     #[error("cannot reach quetzald at {target}: {message}")]
     Connect { target: String, message: String },
+    #[error(
+        "quetzald at {authority} is not trusted yet: its certificate's SHA-256 fingerprint is {seen}; if `quetzal token` on that node prints the same, pass --fingerprint {seen} (or set QUETZAL_FINGERPRINT)"
+    )]
+    Untrusted { authority: String, seen: String },
+    #[error(
+        "refusing quetzald at {authority}: its certificate's SHA-256 fingerprint is {seen}, not the pinned {pinned} (someone may be in between; if the node's certificate was replaced, pin the new one with --fingerprint)"
+    )]
+    Mismatch {
+        authority: String,
+        seen: String,
+        pinned: String,
+    },
     #[error("{message}")]
     Api {
         status: StatusCode,
@@ -35,7 +49,23 @@ pub enum ClientError {
 #[derive(Clone, Debug)]
 pub enum Target {
     Unix(PathBuf),
-    Tcp { authority: String, token: String },
+    Tcp {
+        authority: String,
+        token: String,
+    },
+    /// A `QUETZAL_URL` that is not `https://`.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for Target {
+    /// Where, never with the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(path) => write!(f, "{}", path.display()),
+            Target::Tcp { authority, .. } => write!(f, "https://{authority}"),
+            Target::Unsupported(url) => f.write_str(url),
+        }
+    }
 }
 
 /// A bidirectional byte stream to the daemon.
@@ -48,14 +78,15 @@ pub struct Client {
 }
 
 impl Client {
-    /// `QUETZAL_URL=http://HOST:PORT` (token from `QUETZAL_TOKEN` or the
+    /// `QUETZAL_URL=https://HOST:PORT` (token from `QUETZAL_TOKEN` or the
     /// data directory), else the Unix socket in the data directory.
     pub fn from_env() -> Self {
         let data = crate::data_dir();
         let target = match std::env::var("QUETZAL_URL") {
+            Ok(url) if !url.is_empty() && !url.starts_with("https://") => Target::Unsupported(url),
             Ok(url) if !url.is_empty() => Target::Tcp {
                 authority: url
-                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
                     .trim_end_matches('/')
                     .to_owned(),
                 token: std::env::var("QUETZAL_TOKEN").unwrap_or_else(|_| {
@@ -83,13 +114,46 @@ impl Client {
                 .map_err(|_| ClientError::NotRunning {
                     path: path.display().to_string(),
                 }),
-            Target::Tcp { authority, .. } => tokio::net::TcpStream::connect(authority)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Stream>)
-                .map_err(|err| ClientError::Connect {
-                    target: authority.clone(),
-                    message: err.to_string(),
-                }),
+            Target::Tcp { authority, .. } => {
+                let pin = crate::trust::pinned(authority).map_err(|message| {
+                    ClientError::Connect {
+                        target: authority.clone(),
+                        message,
+                    }
+                })?;
+                let (verifier, result) = tls(authority, pin.clone()).await?;
+                let err = match result {
+                    Ok(stream) => return Ok(stream),
+                    Err(err) => err,
+                };
+                match (pin, verifier.seen()) {
+                    (Some(pinned), Some(seen)) if pinned != seen => Err(ClientError::Mismatch {
+                        authority: authority.clone(),
+                        seen,
+                        pinned,
+                    }),
+                    (None, Some(seen)) => match crate::trust::ask_first_use(authority, &seen) {
+                        Some(Ok(true)) => tls(authority, Some(seen)).await?.1,
+                        Some(Ok(false)) => Err(ClientError::Connect {
+                            target: authority.clone(),
+                            message: "its certificate was not trusted".into(),
+                        }),
+                        Some(Err(message)) => Err(ClientError::Connect {
+                            target: authority.clone(),
+                            message,
+                        }),
+                        None => Err(ClientError::Untrusted {
+                            authority: authority.clone(),
+                            seen,
+                        }),
+                    },
+                    _ => Err(err),
+                }
+            }
+            Target::Unsupported(url) => Err(ClientError::Connect {
+                target: url.clone(),
+                message: "quetzald's TCP listener speaks HTTPS only: QUETZAL_URL must be https://HOST:PORT".into(),
+            }),
         }
     }
 
@@ -127,7 +191,7 @@ impl Client {
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream = self.connect().await?;
         let broken = |err: hyper::Error| ClientError::Connect {
-            target: format!("{:?}", self.target),
+            target: self.target.to_string(),
             message: err.to_string(),
         };
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -194,6 +258,43 @@ impl Client {
             message: err.to_string(),
         })
     }
+}
+
+/// A TLS connection to `authority` that accepts the certificate whose
+/// fingerprint is `pin`; with the verifier, which says what the server
+/// presented.
+async fn tls(
+    authority: &str,
+    pin: Option<String>,
+) -> Result<
+    (
+        Arc<quetzal_node::tls::Pinned>,
+        Result<Box<dyn Stream>, ClientError>,
+    ),
+    ClientError,
+> {
+    let unreachable = |message: String| ClientError::Connect {
+        target: authority.to_owned(),
+        message,
+    };
+    let tcp = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|err| unreachable(err.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let (verifier, config) = quetzal_node::tls::pinned_client(pin);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|err| unreachable(format!("'{host}' is not a host name: {err}")))?;
+    let result = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map(|stream| Box::new(stream) as Box<dyn Stream>)
+        .map_err(|err| unreachable(format!("TLS: {err}")));
+    Ok((verifier, result))
 }
 
 /// Percent-encodes a query value.

@@ -1,5 +1,6 @@
 //! `quetzal`: the command line of the Quetzal virtualization platform.
 
+mod access;
 mod client;
 mod console;
 mod host;
@@ -7,6 +8,7 @@ mod image;
 mod network;
 mod operation;
 mod run;
+mod trust;
 mod up;
 mod vm;
 
@@ -18,6 +20,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "quetzal", version, about = "Run virtual machines with Quetzal")]
 struct Cli {
+    /// Over HTTPS (QUETZAL_URL=https://…): trust the server whose
+    /// certificate has this SHA-256 fingerprint [env: QUETZAL_FINGERPRINT].
+    #[arg(long, global = true, value_name = "SHA256")]
+    fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,8 +53,11 @@ enum Command {
     Operation(operation::OperationCommand),
     /// quetzald's event log (--follow to keep watching).
     Events(vm::EventsArgs),
-    /// Print the API token for quetzald's TCP listener.
-    Token,
+    /// Print the first admin token (and the HTTPS certificate's
+    /// fingerprint); or make, list and revoke named tokens with roles.
+    Token(access::TokenArgs),
+    /// The audit log: every change made through the API, by whom.
+    Audit(access::AuditArgs),
     /// A working node in one command: image, daemon, demo VM.
     Up,
 }
@@ -124,6 +133,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if let Some(fingerprint) = cli.fingerprint {
+        trust::pin_for_this_run(fingerprint);
+    }
     let result = match cli.command {
         Command::Host(command) => host::run(command),
         Command::Image(command) => image::run(command),
@@ -133,7 +145,8 @@ fn main() -> ExitCode {
         Command::Network(command) => network::run(command),
         Command::Operation(command) => operation::command(command),
         Command::Events(args) => vm::events(args),
-        Command::Token => vm::token(),
+        Command::Token(args) => access::token(args),
+        Command::Audit(args) => access::audit(args),
         Command::Up => up::run(),
     };
     match result {

@@ -122,10 +122,16 @@ fn greet(data: &std::path::Path) {
     eprintln!("quetzal: the node is up.");
     match crate::vm::read_token(data) {
         Ok(token) => eprintln!(
-            "quetzal: dashboard: http://{}/#token={token}  (a login link; `quetzal token` prints the token)",
+            "quetzal: dashboard: https://{}/#token={token}  (a login link; `quetzal token` prints the token)",
             listen()
         ),
-        Err(err) => eprintln!("quetzal: dashboard: http://{} ({err:#})", listen()),
+        Err(err) => eprintln!("quetzal: dashboard: https://{} ({err:#})", listen()),
+    }
+    match quetzal_node::tls::fingerprint_of_file(&quetzal_node::tls::dir(data).join("node.crt")) {
+        Ok(fingerprint) => eprintln!(
+            "quetzal: its certificate is the node's own; SHA-256 fingerprint {fingerprint}"
+        ),
+        Err(err) => eprintln!("quetzal: {err}"),
     }
     eprintln!("quetzal: in another terminal:");
     eprintln!("    {env}quetzal vm list");

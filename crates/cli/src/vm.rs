@@ -410,11 +410,6 @@ fn print_event(event: &Event, output: Output) -> anyhow::Result<()> {
 }
 
 /// `quetzal token`: the API token for quetzald's TCP listener.
-pub fn token() -> anyhow::Result<ExitCode> {
-    println!("{}", read_token(&crate::data_dir())?);
-    Ok(ExitCode::SUCCESS)
-}
-
 /// The API token quetzald keeps in `data`.
 pub fn read_token(data: &std::path::Path) -> anyhow::Result<String> {
     let path = quetzal_node::token::path(data);

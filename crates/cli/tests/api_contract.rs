@@ -132,7 +132,9 @@ fn a_schema_driven_fuzzer_finds_no_server_error_and_no_undocumented_answer() {
     let run = Command::new(tool("st"))
         .arg("--config-file")
         .arg(&config)
-        .args(["run", &format!("http://{addr}/api/v1/openapi.json")])
+        .args(["run", &format!("https://{addr}/api/v1/openapi.json")])
+        .arg("--tls-verify")
+        .arg(daemon.data.path().join("tls/node.crt"))
         .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
         .args([
             "--checks",

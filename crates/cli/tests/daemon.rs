@@ -521,7 +521,11 @@ fn quetzal_up_starts_the_daemon_and_a_demo_vm() {
     );
     up.stderr.wait_for("the node is up");
     up.stderr
-        .wait_for(&format!("dashboard: http://127.0.0.1:{port}/#token="));
+        .wait_for(&format!("dashboard: https://127.0.0.1:{port}/#token="));
+    let fingerprint =
+        quetzal_node::tls::fingerprint_of_file(&data.path().join("tls/node.crt")).unwrap();
+    up.stderr
+        .wait_for(&format!("SHA-256 fingerprint {fingerprint}"));
 
     let listed = Command::new(QUETZAL)
         .args(["vm", "list", "--output", "json"])

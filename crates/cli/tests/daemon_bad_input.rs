@@ -287,14 +287,13 @@ fn the_cli_says_when_quetzald_is_not_running() {
 #[test]
 fn the_tcp_listener_needs_the_token() {
     let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
-    let addr = daemon.tcp_addr().unwrap().to_owned();
     let token = Command::new(QUETZAL)
         .arg("token")
         .env("QUETZAL_DATA_DIR", daemon.data.path())
         .output()
         .unwrap();
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let tcp = || std::net::TcpStream::connect(&addr).unwrap();
+    let tcp = || daemon.https();
 
     let missing = http(tcp(), "GET", "/api/v1/vms", None, &[]);
     let wrong = http(
@@ -338,9 +337,8 @@ fn the_tcp_listener_needs_the_token() {
 #[test]
 fn logins_from_one_address_are_limited_to_30_a_minute() {
     let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
-    let addr = daemon.tcp_addr().unwrap().to_owned();
     let token = std::fs::read_to_string(daemon.data.path().join("token")).unwrap();
-    let tcp = || std::net::TcpStream::connect(&addr).unwrap();
+    let tcp = || daemon.https();
     let login = |token: &str| {
         let body = format!(r#"{{"token": "{}"}}"#, token.trim());
         http(tcp(), "POST", "/api/v1/session", Some(&body), &[]).0
@@ -387,7 +385,8 @@ fn the_cli_works_over_tcp_with_the_token() {
     let output = Command::new(QUETZAL)
         .args(["vm", "create", "remote", "--output", "json"])
         .env("QUETZAL_DATA_DIR", daemon.data.path())
-        .env("QUETZAL_URL", format!("http://{addr}"))
+        .env("QUETZAL_URL", format!("https://{addr}"))
+        .env("QUETZAL_FINGERPRINT", daemon.fingerprint())
         .output()
         .unwrap();
 

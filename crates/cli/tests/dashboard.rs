@@ -16,7 +16,8 @@ const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
 #[test]
 fn the_dashboard_works_in_a_real_browser() {
     let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
-    let url = format!("http://{}", daemon.tcp_addr().unwrap());
+    let url = format!("https://{}", daemon.tcp_addr().unwrap());
+    let cert = daemon.data.path().join("tls/node.crt");
     let token = Cli::new(Path::new(QUETZAL), daemon.data.path()).ok(&["token"]);
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
 
@@ -25,6 +26,10 @@ fn the_dashboard_works_in_a_real_browser() {
         .current_dir(&web)
         .env("QUETZAL_URL", &url)
         .env("QUETZAL_TOKEN", token.trim())
+        // The browser pins the node certificate's key; node's own fetch
+        // trusts the certificate as a CA, as `curl --cacert` would.
+        .env("QUETZAL_CERT", &cert)
+        .env("NODE_EXTRA_CA_CERTS", &cert)
         .env("SCREENSHOTS", tests_root().join("screenshots"))
         .output()
         .expect("node runs (scripts/setup installs it)");
@@ -42,11 +47,7 @@ fn the_dashboard_works_in_a_real_browser() {
 #[test]
 fn the_dashboard_page_is_served_without_credentials_and_the_api_is_not() {
     let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
-    let addr = daemon.tcp_addr().unwrap().to_owned();
-    let get = |path: &str| {
-        let stream = std::net::TcpStream::connect(&addr).unwrap();
-        quetzal_testkit::http(stream, "GET", path, None, &[])
-    };
+    let get = |path: &str| quetzal_testkit::http(daemon.https(), "GET", path, None, &[]);
     let (status, page) = get("/");
     assert_eq!(status, 200);
     assert!(page.contains("<div id=\"app\">"), "{page}");
@@ -61,9 +62,8 @@ fn the_dashboard_page_is_served_without_credentials_and_the_api_is_not() {
     let (status, body) = get("/api/v1/vms");
     assert_eq!(status, 401);
     assert!(body.contains("\"unauthorized\""), "{body}");
-    let stream = std::net::TcpStream::connect(&addr).unwrap();
     let (status, body) = quetzal_testkit::http(
-        stream,
+        daemon.https(),
         "POST",
         "/api/v1/session",
         Some(r#"{"token":"wrong"}"#),

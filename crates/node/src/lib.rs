@@ -1,6 +1,6 @@
 //! quetzald, the node daemon: keeps VMs in a SQLite store, runs each under
 //! a supervisor over its engine (QEMU), and serves the REST API on a Unix
-//! socket (and, with a token, on TCP).
+//! socket (and, with a token, on TCP over TLS).
 //!
 //! - [`node`]: the domain (VM lifecycle, restart policy, recovery).
 //! - [`lifecycle`]: which action is legal in which state.
@@ -12,11 +12,13 @@
 pub mod consolelog;
 pub mod http;
 pub mod lifecycle;
+pub mod listener;
 pub mod net;
 pub mod node;
 pub mod ratelimit;
 pub mod store;
 pub mod supervisor;
+pub mod tls;
 pub mod token;
 
 use std::net::SocketAddr;
@@ -36,8 +38,11 @@ pub fn socket_path(data: &Path) -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub data_dir: PathBuf,
-    /// Also serve on this TCP address, with the token required.
+    /// Also serve on this TCP address (HTTPS), with a token required.
     pub listen: Option<SocketAddr>,
+    /// The certificate and key to serve HTTPS with; the node's own
+    /// (made at first start) when none.
+    pub tls: Option<tls::Given>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Running VMs are left running:
@@ -54,11 +59,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let engines = quetzal_engine::Engines::of_this_host();
     let host = engines.host_info(None)?;
     let node = node::Node::open(data, engines).await?;
-    let token = token::ensure(data).context("cannot create the API token")?;
+    node.access()
+        .ensure_first_admin(data, store::now_millis())
+        .context("cannot create the first API token")?;
+    // Before anything serves: a bad certificate never leaves a listener
+    // that falls back to plain HTTP.
+    let identity = match config.listen {
+        Some(_) => Some(tls::identity(data, config.tls.as_ref())?),
+        None => None,
+    };
     let state = http::AppState {
         node,
         host: Arc::new(host),
         viewers: Arc::default(),
+        tls_fingerprint: identity.as_ref().map(|id| id.fingerprint.clone()),
+        tcp: false,
+        logins: Arc::default(),
     };
 
     let socket = socket_path(data);
@@ -67,23 +83,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
     tracing::info!(socket = %socket.display(), "quetzald serving");
-    let unix_server = axum::serve(unix, http::router(state.clone(), None));
+    // With each connection's peer credentials, for the audit log.
+    let unix_server = axum::serve(
+        unix,
+        http::router(state.clone()).into_make_service_with_connect_info::<http::guard::UnixPeer>(),
+    );
 
-    let tcp_server = match config.listen {
-        Some(addr) => {
+    let tcp_server = match (config.listen, identity) {
+        (Some(addr), Some(identity)) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, "quetzald serving on TCP (token required)");
-            let auth = Arc::new(http::web::Auth::new(token));
-            // With each connection's peer address: logins are limited per
-            // client.
-            let app =
-                http::router(state, Some(auth)).into_make_service_with_connect_info::<SocketAddr>();
-            Some(axum::serve(listener, app))
+            tracing::info!(
+                %addr,
+                fingerprint = %identity.fingerprint,
+                "quetzald serving HTTPS on TCP (token required)"
+            );
+            let app = http::router(http::AppState { tcp: true, ..state });
+            Some(listener::serve(listener, identity.config, app))
         }
-        None => None,
+        _ => None,
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -91,7 +111,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         result = unix_server.into_future() => result.map_err(anyhow::Error::from),
         result = async {
             match tcp_server {
-                Some(server) => server.await.map_err(anyhow::Error::from),
+                Some(server) => {
+                    server.await;
+                    Ok(())
+                }
                 None => std::future::pending().await,
             }
         } => result,

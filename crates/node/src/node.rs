@@ -19,6 +19,7 @@ use crate::net::{self, HostNetworks};
 use crate::store::{Change, SqliteStore, Store, VmRecord, now_millis};
 use crate::supervisor::{Live, Stats};
 
+pub mod access;
 mod core;
 mod create;
 mod error;
@@ -110,6 +111,7 @@ pub struct Node {
     images: ImageStore,
     operations: Operations,
     networks: Networks,
+    access: access::Access,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
@@ -139,6 +141,7 @@ impl Node {
             images: ImageStore::new(data),
             operations: Operations::new(Arc::clone(&core)),
             networks: Networks::new(Arc::clone(&core), host_net),
+            access: access::Access::open(Arc::clone(&core))?,
             core,
             slots: Mutex::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
@@ -165,6 +168,16 @@ impl Node {
     /// The node's operations.
     pub fn operations(&self) -> &Operations {
         &self.operations
+    }
+
+    /// Who may do what: tokens, sessions, the audit log.
+    pub fn access(&self) -> &access::Access {
+        &self.access
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// Reads the lease files every second (after a first read at start);

@@ -454,7 +454,7 @@ impl Daemon {
         };
         let mut ready = stderr.wait_for_after(0, "quetzald serving", Duration::from_secs(30));
         if listen.is_some() {
-            ready = stderr.wait_for_after(ready, "serving on TCP", Duration::from_secs(30));
+            ready = stderr.wait_for_after(ready, "serving HTTPS on TCP", Duration::from_secs(30));
             ready = stderr.wait_for_after(ready, "\n", Duration::from_secs(30));
         }
         daemon.listen = listen.map(|_| {
@@ -476,6 +476,21 @@ impl Daemon {
 
     pub fn socket(&self) -> PathBuf {
         self.data.path().join("quetzald.sock")
+    }
+
+    /// The SHA-256 fingerprint of the node certificate it made.
+    pub fn fingerprint(&self) -> String {
+        quetzal_node::tls::fingerprint_of_file(&self.data.path().join("tls/node.crt"))
+            .expect("the daemon made its certificate")
+    }
+
+    /// A TLS connection to its HTTPS listener that trusts the node
+    /// certificate (by its fingerprint) and nothing else.
+    pub fn https(&self) -> Https {
+        https(
+            self.tcp_addr().expect("started with --listen"),
+            &self.fingerprint(),
+        )
     }
 
     /// `kill -9` the daemon (its VMs keep running).
@@ -523,6 +538,20 @@ impl Daemon {
             std::os::unix::net::UnixStream::connect(self.socket()).expect("quetzald listens");
         http_with_head(stream, method, path, body, &[])
     }
+}
+
+/// A TLS stream to quetzald's HTTPS listener.
+pub type Https = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS connection to `addr` that trusts only the certificate with
+/// `fingerprint`.
+pub fn https(addr: &str, fingerprint: &str) -> Https {
+    let (_, config) = quetzal_node::tls::pinned_client(Some(fingerprint.to_owned()));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("a TLS client");
+    let tcp = std::net::TcpStream::connect(addr).expect("quetzald listens on TCP");
+    rustls::StreamOwned::new(connection, tcp)
 }
 
 /// Sends one HTTP/1.1 request with `Connection: close` and reads the whole

@@ -13,9 +13,17 @@ struct Args {
     /// else /var/lib/quetzal as root, else ~/.local/share/quetzal].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Also serve the API on this TCP address (a bearer token is required).
+    /// Also serve the API on this TCP address, over HTTPS (a bearer token
+    /// is required).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The certificate (PEM, leaf first) to serve HTTPS with [default: the
+    /// node's own, made at first start in DATA/tls/].
+    #[arg(long, requires_all = ["tls_key", "listen"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Remove what this data directory's networks made on the host
     /// (dnsmasq, bridges, nftables rules), then exit. A stopped quetzald
     /// otherwise leaves them up for the VMs still running.
@@ -55,6 +63,10 @@ fn main() -> ExitCode {
     let config = quetzal_node::Config {
         data_dir: args.data_dir.unwrap_or_else(quetzal_image::data_dir),
         listen: args.listen,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| quetzal_node::tls::Given { cert, key }),
     };
     let remove_networks = args.remove_networks;
     let runtime = match tokio::runtime::Builder::new_multi_thread()

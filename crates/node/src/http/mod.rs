@@ -1,8 +1,10 @@
 //! The REST API: thin handlers that parse, call one domain function and map
 //! its result. Errors are always `{"error": {"code", "message"}}`.
 
+mod access;
 mod console;
 mod contract;
+pub mod guard;
 
 use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
@@ -19,12 +21,12 @@ use std::time::Duration;
 use axum::extract::rejection::PathRejection;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::middleware::{self, Next};
+use axum::http::{Method, StatusCode};
+use axum::middleware;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, any, delete, get, post};
 use axum::{Json, Router};
 use quetzal_api::{
     CloneVm, CreateNetwork, CreateSnapshot, CreateTemplate, CreateVm, ErrorBody, ErrorDetail,
@@ -34,7 +36,9 @@ use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
 use utoipa::OpenApi;
 
+use self::guard::Access;
 use crate::node::{Created, DEFAULT_STOP_TIMEOUT, ErrorKind, Node, NodeError, Published};
+use quetzal_api::Role;
 
 /// The largest message a console client may send (typed input): what
 /// a client can make us hold is bounded.
@@ -49,6 +53,13 @@ pub struct AppState {
     pub host: Arc<quetzal_engine::host::HostInfo>,
     /// The consoles, screens and event streams open now.
     pub viewers: Arc<viewers::Viewers>,
+    /// The HTTPS listener's certificate fingerprint, when there is one.
+    pub tls_fingerprint: Option<String>,
+    /// Whether this is the TCP listener's router (callers need
+    /// credentials) rather than the Unix socket's.
+    pub tcp: bool,
+    /// How often each client address tried to log in.
+    pub logins: Arc<web::LoginLimits>,
 }
 
 /// An error answer.
@@ -202,6 +213,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         operations::cancel,
         web::login,
         web::logout,
+        access::list_tokens,
+        access::create_token,
+        access::revoke_token,
+        access::audit,
         host
     ),
     components(schemas(
@@ -229,90 +244,299 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         quetzal_api::OperationKind,
         quetzal_api::OperationState,
         OperationResponse,
-        quetzal_api::OperationList
+        quetzal_api::OperationList,
+        quetzal_api::Role,
+        quetzal_api::Token,
+        quetzal_api::CreateToken,
+        quetzal_api::CreatedToken,
+        quetzal_api::AuditEntry
     ))
 )]
 pub struct ApiDoc;
 
-/// The API and the dashboard. With `auth` (the TCP listener), every API
-/// request must carry `Authorization: Bearer <token>` or a dashboard
-/// session cookie; without, the Unix socket's file mode is the access
-/// control. The dashboard's files and its login need no credentials.
-pub fn router(state: AppState, auth: Option<Arc<web::Auth>>) -> Router {
-    let api = Router::new()
-        .route("/api/v1/vms", get(list_vms).post(create_vm))
-        .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
-        .route("/api/v1/vms/{name}/console", get(console::console))
-        .route("/api/v1/vms/{name}/vnc", get(vnc::vnc))
-        .route("/api/v1/vms/{name}/stats", get(vm_stats))
-        .route("/api/v1/vms/{name}/clone", post(clone_vm))
-        .route(
-            "/api/v1/vms/{name}/snapshots",
-            get(list_snapshots).post(create_snapshot),
+/// One route: its method and path (as the router matches it) and who
+/// may call it. [`routes`] lists every route the router has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Every route, with who may call it and what serves it: the router is
+/// built from this table and nothing else, so [`routes`] is the whole
+/// router (a test walks it).
+fn table() -> Vec<(Route, MethodRouter<AppState>)> {
+    use Access::{Needs, Open};
+    use Role::{Admin, Operator, Viewer};
+    let route = |method: Method, path: &'static str, access: Access, handler| {
+        (
+            Route {
+                method,
+                path,
+                access,
+            },
+            handler,
         )
-        .route(
-            "/api/v1/vms/{name}/snapshots/{snapshot}",
-            axum::routing::delete(delete_snapshot),
-        )
-        .route(
-            "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
-            post(revert_snapshot),
-        )
-        .route(
-            "/api/v1/templates",
-            get(list_templates).post(create_template),
-        )
-        .route(
-            "/api/v1/templates/{name}",
-            get(get_template).delete(delete_template),
-        )
-        .route("/api/v1/networks", get(list_networks).post(create_network))
-        .route(
-            "/api/v1/networks/{name}",
-            get(get_network).delete(delete_network),
-        )
-        .route("/api/v1/vms/{name}/start", post(start_vm))
-        .route("/api/v1/vms/{name}/stop", post(stop_vm))
-        .route("/api/v1/vms/{name}/force-stop", post(force_stop_vm))
-        .route("/api/v1/vms/{name}/restart", post(restart_vm))
-        .route("/api/v1/vms/{name}/pause", post(pause_vm))
-        .route("/api/v1/vms/{name}/resume", post(resume_vm))
-        .route("/api/v1/vms/{name}/{action}", post(unknown_action))
-        .route("/api/v1/operations", get(operations::list))
-        .route(
-            "/api/v1/operations/{id}",
-            get(operations::get).delete(operations::cancel),
-        )
-        .route("/api/v1/operations/{id}/wait", get(operations::wait))
-        .route("/api/v1/events", get(list_events))
-        .route("/api/v1/events/stream", get(stream_events))
-        .route("/api/v1/host", get(host))
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/metrics", get(metrics::metrics))
-        .fallback(not_found)
-        .with_state(state);
-    let api = match &auth {
-        Some(auth) => {
-            let auth = Arc::clone(auth);
-            api.layer(middleware::from_fn(move |req: Request, next: Next| {
-                let auth = Arc::clone(&auth);
-                async move {
-                    match auth.admits(req.headers()) {
-                        Ok(()) => next.run(req).await,
-                        Err(why) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
-                            .into_response(),
-                    }
-                }
-            }))
-        }
-        None => api,
     };
-    let open = Router::new()
-        .route("/", get(web::index))
-        .route("/assets/{*path}", get(web::asset))
-        .route("/api/v1/session", post(web::login).delete(web::logout))
-        .with_state(auth);
-    open.merge(api)
+    let vm = "/api/v1/vms/{name}";
+    vec![
+        route(Method::GET, "/", Open, get(web::index)),
+        route(Method::GET, "/assets/{*path}", Open, get(web::asset)),
+        route(Method::POST, "/api/v1/session", Open, post(web::login)),
+        route(Method::DELETE, "/api/v1/session", Open, delete(web::logout)),
+        route(Method::GET, "/api/v1/vms", Needs(Viewer), get(list_vms)),
+        route(
+            Method::POST,
+            "/api/v1/vms",
+            Needs(Operator),
+            post(create_vm),
+        ),
+        route(Method::GET, vm, Needs(Viewer), get(get_vm)),
+        route(Method::DELETE, vm, Needs(Operator), delete(delete_vm)),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/console",
+            Needs(Operator),
+            get(console::console),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/vnc",
+            Needs(Operator),
+            get(vnc::vnc),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/stats",
+            Needs(Viewer),
+            get(vm_stats),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/clone",
+            Needs(Operator),
+            post(clone_vm),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/snapshots",
+            Needs(Viewer),
+            get(list_snapshots),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/snapshots",
+            Needs(Operator),
+            post(create_snapshot),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/vms/{name}/snapshots/{snapshot}",
+            Needs(Operator),
+            delete(delete_snapshot),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/snapshots/{snapshot}/revert",
+            Needs(Operator),
+            post(revert_snapshot),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/start",
+            Needs(Operator),
+            post(start_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/stop",
+            Needs(Operator),
+            post(stop_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/force-stop",
+            Needs(Operator),
+            post(force_stop_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/restart",
+            Needs(Operator),
+            post(restart_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/pause",
+            Needs(Operator),
+            post(pause_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/resume",
+            Needs(Operator),
+            post(resume_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/{action}",
+            Needs(Operator),
+            post(unknown_action),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/templates",
+            Needs(Viewer),
+            get(list_templates),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/templates",
+            Needs(Operator),
+            post(create_template),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/templates/{name}",
+            Needs(Viewer),
+            get(get_template),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/templates/{name}",
+            Needs(Operator),
+            delete(delete_template),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/networks",
+            Needs(Viewer),
+            get(list_networks),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/networks",
+            Needs(Admin),
+            post(create_network),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/networks/{name}",
+            Needs(Viewer),
+            get(get_network),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/networks/{name}",
+            Needs(Admin),
+            delete(delete_network),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/operations",
+            Needs(Viewer),
+            get(operations::list),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/operations/{id}",
+            Needs(Viewer),
+            get(operations::get),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/operations/{id}",
+            Needs(Operator),
+            delete(operations::cancel),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/operations/{id}/wait",
+            Needs(Viewer),
+            get(operations::wait),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/events",
+            Needs(Viewer),
+            get(list_events),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/events/stream",
+            Needs(Viewer),
+            get(stream_events),
+        ),
+        route(Method::GET, "/api/v1/host", Needs(Viewer), get(host)),
+        route(
+            Method::GET,
+            "/api/v1/tokens",
+            Needs(Admin),
+            get(access::list_tokens),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/tokens",
+            Needs(Admin),
+            post(access::create_token),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/tokens/{name}",
+            Needs(Admin),
+            delete(access::revoke_token),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/audit",
+            Needs(Admin),
+            get(access::audit),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/openapi.json",
+            Needs(Viewer),
+            get(openapi),
+        ),
+        route(
+            Method::GET,
+            "/metrics",
+            Needs(Viewer),
+            get(metrics::metrics),
+        ),
+    ]
+}
+
+/// Every route of the router, with who may call it.
+pub fn routes() -> Vec<Route> {
+    table().into_iter().map(|(route, _)| route).collect()
+}
+
+/// The API and the dashboard. On the TCP listener (`state.tcp`) every
+/// route but the dashboard's files and login needs a token or a session
+/// with the route's role; on the Unix socket the socket's file mode is
+/// the access control and the caller is `local`, an admin.
+pub fn router(state: AppState) -> Router {
+    let guarded = |access: Access, handler: MethodRouter<AppState>| {
+        handler.route_layer(middleware::from_fn_with_state(
+            (state.clone(), access),
+            guard::guard,
+        ))
+    };
+    let mut router = Router::new();
+    for (route, handler) in table() {
+        router = router.route(route.path, guarded(route.access, handler));
+    }
+    // An unknown path needs credentials too: without, it answers 401, not
+    // which paths exist.
+    let unknown = any(not_found).layer(middleware::from_fn_with_state(
+        (state.clone(), Access::Needs(Role::Viewer)),
+        guard::guard,
+    ));
+    router
+        .fallback_service(unknown.with_state(state.clone()))
+        .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
 
@@ -610,6 +834,7 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
         accel: info.accel.to_string(),
         accel_reason: info.accel_reason.clone(),
         vms_by_state: by_state,
+        tls_fingerprint: app.tls_fingerprint.clone(),
     }))
 }
 

@@ -61,6 +61,8 @@ pub enum NodeError {
     #[error(transparent)]
     Operation(#[from] OperationError),
     #[error(transparent)]
+    Access(#[from] super::access::AccessError),
+    #[error(transparent)]
     Fault(#[from] Fault),
 }
 
@@ -72,6 +74,7 @@ impl NodeError {
             NodeError::Template(err) => err.kind(),
             NodeError::Network(err) => err.kind(),
             NodeError::Operation(err) => err.kind(),
+            NodeError::Access(err) => err.kind(),
             NodeError::Fault(err) => err.kind(),
         }
     }

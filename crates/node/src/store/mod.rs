@@ -12,12 +12,14 @@ use quetzal_api::{Event, EventKind, VmState};
 
 use rusqlite::{Connection, params};
 
+mod access;
 mod networks;
 mod operations;
 mod snapshots;
 mod templates;
 mod vms;
 
+pub use access::{AccessStore, AuditRecord, AuditStore, SessionRecord, TokenRecord};
 pub use networks::{NetworkRecord, NetworkStore};
 pub use operations::{Failure, OperationRecord, OperationStore};
 pub use snapshots::{SnapshotRecord, SnapshotStore};
@@ -123,13 +125,44 @@ const MIGRATIONS: &[&str] = &[
         finished_at INTEGER
     );
     CREATE INDEX operations_by_start ON operations (started_at);",
+    "CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        last_used_at INTEGER
+    );
+    CREATE TABLE sessions (
+        hash TEXT PRIMARY KEY,
+        token TEXT NOT NULL REFERENCES tokens (name) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        who TEXT NOT NULL,
+        source TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL
+    );",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite
 /// ([`SqliteStore`]) is the embedded default; a cluster keeps the same
 /// records in etcd behind the same traits.
 pub trait Store:
-    VmStore + SnapshotStore + TemplateStore + NetworkStore + OperationStore + Send + std::fmt::Debug
+    VmStore
+    + SnapshotStore
+    + TemplateStore
+    + NetworkStore
+    + OperationStore
+    + AccessStore
+    + AuditStore
+    + Send
+    + std::fmt::Debug
 {
 }
 
@@ -139,6 +172,8 @@ impl<T> Store for T where
         + TemplateStore
         + NetworkStore
         + OperationStore
+        + AccessStore
+        + AuditStore
         + Send
         + std::fmt::Debug
 {
