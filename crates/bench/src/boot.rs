@@ -182,6 +182,7 @@ fn qmp_ready(
                 }],
                 nics: vec![],
                 graphics: false,
+                confinement: Default::default(),
             };
             let run_dir: PathBuf = scratch.join(format!("qmp-{run}"));
             let mut vm = QemuEngine::new()

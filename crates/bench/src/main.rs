@@ -7,6 +7,8 @@
 //!   and qemu-img.
 //! - `quetzal-bench dashboard`: the dashboard's list render and event
 //!   latency in Chromium (web/bench/dashboard.mjs).
+//! - `quetzal-bench tls`: the API over HTTPS against plain HTTP on the
+//!   Unix socket.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
@@ -16,10 +18,11 @@ mod clones;
 mod dashboard;
 mod node;
 mod stats;
+mod tls;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard [--runs N]";
+const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -28,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" | "dashboard" => which = Some(arg),
+            "boot" | "node" | "clones" | "dashboard" | "tls" => which = Some(arg),
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Some("node") => node::run(runs, &bin),
         Some("clones") => clones::run(runs, &bin),
         Some("dashboard") => dashboard::run(runs, &bin),
+        Some("tls") => tls::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

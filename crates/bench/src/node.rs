@@ -7,8 +7,8 @@
 //! - list latency with 200 VMs defined (`GET /api/v1/vms` on the Unix
 //!   socket; libvirt's `listAllDomains` + each domain's state through the
 //!   Python binding, which is what `virsh list --all` asks);
-//! - daemon resident memory idle and with 20 running VMs, and CPU use while
-//!   those 20 run.
+//! - daemon resident memory idle and with 20 running VMs (quetzald with
+//!   its HTTPS listener on), and CPU use while those 20 run.
 //!
 //! Needs libvirt running (`scripts/bench-setup`).
 
@@ -32,7 +32,8 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     let image = ImageStore::new(&quetzal_image::data_dir()).get("tiny")?;
     let (_scratch, data, lv) = scratch()?;
-    let daemon = Daemon::start(&bin.join("quetzald"), &data)?;
+    // With its HTTPS listener, as a node serving a dashboard runs.
+    let daemon = Daemon::start_with(&bin.join("quetzald"), &data, &["--listen", "127.0.0.1:0"])?;
 
     let quetzal = bin.join("quetzal");
     let result = measure(runs, &quetzal, &daemon, &image, &lv);

@@ -201,6 +201,7 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
         disks,
         nics,
         graphics: false,
+        confinement: Default::default(),
     };
     Ok(Prepared {
         spec,

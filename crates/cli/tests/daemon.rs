@@ -547,6 +547,7 @@ fn quetzal_up_starts_the_daemon_and_a_demo_vm() {
         );
     }
     quetzal_testkit::assert_no_process_mentions(&marker);
+    quetzal_testkit::remove_cgroups(data.path());
     let removed = Command::new(QUETZALD)
         .arg("--data-dir")
         .arg(data.path())

@@ -297,6 +297,60 @@ pub struct VmSpec {
     /// A VGA display, served over VNC on the run directory's `vnc.sock`
     /// (the graphical console); without it the VM has no display.
     pub graphics: bool,
+    /// Who its process runs as and what it may take of the host.
+    pub confinement: Confinement,
+}
+
+/// A user and group id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How a VM's process is fenced off from the host and from the other
+/// VMs, beyond the seccomp filter every one gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// The user and group it runs as, owning its run directory and
+    /// writable disks (none: as whoever starts it).
+    pub user: Option<Ids>,
+    /// The memory limit of its own cgroup, MiB (none: no cgroup of its
+    /// own).
+    pub memory_limit_mib: Option<u64>,
+}
+
+impl Confinement {
+    /// The first uid (and gid) of VMs: VM `id` runs as `FIRST_UID + id`.
+    /// No account needs to exist for it; nothing else on a host uses this
+    /// range by convention (it is past what `useradd` hands out).
+    pub const FIRST_UID: u32 = 200_000;
+
+    /// What a node gives VM number `id` with `memory_mib` of RAM: when the
+    /// node may (it runs as root), a uid and gid of its own and a cgroup
+    /// whose limit is its RAM plus what the process needs beside it;
+    /// otherwise nothing beyond the seccomp filter.
+    pub fn for_vm(id: u32, memory_mib: u64, privileged: bool) -> Self {
+        if !privileged {
+            return Confinement::default();
+        }
+        let ids = Ids {
+            uid: Self::FIRST_UID.saturating_add(id),
+            gid: Self::FIRST_UID.saturating_add(id),
+        };
+        Confinement {
+            user: Some(ids),
+            memory_limit_mib: Some(memory_mib + overhead_mib(memory_mib)),
+        }
+    }
+}
+
+/// What a VM's process needs beyond its guest's RAM: the device model,
+/// its buffers, and under TCG the translated code (QEMU 7.2's default
+/// translation cache is large but filled lazily): a quarter of the RAM
+/// and at least 256 MiB.
+pub fn overhead_mib(memory_mib: u64) -> u64 {
+    (memory_mib / 4).max(256)
 }
 
 #[cfg(test)]
@@ -314,6 +368,24 @@ mod tests {
             assert_eq!(octet & 0x03, 0x02, "{mac}");
             assert!(mac.to_string().ends_with(":01:02:03:04:05"), "{mac}");
         }
+    }
+
+    #[test]
+    fn a_privileged_node_gives_each_vm_its_own_user_and_a_memory_limit() {
+        let confined = Confinement::for_vm(7, 1024, true);
+        assert_eq!(
+            confined.user,
+            Some(Ids {
+                uid: 200_007,
+                gid: 200_007
+            })
+        );
+        assert_eq!(confined.memory_limit_mib, Some(1024 + 256));
+        assert_eq!(
+            Confinement::for_vm(1, 4096, true).memory_limit_mib,
+            Some(5120)
+        );
+        assert_eq!(Confinement::for_vm(7, 1024, false), Confinement::default());
     }
 
     #[test]

@@ -72,6 +72,7 @@ async fn boot(data: &DataDir) -> Booted {
         }],
         nics: vec![],
         graphics: false,
+        confinement: Default::default(),
     };
     let mut vm = QemuEngine::new()
         .create(&spec, &data.path().join("run"), Lifetime::TiedToCaller)

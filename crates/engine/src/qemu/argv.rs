@@ -8,6 +8,7 @@ use crate::accel::Accel;
 use crate::spec::{Machine, NicBackend, VmSpec};
 
 use super::RunPaths;
+use super::sandbox::FIRST_TAP_FD;
 
 /// QEMU's option parser splits on `,`; a literal comma is written `,,`.
 fn escape(path: &Path) -> String {
@@ -23,6 +24,12 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
 
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
+    // QEMU's seccomp filter: no obsolete system calls, no gaining
+    // privileges, no new processes, no changing its own scheduling.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     match spec.machine {
         Machine::Pc => push(&["-machine", "pc"]),
     }
@@ -88,13 +95,16 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         ]);
     }
 
+    // TAP devices are opened by the daemon and handed over as fds 3, 4, …
+    // in the order of the NICs that use one (see `sandbox`).
+    let mut tap_fd = FIRST_TAP_FD;
     for (index, nic) in spec.nics.iter().enumerate() {
         match &nic.backend {
             NicBackend::User => push(&["-netdev", &format!("user,id=net{index}")]),
-            NicBackend::Tap { ifname } => push(&[
-                "-netdev",
-                &format!("tap,id=net{index},ifname={ifname},script=no,downscript=no"),
-            ]),
+            NicBackend::Tap { .. } => {
+                push(&["-netdev", &format!("tap,id=net{index},fd={tap_fd}")]);
+                tap_fd += 1;
+            }
         }
         // romfile= skips the iPXE option ROM: we boot kernels directly.
         push(&[
@@ -137,6 +147,7 @@ mod tests {
             disks: vec![],
             nics: vec![],
             graphics: false,
+            confinement: Default::default(),
         }
     }
 
@@ -263,6 +274,6 @@ mod tests {
 
         let args = text(&argv(&spec, &paths()));
 
-        assert!(args.contains("-netdev tap,id=net0,ifname=qz12345t00abcd,script=no,downscript=no"));
+        assert!(args.contains("-netdev tap,id=net0,fd=3"));
     }
 }

@@ -2,6 +2,7 @@
 
 mod argv;
 mod process;
+pub mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -37,6 +38,12 @@ pub enum QemuError {
     #[error("cannot prepare the run directory {dir}: {source}")]
     RunDir {
         dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot confine the VM's process ({path}): {source}")]
+    Confine {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -219,6 +226,7 @@ impl Engine for QemuEngine {
             }
         }
         prepare_run_dir(&paths)?;
+        let handover = sandbox::prepare(spec, &paths)?;
         let spawned = Instant::now();
         let child = process::spawn(
             &binary,
@@ -226,6 +234,7 @@ impl Engine for QemuEngine {
             &paths.log,
             &paths.pidfile,
             lifetime,
+            handover,
         )?;
         // Until it is handed over, a failure below kills what we started.
         let mut guard = SpawnGuard {
@@ -314,6 +323,7 @@ impl QemuEngine {
         while process::is_alive(pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        sandbox::cgroup::remove_when_left(run_dir).await;
     }
 
     /// Takes over a QEMU that a previous owner started in `run_dir` with
@@ -464,7 +474,7 @@ impl QemuVm {
     /// Waits for the QEMU process to exit; its status when we started it,
     /// `None` for an adopted process (only its parent can read that).
     pub async fn wait(&mut self) -> Result<Option<ExitStatus>, QemuError> {
-        match &mut self.process {
+        let ended = match &mut self.process {
             Process::Child(child) => {
                 child
                     .wait()
@@ -481,7 +491,10 @@ impl QemuVm {
                 }
                 Ok(None)
             }
-        }
+        };
+        // Its cgroup goes with it.
+        sandbox::cgroup::remove_when_left(&self.paths.dir).await;
+        ended
     }
 
     /// CPU time and resident memory of the QEMU process, from /proc.

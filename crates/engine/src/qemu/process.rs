@@ -8,7 +8,12 @@ use std::process::Stdio;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid, setsid};
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use nix::libc;
+
 use super::QemuError;
+use super::sandbox::{FIRST_TAP_FD, Handover};
 
 /// Whether QEMU outlives the program that started it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +48,7 @@ pub fn spawn(
     log: &Path,
     pidfile: &Path,
     lifetime: Lifetime,
+    handover: Handover,
 ) -> Result<tokio::process::Child, QemuError> {
     let spawn_failed = |source| QemuError::Spawn {
         binary: binary.to_owned(),
@@ -58,15 +64,54 @@ pub fn spawn(
         .stdout(log.try_clone().map_err(spawn_failed)?)
         .stderr(log);
     let parent = Pid::this();
+    // Raw numbers for the child; the fds stay open (owned by `handover`)
+    // until the child has exec'd.
+    let cgroup_procs = handover.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
+    let mut taps = [0 as RawFd; MAX_TAPS];
+    if handover.taps.len() > MAX_TAPS {
+        return Err(spawn_failed(std::io::Error::other(format!(
+            "{} TAP devices; at most {MAX_TAPS}",
+            handover.taps.len()
+        ))));
+    }
+    for (slot, tap) in taps.iter_mut().zip(&handover.taps) {
+        *slot = tap.as_raw_fd();
+    }
+    let tap_count = handover.taps.len();
+    let user = handover.user;
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe system calls (setsid, getpid, open, write,
-    // close, prctl, getppid); it allocates nothing and touches no lock
-    // (the pidfile's path was made before the fork).
+    // close, dup2, setgroups, setresgid, setresuid, prctl, getppid); it
+    // allocates nothing and touches no lock (the pidfile's path and the
+    // fds were made before the fork).
     unsafe {
         command.pre_exec(move || {
             // Its own session: a Ctrl-C on our terminal does not reach QEMU.
             setsid()?;
             write_own_pid(&pidfile)?;
+            // Into its cgroup before it allocates anything.
+            if let Some(procs) = cgroup_procs {
+                // SAFETY: the fd stays open in the parent's `handover`
+                // until after exec; this borrow ends here.
+                let procs = BorrowedFd::borrow_raw(procs);
+                nix::unistd::write(procs, b"0\n")?;
+            }
+            // The TAP devices at the fds its command line names (dup2
+            // clears close-on-exec on the copy).
+            for (index, tap) in taps[..tap_count].iter().enumerate() {
+                let target = FIRST_TAP_FD + i32::try_from(index).unwrap_or(0);
+                if libc::dup2(*tap, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Last, the VM's own user: nothing privileged is left to do.
+            if let Some(ids) = user {
+                nix::unistd::setgroups(&[])?;
+                let gid = nix::unistd::Gid::from_raw(ids.gid);
+                let uid = nix::unistd::Uid::from_raw(ids.uid);
+                nix::unistd::setresgid(gid, gid, gid)?;
+                nix::unistd::setresuid(uid, uid, uid)?;
+            }
             if lifetime == Lifetime::TiedToCaller {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
                 // The parent may have died before prctl took effect.
@@ -77,8 +122,14 @@ pub fn spawn(
             Ok(())
         });
     }
-    command.spawn().map_err(spawn_failed)
+    let child = command.spawn().map_err(spawn_failed);
+    // The child has its copies now.
+    drop(handover);
+    child
 }
+
+/// How many TAP devices one QEMU can be handed.
+const MAX_TAPS: usize = 16;
 
 /// Writes this process's pid (decimal and a newline) to `path`, making
 /// no allocation: it runs between fork and exec.

@@ -11,7 +11,10 @@ use axum::extract::{Path as UrlPath, State};
 use axum::response::Response;
 use tokio::sync::broadcast::error::RecvError;
 
+use axum::Extension;
+
 use super::{ApiError, AppState};
+use crate::node::access::Caller;
 
 /// How much recent output a new viewer gets.
 const HISTORY_BYTES: u64 = 64 * 1024;
@@ -20,9 +23,10 @@ pub async fn console(
     ws: WebSocketUpgrade,
     State(app): State<AppState>,
     UrlPath(name): UrlPath<String>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     let (log, live) = app.node.console(&name)?;
-    let seat = app.viewers.of_vm(&name)?;
+    let seat = app.viewers.of_vm(&name, &caller.who)?;
     Ok(ws
         .max_message_size(super::CONSOLE_MAX_MESSAGE)
         .max_frame_size(super::CONSOLE_MAX_MESSAGE)

@@ -793,9 +793,10 @@ async fn list_events(
 /// Events as they happen (server-sent events, one JSON `Event` each).
 async fn stream_events(
     State(app): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::node::access::Caller>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     // Held as long as the stream: dropped with it when the client leaves.
-    let seat = app.viewers.stream()?;
+    let seat = app.viewers.stream(&caller.who)?;
     let events = tokio_stream::wrappers::BroadcastStream::new(app.node.subscribe()).filter_map(
         move |event| {
             let _seat = &seat;

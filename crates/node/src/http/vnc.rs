@@ -9,15 +9,19 @@ use axum::response::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use axum::Extension;
+
 use super::{ApiError, AppState};
+use crate::node::access::Caller;
 
 pub async fn vnc(
     ws: WebSocketUpgrade,
     State(app): State<AppState>,
     Path(name): Path<String>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     let socket_path = app.node.vnc_socket(&name)?;
-    let seat = app.viewers.of_vm(&name)?;
+    let seat = app.viewers.of_vm(&name, &caller.who)?;
     let server = UnixStream::connect(&socket_path).await.map_err(|e| {
         ApiError::new(
             StatusCode::CONFLICT,

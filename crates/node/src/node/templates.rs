@@ -250,6 +250,14 @@ impl Node {
             }
         };
         quetzal_engine::failpoint::crash("template-recorded");
+        // The template's disk belongs to the daemon, read-only to all (the
+        // base of every clone, whichever user each runs as): the uid its VM
+        // ran as may come back to another VM.
+        let _ = std::os::unix::fs::lchown(
+            &disk,
+            Some(nix::unistd::geteuid().as_raw()),
+            Some(nix::unistd::getegid().as_raw()),
+        );
         let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
         if let Err(err) = std::fs::remove_dir_all(self.vm_dir(&record.name)) {
             tracing::warn!(vm = %record.name, error = %err, "cannot remove the VM's directory");

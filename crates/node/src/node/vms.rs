@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+    Confinement, Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName,
+    VmSpec,
 };
 use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
@@ -123,11 +124,13 @@ impl Node {
             "deleted by request"
         };
         let event = self.store().delete_vm(name, record.revision, cause)?;
-        if !keep_disks {
-            let dir = self.vm_dir(name);
-            if let Err(err) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
-            }
+        let dir = self.vm_dir(name);
+        if keep_disks {
+            // Kept files go back to the daemon: the uid the VM ran as may
+            // come back to another VM.
+            give_back(&dir);
+        } else if let Err(err) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
         }
         self.publish(event.into());
         self.forget_slot(name);
@@ -254,6 +257,12 @@ impl Node {
                 },
             }],
             graphics: true,
+            // Its own uid and cgroup when this daemon may give them.
+            confinement: Confinement::for_vm(
+                record.nic,
+                vm.memory_mib,
+                nix::unistd::geteuid().is_root(),
+            ),
         };
         quetzal_engine::failpoint::crash("start-before-spawn");
         let mut engine_vm = engine
@@ -489,5 +498,23 @@ impl Node {
                 }
             }
         });
+    }
+}
+
+/// Gives a directory and what is directly in it to the daemon's own user.
+fn give_back(dir: &std::path::Path) {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let entries = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path());
+    for path in std::iter::once(dir.to_owned()).chain(entries) {
+        if let Err(err) = std::os::unix::fs::lchown(&path, Some(uid), Some(gid)) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot take a kept file back");
+        }
     }
 }

@@ -1,0 +1,258 @@
+//! What the daemon prepares so that QEMU needs no privilege, as libvirt
+//! does: its run directory and writable disks owned by the VM's own user,
+//! its TAP devices opened here and handed over as file descriptors, and a
+//! cgroup of its own with a memory limit. The child joins the cgroup and
+//! drops to the VM's user between fork and exec ([`super::process`]); QEMU
+//! itself then installs its seccomp filter (`-sandbox`, in [`super::argv`]).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+use nix::sys::stat::Mode;
+use sha2::{Digest, Sha256};
+
+use super::{QemuError, RunPaths};
+use crate::spec::{Ids, NicBackend, VmSpec};
+
+/// The fd the first TAP device gets in QEMU (`-netdev tap,fd=3`), the next
+/// one 4, and so on.
+pub const FIRST_TAP_FD: i32 = 3;
+/// Where handed-over fds wait in the parent: above every fd the child
+/// renumbers to, so moving one never overwrites another.
+const PARKED_FDS: i32 = 64;
+
+/// What the child takes with it across exec.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// The VM's TAP devices, in the order of its TAP NICs.
+    pub taps: Vec<OwnedFd>,
+    /// Its cgroup's `cgroup.procs`, open for writing: the child joins by
+    /// writing `0`.
+    pub cgroup_procs: Option<OwnedFd>,
+    /// Who the child becomes.
+    pub user: Option<Ids>,
+}
+
+fn failed(path: &Path) -> impl Fn(std::io::Error) -> QemuError + '_ {
+    move |source| QemuError::Confine {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Prepares the run directory, the TAP devices and the cgroup for `spec`.
+pub fn prepare(spec: &VmSpec, paths: &RunPaths) -> Result<Handover, QemuError> {
+    let confinement = spec.confinement;
+    if let Some(ids) = confinement.user {
+        own(&paths.dir, ids)?;
+        for disk in spec.disks.iter().filter(|disk| !disk.read_only) {
+            std::os::unix::fs::lchown(&disk.path, Some(ids.uid), Some(ids.gid))
+                .map_err(failed(&disk.path))?;
+        }
+    }
+    let mut taps = Vec::new();
+    for nic in &spec.nics {
+        if let NicBackend::Tap { ifname } = &nic.backend {
+            taps.push(open_tap(ifname)?);
+        }
+    }
+    let cgroup_procs = match confinement.memory_limit_mib {
+        Some(limit) => Some(cgroup::create(&paths.dir, limit)?),
+        None => None,
+    };
+    Ok(Handover {
+        taps,
+        cgroup_procs,
+        user: confinement.user,
+    })
+}
+
+/// Gives the run directory and everything directly in it to `ids`; the
+/// directory is closed to everyone else (another VM cannot open its
+/// disk, sockets or logs).
+fn own(dir: &Path, ids: Ids) -> Result<(), QemuError> {
+    let chown = |path: &Path| {
+        std::os::unix::fs::lchown(path, Some(ids.uid), Some(ids.gid)).map_err(failed(path))
+    };
+    chown(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed(dir))?;
+    for entry in std::fs::read_dir(dir).map_err(failed(dir))? {
+        let path = entry.map_err(failed(dir))?.path();
+        chown(&path)?;
+    }
+    Ok(())
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: a name and the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
+
+/// Makes (or attaches to) TAP device `ifname`; the device lives as long
+/// as an fd of it is open — QEMU's, once handed over.
+fn open_tap(ifname: &str) -> Result<OwnedFd, QemuError> {
+    let tun = Path::new("/dev/net/tun");
+    let name = ifname.as_bytes();
+    if name.len() >= 16 {
+        return Err(failed(tun)(std::io::Error::other(format!(
+            "TAP name {ifname} is longer than 15 bytes"
+        ))));
+    }
+    let raw = open(tun, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|errno| failed(tun)(errno.into()))?;
+    // SAFETY: `raw` was just returned by open(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut request = IfReq {
+        name: [0; 16],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    request.name[..name.len()].copy_from_slice(name);
+    // SAFETY: TUNSETIFF reads a `struct ifreq` from the pointer, which
+    // points at one laid out as the kernel expects and lives across the
+    // call.
+    unsafe { tunsetiff(fd.as_raw_fd(), &request) }.map_err(|errno| {
+        failed(tun)(std::io::Error::other(format!(
+            "TUNSETIFF {ifname}: {errno}"
+        )))
+    })?;
+    park(fd).map_err(failed(tun))
+}
+
+/// Moves an fd above [`PARKED_FDS`] (close-on-exec still set).
+fn park(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    let raw = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(PARKED_FDS))?;
+    // SAFETY: `raw` was just returned by fcntl(F_DUPFD_CLOEXEC) and nothing
+    // else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Each VM's cgroup: `quetzal/<dir>-<hash of the run directory>` under
+/// the memory controller (cgroup v1) or the unified hierarchy (v2).
+pub mod cgroup {
+    use super::*;
+
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    fn unified() -> bool {
+        Path::new(ROOT).join("cgroup.controllers").exists()
+    }
+
+    fn parent() -> PathBuf {
+        if unified() {
+            Path::new(ROOT).join("quetzal")
+        } else {
+            Path::new(ROOT).join("memory/quetzal")
+        }
+    }
+
+    /// The cgroup of the VM whose run directory is `run_dir` (unique per
+    /// directory, so two nodes on one host never share one).
+    pub fn path(run_dir: &Path) -> PathBuf {
+        let hash: String = Sha256::digest(run_dir.as_os_str().as_encoded_bytes())
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let name = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        parent().join(format!("{name}-{hash}"))
+    }
+
+    /// The file that holds a cgroup's memory limit.
+    pub fn limit_file(cgroup: &Path) -> PathBuf {
+        cgroup.join(if unified() {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        })
+    }
+
+    /// Makes the cgroup (or takes the one a previous run left) with a
+    /// memory limit of `limit_mib`; its `cgroup.procs`, open for writing.
+    pub fn create(run_dir: &Path, limit_mib: u64) -> Result<OwnedFd, QemuError> {
+        let dir = path(run_dir);
+        if unified() {
+            // Children of the root and of quetzal/ get the memory controller.
+            std::fs::create_dir_all(parent()).map_err(failed(&dir))?;
+            for control in [Path::new(ROOT).to_owned(), parent()] {
+                let file = control.join("cgroup.subtree_control");
+                std::fs::write(&file, "+memory").map_err(failed(&file))?;
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(failed(&dir))?;
+        let limit = limit_file(&dir);
+        std::fs::write(&limit, (limit_mib << 20).to_string()).map_err(failed(&limit))?;
+        let procs = dir.join("cgroup.procs");
+        let raw = open(&procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|errno| failed(&procs)(errno.into()))?;
+        // SAFETY: `raw` was just returned by open(2) and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    /// Removes the VM's cgroup once its process is gone; false while a
+    /// process is still in it (one that just ended can take a moment to
+    /// leave).
+    pub fn remove(run_dir: &Path) -> bool {
+        let dir = path(run_dir);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => true,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
+            Err(err) => {
+                tracing::debug!(cgroup = %dir.display(), %err, "cgroup kept");
+                false
+            }
+        }
+    }
+
+    /// [`remove`], trying again for up to two seconds while the ended
+    /// process is still leaving.
+    pub async fn remove_when_left(run_dir: &Path) {
+        for _ in 0..100 {
+            if remove(run_dir) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::warn!(cgroup = %path(run_dir).display(), "cannot remove the VM's cgroup");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_run_directory_has_its_own_cgroup() {
+        let one = cgroup::path(Path::new("/var/lib/quetzal/vms/web"));
+        let two = cgroup::path(Path::new("/srv/other-node/vms/web"));
+
+        assert_ne!(one, two);
+        assert!(
+            one.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("web-")
+        );
+        assert_eq!(one, cgroup::path(Path::new("/var/lib/quetzal/vms/web")));
+    }
+
+    #[test]
+    fn the_ifreq_is_laid_out_as_the_kernel_reads_it() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+}
