@@ -633,3 +633,54 @@ fn the_audit_log_has_a_row_per_change_with_who_and_no_secret() {
     );
     assert_eq!(peek.0, 403);
 }
+
+#[test]
+fn a_bad_certificate_or_key_stops_the_daemon_with_one_line_before_it_listens() {
+    // Two nodes' certificates: the first's with the second's key is a pair
+    // that does not go together.
+    let one = https_daemon();
+    let two = https_daemon();
+    let cert = one.data.path().join("tls/node.crt");
+    let other_key = two.data.path().join("tls/node.key");
+    let junk = two.data.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let missing = two.data.path().join("missing.pem");
+    let data = DataDir::new();
+    let start = |cert: &Path, key: &Path| {
+        Command::new(QUETZALD)
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .env("QUETZAL_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+
+    for (cert, key, says) in [
+        (&cert, &other_key, "do not go together"),
+        (&junk, &other_key, "holds no PEM certificate"),
+        (&cert, &junk, "holds no PEM private key"),
+        (&missing, &other_key, "cannot read"),
+    ] {
+        let out = start(cert, key);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            !quetzal_node::socket_path(data.path()).exists(),
+            "it served: {stderr}"
+        );
+    }
+    // The key alone is not enough, nor a certificate without --listen.
+    let half = Command::new(QUETZALD)
+        .args(["--listen", "127.0.0.1:0", "--tls-key"])
+        .arg(&other_key)
+        .output()
+        .unwrap();
+    assert!(!half.status.success());
+    assert_eq!(String::from_utf8(half.stderr).unwrap().lines().count(), 1);
+}

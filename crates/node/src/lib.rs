@@ -56,18 +56,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| anyhow::anyhow!("another quetzald is already serving {}", data.display()))?;
 
+    // Before anything starts: a bad certificate stops the daemon here, and
+    // never leaves a listener that falls back to plain HTTP.
+    let identity = match config.listen {
+        Some(_) => Some(tls::identity(data, config.tls.as_ref())?),
+        None => None,
+    };
     let engines = quetzal_engine::Engines::of_this_host();
     let host = engines.host_info(None)?;
     let node = node::Node::open(data, engines).await?;
     node.access()
         .ensure_first_admin(data, store::now_millis())
         .context("cannot create the first API token")?;
-    // Before anything serves: a bad certificate never leaves a listener
-    // that falls back to plain HTTP.
-    let identity = match config.listen {
-        Some(_) => Some(tls::identity(data, config.tls.as_ref())?),
-        None => None,
-    };
     let state = http::AppState {
         node,
         host: Arc::new(host),

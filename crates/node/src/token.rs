@@ -1,5 +1,6 @@
-//! The API token for the TCP listener: created on first start, kept in
-//! `DATA/token` with mode 0600.
+//! The first admin token's secret: created on first start, kept in
+//! `DATA/token` with mode 0600 for `quetzal up` and `quetzal token` on
+//! this host (the store keeps only its hash, see `node::access`).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -30,16 +31,6 @@ pub fn ensure(data: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Compares in time independent of where the strings differ.
-pub fn matches(presented: &str, token: &str) -> bool {
-    presented.len() == token.len()
-        && presented
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -60,12 +51,5 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn matches_only_the_exact_token() {
-        assert!(matches("abc", "abc"));
-        assert!(!matches("abd", "abc"));
-        assert!(!matches("ab", "abc"));
     }
 }
