@@ -95,7 +95,7 @@ pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     );
     let added = percentile(&tls_all, 50).saturating_sub(percentile(&unix_all, 50));
     println!(
-        "| **added by TLS (p50)** | **{:.2} ms** ({:.2}×) | — |",
+        "| **added by TLS (p50)** | **{:.3} ms** ({:.2}×) | — |",
         millis(added),
         crate::node::ratio(percentile(&tls_all, 50), percentile(&unix_all, 50))
     );
