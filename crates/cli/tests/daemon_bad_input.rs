@@ -571,3 +571,44 @@ fn a_name_too_long_for_the_data_directorys_sockets_is_refused() {
     let (status, _) = daemon.request("POST", "/api/v1/vms/web/stop?timeout_secs=3601", None);
     assert_eq!(status, 400);
 }
+
+#[test]
+fn a_console_message_past_the_limit_closes_the_websocket_with_why() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let daemon = daemon();
+    let (status, body) = daemon.request("POST", "/api/v1/vms", Some(r#"{"name":"typist"}"#));
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = daemon.request("POST", "/api/v1/vms/typist/start", None);
+    assert_eq!(status, 200, "{body}");
+    let socket = daemon.socket();
+
+    let closed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+            let (mut ws, _) =
+                tokio_tungstenite::client_async("ws://localhost/api/v1/vms/typist/console", stream)
+                    .await
+                    .unwrap();
+            // 100 KiB of typing in one message: the limit is 64 KiB.
+            ws.send(Message::Text("x".repeat(100 * 1024).into()))
+                .await
+                .unwrap();
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => {}
+                    other => panic!("no close frame: {other:?}"),
+                }
+            }
+        })
+        .expect("a close frame with a code");
+
+    assert_eq!(closed.code, CloseCode::Size);
+    assert!(closed.reason.contains("too long"), "{}", closed.reason);
+}

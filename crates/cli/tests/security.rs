@@ -684,3 +684,87 @@ fn a_bad_certificate_or_key_stops_the_daemon_with_one_line_before_it_listens() {
     assert!(!half.status.success());
     assert_eq!(String::from_utf8(half.stderr).unwrap().lines().count(), 1);
 }
+
+#[test]
+fn at_a_terminal_the_cli_asks_once_whether_to_trust_a_new_server() {
+    let daemon = https_daemon();
+    let config = DataDir::empty();
+    // `script` gives the CLI a terminal; what is piped in is typed there.
+    let at_terminal = |answer: &str| {
+        let command = format!("{QUETZAL} vm list --output json; echo exit=$?",);
+        let mut child = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("QUETZAL_DATA_DIR", daemon.data.path())
+            .env(
+                "QUETZAL_URL",
+                format!("https://{}", daemon.tcp_addr().unwrap()),
+            )
+            .env("QUETZAL_CONFIG_DIR", config.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fingerprint = daemon.fingerprint();
+
+    let declined = at_terminal("n\n");
+    assert!(
+        declined.contains(&format!("fingerprint is {fingerprint}")),
+        "{declined}"
+    );
+    assert!(
+        declined.contains("trust it from now on? [y/N]"),
+        "{declined}"
+    );
+    assert!(
+        declined.contains("its certificate was not trusted"),
+        "{declined}"
+    );
+    assert!(declined.contains("exit=1"), "{declined}");
+    assert!(!config.path().join("servers").exists());
+
+    let accepted = at_terminal("y\n");
+    assert!(accepted.contains("exit=0"), "{accepted}");
+    let kept = std::fs::read_to_string(config.path().join("servers")).unwrap();
+    assert_eq!(
+        kept,
+        format!("{} {fingerprint}\n", daemon.tcp_addr().unwrap())
+    );
+    // Asked once: from now on it is known, terminal or not.
+    let again = at_terminal("");
+    assert!(!again.contains("trust it"), "{again}");
+    assert!(again.contains("exit=0"), "{again}");
+}
+
+#[test]
+fn quetzal_audit_follow_prints_each_change_as_it_happens() {
+    let daemon = https_daemon();
+    let follow = quetzal_testkit::Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["audit", "--follow", "--output", "json"],
+    );
+    let ops = token(&daemon, "follow-me", "operator");
+    follow.stdout.wait_for(r#""path":"/api/v1/tokens""#);
+
+    let created = http(
+        daemon.https(),
+        "POST",
+        "/api/v1/vms",
+        Some(r#"{"name":"followed"}"#),
+        &[("Authorization", &bearer(&ops))],
+    );
+    assert_eq!(created.0, 201, "{}", created.1);
+
+    follow
+        .stdout
+        .wait_for(r#""who":"follow-me","source":"127.0.0.1","method":"POST","path":"/api/v1/vms","status":201"#);
+}

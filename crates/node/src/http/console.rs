@@ -75,7 +75,11 @@ async fn session(
                     let _ = live.console_in.send(text.as_bytes().to_vec()).await;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Err(err)) => {
+                    super::close_for(&mut socket, &err).await;
+                    return;
+                }
+                Some(Ok(Message::Close(_))) | None => return,
             },
         }
     }

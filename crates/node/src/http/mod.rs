@@ -46,6 +46,27 @@ pub const CONSOLE_MAX_MESSAGE: usize = 64 * 1024;
 /// The largest message a VNC client may send (RFB input and clipboard).
 pub const VNC_MAX_MESSAGE: usize = 1 << 20;
 
+/// Ends a WebSocket whose client sent what we refuse (a message past the
+/// limit, a broken frame) with a close frame that says why: 1009 (too
+/// big) or 1002 (protocol error).
+async fn close_for(socket: &mut axum::extract::ws::WebSocket, err: &axum::Error) {
+    use axum::extract::ws::{CloseFrame, Message, close_code};
+    let text = err.to_string();
+    let code = if text.contains("too long") || text.contains("too big") {
+        close_code::SIZE
+    } else {
+        close_code::PROTOCOL
+    };
+    // A close frame's reason is at most 123 bytes.
+    let reason: String = text.chars().take(100).collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
 /// What every handler can reach.
 #[derive(Clone, Debug)]
 pub struct AppState {

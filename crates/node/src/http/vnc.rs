@@ -63,7 +63,11 @@ async fn relay(mut socket: WebSocket, server: UnixStream) {
                     }
                 }
                 Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Err(err)) => {
+                    super::close_for(&mut socket, &err).await;
+                    return;
+                }
+                Some(Ok(Message::Close(_))) | None => return,
             },
         }
     }
