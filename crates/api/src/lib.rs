@@ -198,6 +198,57 @@ pub struct Vm {
     pub mac: String,
     /// IPv4 addresses its network's DHCP server leased to it.
     pub addresses: Vec<String>,
+    /// Its guest agent, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Agent>,
+}
+
+/// A running VM's guest agent, as the node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Agent {
+    /// Whether the node is talking to it now.
+    pub connected: bool,
+    /// What it says it is (`quetzal-agent 0.1.0`, or stock QGA's version).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// When it last answered (Unix milliseconds).
+    #[serde(default)]
+    pub last_contact_at: Option<i64>,
+}
+
+/// `POST /api/v1/vms/{name}/exec`: run a command in the guest through its
+/// agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Exec {
+    /// The program (a path in the guest, or a name its agent finds).
+    #[schema(min_length = 1, max_length = 4096)]
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Bytes for its stdin, base64.
+    #[serde(default)]
+    pub stdin_b64: Option<String>,
+    /// Seconds it may run (default 30, at most 3600).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How a command run in the guest ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Its exit code; none when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// Its stdout and stderr, base64 (at most 1 MiB each is kept).
+    pub stdout_b64: String,
+    pub stderr_b64: String,
+    /// Whether more output came than was kept.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// `POST /api/v1/templates`: turn a stopped VM into a template.
@@ -302,13 +353,15 @@ pub enum EventKind {
     Address,
     /// Events of this kind came too fast; some were not logged.
     Suppressed,
+    /// Its guest agent connected, or was lost.
+    Agent,
     /// A kind this client does not know (from a newer daemon).
     #[serde(other)]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 24] = [
+    pub const ALL: [EventKind; 25] = [
         EventKind::Creating,
         EventKind::Created,
         EventKind::CreateFailed,
@@ -332,6 +385,7 @@ impl EventKind {
         EventKind::SnapshotDeleted,
         EventKind::Address,
         EventKind::Suppressed,
+        EventKind::Agent,
         EventKind::Other,
     ];
 
@@ -360,6 +414,7 @@ impl EventKind {
             EventKind::SnapshotDeleted => "snapshot-deleted",
             EventKind::Address => "address",
             EventKind::Suppressed => "suppressed",
+            EventKind::Agent => "agent",
             EventKind::Other => "other",
         }
     }

@@ -273,6 +273,7 @@ impl Drop for Daemon {
         let _ = Command::new("pkill")
             .args(["-9", "-f", &format!("{}/vms/", self.data.display())])
             .status();
+        quetzal_engine::qemu::sandbox::cgroup::remove_all_blocking(&self.data.join("vms"));
         let _ = Command::new(&self.binary)
             .arg("--data-dir")
             .arg(&self.data)

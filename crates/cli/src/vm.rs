@@ -78,6 +78,17 @@ pub enum VmCommand {
     /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
     /// VM keeps running).
     Console { name: String },
+    /// Run a command in a running VM's guest through its agent: prints its
+    /// stdout and stderr, exits with its exit code.
+    Exec {
+        name: String,
+        /// Seconds it may run [default: 30].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +247,11 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Console { name } => return crate::console::attach_remote(&client, &name).await,
+        VmCommand::Exec {
+            name,
+            timeout,
+            command,
+        } => return exec(&client, &name, timeout, command).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -642,4 +658,41 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// `quetzal vm exec`: the guest command's output on ours, its exit code
+/// ours (128 + N for a signal, as a shell does).
+async fn exec(
+    client: &Client,
+    name: &str,
+    timeout: Option<u64>,
+    mut command: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let program = command.remove(0);
+    let body = json!({ "command": program, "args": command, "timeout_secs": timeout });
+    let ended: quetzal_api::ExecResult = client
+        .call_as(
+            Method::POST,
+            &format!("/api/v1/vms/{}/exec", encode(name)),
+            Some(&body),
+        )
+        .await?;
+    let bytes = |text: &str| {
+        quetzal_qga::decode(text)
+            .ok_or_else(|| anyhow::anyhow!("quetzald sent output that is not base64"))
+    };
+    std::io::stdout().write_all(&bytes(&ended.stdout_b64)?)?;
+    std::io::stderr().write_all(&bytes(&ended.stderr_b64)?)?;
+    if ended.truncated {
+        eprintln!("quetzal: the output was longer than 1 MiB; the rest is cut");
+    }
+    let code = match (ended.exit_code, ended.signal) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(
+        u8::try_from(code.clamp(0, 255)).unwrap_or(1),
+    ))
 }

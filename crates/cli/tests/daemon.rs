@@ -56,8 +56,9 @@ fn wait_for_boots(daemon: &Daemon, name: &str, boots: usize) {
     });
 }
 
-/// The kinds of a VM's lifecycle events, in order (`address` events come
-/// whenever DHCP answers, so they are left out).
+/// The kinds of a VM's lifecycle events, in order (`address` and `agent`
+/// events come whenever DHCP answers or the guest agent connects, so they
+/// are left out).
 fn event_kinds(daemon: &Daemon, vm: &str) -> Vec<String> {
     let (_, page) = api(
         daemon,
@@ -70,7 +71,7 @@ fn event_kinds(daemon: &Daemon, vm: &str) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|e| e["kind"].as_str().unwrap().to_owned())
-        .filter(|kind| kind != "address")
+        .filter(|kind| kind != "address" && kind != "agent")
         .collect()
 }
 

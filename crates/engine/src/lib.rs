@@ -110,6 +110,9 @@ pub struct Layout {
     pub console_log: std::path::PathBuf,
     /// The graphical console's VNC server (a Unix socket).
     pub vnc: std::path::PathBuf,
+    /// The guest agent's channel (a Unix socket speaking QGA), if the
+    /// engine gives VMs one.
+    pub agent: Option<std::path::PathBuf>,
 }
 
 /// CPU time and memory of a VM's engine process.

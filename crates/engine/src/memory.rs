@@ -167,6 +167,7 @@ impl Engine for MemoryEngine {
             disk: run_dir.join("disk.img"),
             console_log: run_dir.join("console.log"),
             vnc: run_dir.join("vnc.sock"),
+            agent: None,
         }
     }
 

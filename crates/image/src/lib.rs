@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod apt;
 pub mod kmod;
 pub mod tiny;
@@ -67,6 +68,14 @@ pub enum ImageError {
     },
     #[error("manifest {path} is unreadable: {message}")]
     Manifest { path: PathBuf, message: String },
+    #[error(
+        "quetzal-agent is not built (looked at {looked}); run scripts/build-agent (scripts/setup does), or set QUETZAL_AGENT"
+    )]
+    AgentMissing { looked: String },
+    #[error(
+        "{path} is not statically linked: the guest has no libc for it; build it with scripts/build-agent"
+    )]
+    AgentNotStatic { path: PathBuf },
 }
 
 impl ImageError {
@@ -252,7 +261,9 @@ impl ImageStore {
             })?;
         let kernel = apt::show(kernel_name)?;
         let busybox = apt::show(tiny::BUSYBOX_PACKAGE)?;
-        let id = build_id(&kernel, &busybox);
+        let (_, agent) = agent::load()?;
+        let agent_sha = sha256_bytes(&agent);
+        let id = build_id(&kernel, &busybox, &agent_sha);
 
         if let Ok(current) = self.get(name)
             && current.manifest.id == id
@@ -268,7 +279,15 @@ impl ImageStore {
             remove_dir_if_exists(stale)?;
         }
         std::fs::create_dir_all(&work).map_err(|err| ImageError::io(&work, err))?;
-        let manifest = build_tiny(name, &id, &kernel, &busybox, &work, progress);
+        let manifest = build_tiny(
+            name,
+            &id,
+            &kernel,
+            &busybox,
+            (agent, agent_sha),
+            &work,
+            progress,
+        );
         let manifest = match manifest {
             Ok(manifest) => manifest,
             Err(err) => {
@@ -291,12 +310,13 @@ impl ImageStore {
     }
 }
 
-fn build_id(kernel: &apt::Package, busybox: &apt::Package) -> String {
+fn build_id(kernel: &apt::Package, busybox: &apt::Package, agent_sha: &str) -> String {
     let raw = format!(
-        "{}-{}-busybox-{}-r{}",
+        "{}-{}-busybox-{}-agent-{}-r{}",
         kernel.name.trim_start_matches("linux-image-"),
         kernel.version,
         busybox.version,
+        agent_sha.get(..12).unwrap_or(agent_sha),
         tiny::RECIPE
     );
     raw.chars()
@@ -323,6 +343,7 @@ fn build_tiny(
     id: &str,
     kernel: &apt::Package,
     busybox: &apt::Package,
+    (agent, agent_sha): (Vec<u8>, String),
     work: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Manifest, ImageError> {
@@ -370,7 +391,12 @@ fn build_tiny(
         .collect();
     let busybox_bytes =
         std::fs::read(&busybox_bin).map_err(|err| ImageError::io(&busybox_bin, err))?;
-    let userland = tiny::userland(busybox_bytes, &applets);
+    let userland = tiny::userland(busybox_bytes, &applets, agent);
+    packages.push(PackageRecord {
+        name: "quetzal-agent".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        sha256: agent_sha,
+    });
 
     let initrd_path = out.join("initrd.img");
     let initrd_file =
@@ -457,6 +483,14 @@ fn mib(bytes: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let bytes = bytes as f64;
     bytes / (1024.0 * 1024.0)
+}
+
+/// The sha256 (hex) of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The sha256 (hex) and size of a file.
@@ -546,12 +580,13 @@ mod tests {
         let id = build_id(
             &package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2"),
             &package("busybox-static", "1:1.35.0-4+b3"),
+            "0123456789abcdef",
         );
 
         assert_eq!(
             id,
             format!(
-                "6.1.0-56-cloud-amd64-6.1.192-2-busybox-1_1.35.0-4_b3-r{}",
+                "6.1.0-56-cloud-amd64-6.1.192-2-busybox-1_1.35.0-4_b3-agent-0123456789ab-r{}",
                 tiny::RECIPE
             )
         );

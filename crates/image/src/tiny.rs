@@ -4,13 +4,14 @@
 //! Boot: the initramfs `/init` loads the virtio drivers, mounts the first
 //! virtio disk (if any) and `switch_root`s into it; either way busybox init
 //! runs `/etc/init.d/rcS` (mounts, DHCP on eth0 if there is one, the power
-//! button) and a root shell on the serial console.
+//! button), then keeps `quetzal-agent` (the guest agent, on its
+//! virtio-serial port) and a root shell on the serial console running.
 
 use crate::tree::Tree;
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 5;
+pub const RECIPE: u32 = 6;
 
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -91,6 +92,7 @@ echo "tiny: up, root on $root"
 "#;
 
 const INITTAB: &str = "::sysinit:/etc/init.d/rcS
+::respawn:/bin/sh -c 'exec /usr/sbin/quetzal-agent >>/var/log/quetzal-agent.log 2>&1'
 ::respawn:/bin/cttyhack /bin/sh -l
 tty1::respawn:/bin/sh -l
 ::ctrlaltdel:/sbin/reboot
@@ -128,7 +130,7 @@ export PS1='\\h:\\w\\$ '
 ///
 /// `applets` are busybox's own paths (`bin/sh`, `sbin/init`), from
 /// `busybox --list-full`.
-pub fn userland(busybox: Vec<u8>, applets: &[String]) -> Tree {
+pub fn userland(busybox: Vec<u8>, applets: &[String], agent: Vec<u8>) -> Tree {
     let mut tree = Tree::default();
     for dir in [
         "bin",
@@ -164,6 +166,8 @@ pub fn userland(busybox: Vec<u8>, applets: &[String]) -> Tree {
         let target = format!("{}bin/busybox", "../".repeat(depth));
         tree.symlink(applet, &target);
     }
+    // The guest agent, kept running by init.
+    tree.file("usr/sbin/quetzal-agent", 0o755, agent);
     tree.file("etc/init.d/rcS", 0o755, RCS);
     tree.file("etc/inittab", 0o644, INITTAB);
     tree.file("etc/udhcpc.script", 0o755, UDHCPC_SCRIPT);
@@ -206,7 +210,11 @@ mod tests {
 
     #[test]
     fn links_applets_relative_to_busybox() {
-        let tree = userland(b"elf".to_vec(), &["bin/sh".into(), "usr/bin/awk".into()]);
+        let tree = userland(
+            b"elf".to_vec(),
+            &["bin/sh".into(), "usr/bin/awk".into()],
+            b"agent".to_vec(),
+        );
 
         assert_eq!(
             find(&tree, "bin/sh"),
@@ -225,7 +233,7 @@ mod tests {
     #[test]
     fn initramfs_lists_modules_in_load_order() {
         let tree = initramfs(
-            userland(b"elf".to_vec(), &[]),
+            userland(b"elf".to_vec(), &[], b"agent".to_vec()),
             vec![("virtio".into(), vec![1]), ("virtio_pci".into(), vec![2])],
         );
 

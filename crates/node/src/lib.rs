@@ -9,6 +9,7 @@
 //! - [`store`]: the SQLite store.
 //! - [`http`]: the REST API, events stream, metrics, consoles.
 
+pub mod agent;
 pub mod consolelog;
 pub mod http;
 pub mod lifecycle;

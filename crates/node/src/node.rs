@@ -23,6 +23,7 @@ pub mod access;
 mod core;
 mod create;
 mod error;
+mod guest;
 mod networks;
 mod operations;
 mod recovery;
@@ -309,7 +310,7 @@ impl Node {
     }
 
     pub fn get(&self, name: &str) -> Result<Vm, NodeError> {
-        Ok(self.networks.with_addresses(self.record(name)?.to_api()))
+        Ok(self.with_agent(self.networks.with_addresses(self.record(name)?.to_api())))
     }
 
     /// VMs, filtered by state and by labels (`key=value`, all must match).
@@ -324,7 +325,7 @@ impl Node {
             .into_iter()
             .filter(|vm| state.is_none_or(|state| vm.state == state))
             .filter(|vm| labels.iter().all(|(k, v)| vm.labels.get(k) == Some(v)))
-            .map(|vm| self.networks.with_addresses(vm.to_api()))
+            .map(|vm| self.with_agent(self.networks.with_addresses(vm.to_api())))
             .collect())
     }
 

@@ -110,6 +110,8 @@ pub struct Live {
     pub console_in: mpsc::Sender<Vec<u8>>,
     exited: watch::Receiver<Option<Exit>>,
     run_state: watch::Receiver<RunState>,
+    /// Its guest agent's link, when the engine gives the VM a channel.
+    pub agent: Option<crate::agent::AgentLink>,
 }
 
 impl Live {
@@ -157,9 +159,20 @@ pub fn spawn<V: EngineVm>(
     generation: u64,
     vm: V,
     console: UnixStream,
-    console_log: PathBuf,
+    layout: quetzal_engine::Layout,
     paused: bool,
 ) -> Live {
+    let console_log = layout.console_log;
+    let agent = layout.agent.map(|socket| {
+        let node = Arc::downgrade(&node);
+        let vm = name.clone();
+        let news: crate::agent::News = Box::new(move |cause| {
+            if let Some(node) = node.upgrade() {
+                node.note_from_guest(&vm, quetzal_api::EventKind::Agent, cause);
+            }
+        });
+        crate::agent::AgentLink::start(name.clone(), socket, news)
+    });
     let (commands_tx, commands) = mpsc::channel(8);
     let (stats_tx, stats) = mpsc::channel(8);
     let (console_out, _) = broadcast::channel(256);
@@ -175,6 +188,7 @@ pub fn spawn<V: EngineVm>(
         console_in: console_in_tx,
         exited,
         run_state,
+        agent,
     };
     let task = Task {
         vm,

@@ -662,17 +662,7 @@ impl Daemon {
 /// Removes the cgroups of the VMs of data directory `data` (their QEMUs
 /// were killed; a killed process may take a moment to leave its cgroup).
 pub fn remove_cgroups(data: &Path) {
-    let Ok(vms) = std::fs::read_dir(data.join("vms")) else {
-        return;
-    };
-    for vm in vms.flatten() {
-        let cgroup = quetzal_engine::qemu::sandbox::cgroup::path(&vm.path());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cgroup.exists() && std::fs::remove_dir(&cgroup).is_err() && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    quetzal_engine::qemu::sandbox::cgroup::remove_all_blocking(&data.join("vms"));
 }
 
 impl Drop for Daemon {

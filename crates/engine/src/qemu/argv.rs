@@ -113,6 +113,23 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         ]);
     }
 
+    // The guest agent's channel: a virtio-serial port named as stock
+    // qemu-guest-agent expects, on a socket the node connects to.
+    push(&[
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&paths.agent)
+        ),
+        "-device",
+        &format!(
+            "virtserialport,bus=vser0.0,chardev=agent,name={}",
+            quetzal_qga::QGA_PORT
+        ),
+    ]);
+
     // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
     // then turns into a shutdown with reason guest-panic.
     push(&["-device", "pvpanic"]);

@@ -76,6 +76,8 @@ pub struct RunPaths {
     pub log: PathBuf,
     /// The VNC server of a VM with graphics.
     pub vnc: PathBuf,
+    /// The guest agent's virtio-serial port (QGA).
+    pub agent: PathBuf,
     /// QEMU's pid, written by the process itself before it execs.
     pub pidfile: PathBuf,
 }
@@ -100,6 +102,7 @@ impl RunPaths {
             console_log: dir.join("console.log"),
             log: dir.join("qemu.log"),
             vnc: dir.join("vnc.sock"),
+            agent: dir.join("qga.sock"),
             pidfile: dir.join("qemu.pid"),
         }
     }
@@ -152,7 +155,11 @@ impl Engine for QemuEngine {
     }
 
     async fn adopt(&self, run_dir: &Path, pid: Option<u32>) -> Option<QemuVm> {
-        let pid = self.leftover(run_dir).or(pid)?;
+        let Some(pid) = self.leftover(run_dir).or(pid) else {
+            // Its QEMU ended while no daemon watched: its cgroup goes now.
+            sandbox::cgroup::remove(run_dir);
+            return None;
+        };
         match self.attach(run_dir, pid, 1).await {
             Ok(vm) => Some(vm),
             Err(err) => {
@@ -170,6 +177,7 @@ impl Engine for QemuEngine {
             disk: run_dir.join("root.qcow2"),
             console_log: paths.console_log,
             vnc: paths.vnc,
+            agent: Some(paths.agent),
         }
     }
 
@@ -365,7 +373,7 @@ fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
         source,
     };
     std::fs::create_dir_all(&paths.dir).map_err(failed)?;
-    for stale in [&paths.qmp, &paths.console] {
+    for stale in [&paths.qmp, &paths.console, &paths.agent] {
         match std::fs::remove_file(stale) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

@@ -218,6 +218,20 @@ pub mod cgroup {
         }
     }
 
+    /// [`remove`] for every VM directory under `vms` (their processes were
+    /// just killed: each is waited for up to five seconds to leave).
+    pub fn remove_all_blocking(vms: &Path) {
+        let Ok(entries) = std::fs::read_dir(vms) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !remove(&entry.path()) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
     /// [`remove`], trying again for up to two seconds while the ended
     /// process is still leaving.
     pub async fn remove_when_left(run_dir: &Path) {

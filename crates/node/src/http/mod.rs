@@ -121,6 +121,8 @@ impl From<NodeError> for ApiError {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::AgentUnavailable => StatusCode::CONFLICT,
+            ErrorKind::AgentTimeout => StatusCode::GATEWAY_TIMEOUT,
         };
         ApiError::new(status, err.code(), err.to_string())
     }
@@ -214,6 +216,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         pause_vm,
         resume_vm,
         clone_vm,
+        exec_vm,
         list_templates,
         create_template,
         get_template,
@@ -270,7 +273,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         quetzal_api::Token,
         quetzal_api::CreateToken,
         quetzal_api::CreatedToken,
-        quetzal_api::AuditEntry
+        quetzal_api::AuditEntry,
+        quetzal_api::Agent,
+        quetzal_api::Exec,
+        quetzal_api::ExecResult
     ))
 )]
 pub struct ApiDoc;
@@ -338,6 +344,12 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/vms/{name}/clone",
             Needs(Operator),
             post(clone_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/exec",
+            Needs(Operator),
+            post(exec_vm),
         ),
         route(
             Method::GET,
@@ -858,6 +870,19 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
         vms_by_state: by_state,
         tls_fingerprint: app.tls_fingerprint.clone(),
     }))
+}
+
+/// Run a command in a running VM's guest through its agent; answers when
+/// it ends (or 504 past `timeout_secs`).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/exec", params(contract::NamePath), request_body = quetzal_api::Exec,
+    responses((status = 200, body = quetzal_api::ExecResult), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn exec_vm(
+    State(app): State<AppState>,
+    Path(NamePath { name }): Path<NamePath>,
+    Body(request): Body<quetzal_api::Exec>,
+) -> Result<Json<quetzal_api::ExecResult>, ApiError> {
+    Ok(Json(app.node.exec(&name, request).await?))
 }
 
 /// Clone a stopped VM into a new, stopped VM.

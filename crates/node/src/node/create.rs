@@ -179,7 +179,7 @@ impl Node {
             self.make_vm(vm, &source.plan, &cause)?
         };
         match made {
-            Made::Done(vm) => Ok(Created::Vm(vm)),
+            Made::Done(vm) => Ok(Created::Vm(*vm)),
             Made::Copy(pending) => Ok(Created::Operation(self.copy_in_operation(
                 OperationKind::FullClone,
                 pending,
@@ -244,7 +244,7 @@ impl Node {
             }
         }
         Ok(match plan {
-            DiskPlan::Overlay { .. } => Made::Done(record.to_api()),
+            DiskPlan::Overlay { .. } => Made::Done(Box::new(record.to_api())),
             DiskPlan::Copy {
                 from, keep_base, ..
             } => Made::Copy(PendingCopy {
@@ -354,7 +354,7 @@ impl Node {
 /// What [`Node::make_vm`] did.
 #[derive(Debug)]
 pub(super) enum Made {
-    Done(Vm),
+    Done(Box<Vm>),
     Copy(PendingCopy),
 }
 

@@ -31,6 +31,11 @@ pub enum ErrorKind {
     Internal,
     /// Long work stopped because a user asked.
     Cancelled,
+    /// The VM has no guest agent to talk to now (not running, none
+    /// installed, or not answering).
+    AgentUnavailable,
+    /// The guest agent did not answer in time.
+    AgentTimeout,
 }
 
 impl ErrorKind {
@@ -43,6 +48,8 @@ impl ErrorKind {
             ErrorKind::InsufficientStorage => "insufficient_storage",
             ErrorKind::Internal => "internal",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::AgentUnavailable => "agent_unavailable",
+            ErrorKind::AgentTimeout => "agent_timeout",
         }
     }
 }
@@ -62,6 +69,13 @@ pub enum NodeError {
     Operation(#[from] OperationError),
     #[error(transparent)]
     Access(#[from] super::access::AccessError),
+    /// A VM's guest agent.
+    #[error("VM {vm}: {source}")]
+    Agent {
+        vm: String,
+        #[source]
+        source: crate::agent::AgentError,
+    },
     #[error(transparent)]
     Fault(#[from] Fault),
 }
@@ -75,6 +89,13 @@ impl NodeError {
             NodeError::Network(err) => err.kind(),
             NodeError::Operation(err) => err.kind(),
             NodeError::Access(err) => err.kind(),
+            NodeError::Agent { source, .. } => match source {
+                crate::agent::AgentError::Unavailable
+                | crate::agent::AgentError::Unsupported(_) => ErrorKind::AgentUnavailable,
+                crate::agent::AgentError::Timeout { .. } => ErrorKind::AgentTimeout,
+                crate::agent::AgentError::Refused { .. } => ErrorKind::Invalid,
+                crate::agent::AgentError::Garbled { .. } => ErrorKind::Internal,
+            },
             NodeError::Fault(err) => err.kind(),
         }
     }

@@ -232,7 +232,7 @@ impl Node {
             generation,
             engine_vm,
             console,
-            self.layout(&record)?.console_log,
+            self.layout(&record)?,
             paused,
         );
         slot.set_live(Some(Arc::new(live)));

@@ -180,7 +180,7 @@ impl Node {
                     generation,
                     vm,
                     console,
-                    self.layout(record)?.console_log,
+                    self.layout(record)?,
                     false,
                 );
                 slot.set_live(Some(Arc::new(live)));

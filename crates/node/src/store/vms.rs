@@ -70,6 +70,7 @@ impl VmRecord {
             network: self.network.clone(),
             mac: self.mac.clone(),
             addresses: Vec::new(),
+            agent: None,
         }
     }
 }

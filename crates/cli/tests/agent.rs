@@ -1,0 +1,151 @@
+//! The guest agent end to end: `quetzal-agent` in a real tiny guest under
+//! QEMU, reached over its virtio-serial port by a real quetzald; commands
+//! run with `quetzal vm exec`, their output and exit codes, and what a
+//! VM without an agent answers.
+
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
+
+use std::path::Path;
+use std::process::Command;
+
+use quetzal_testkit::{Cli, Daemon, wait_until};
+use serde_json::Value;
+
+const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
+const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
+
+fn show(cli: &Cli, name: &str) -> Value {
+    serde_json::from_str(&cli.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+}
+
+/// Starts a VM and waits until its agent is connected.
+fn running_with_agent(daemon: &Daemon, name: &str) -> Cli {
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    cli.ok(&["vm", "create", name, "--start"]);
+    wait_until("the guest agent", || {
+        show(&cli, name)["agent"]["connected"] == true
+    });
+    cli
+}
+
+fn exec(daemon: &Daemon, name: &str, command: &[&str]) -> std::process::Output {
+    Command::new(QUETZAL)
+        .args(["vm", "exec", name, "--"])
+        .args(command)
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_agent_connects_and_runs_commands_with_their_output_and_exit_code() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = running_with_agent(&daemon, "helper");
+
+    let agent = &show(&cli, "helper")["agent"];
+    assert!(
+        agent["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("quetzal-agent "),
+        "{agent}"
+    );
+    assert!(agent["last_contact_at"].is_i64(), "{agent}");
+    let (_, events) = daemon.request("GET", "/api/v1/events?vm=helper", None);
+    assert!(
+        events.contains("guest agent connected: quetzal-agent"),
+        "{events}"
+    );
+
+    let ran = exec(
+        &daemon,
+        "helper",
+        &["/bin/sh", "-c", "echo out-$((6 * 7)); echo err >&2; exit 7"],
+    );
+    assert_eq!(ran.status.code(), Some(7));
+    assert_eq!(String::from_utf8(ran.stdout).unwrap(), "out-42\n");
+    assert_eq!(String::from_utf8(ran.stderr).unwrap(), "err\n");
+
+    // In the guest, really: its own hostname and kernel.
+    let ran = exec(&daemon, "helper", &["/bin/cat", "/etc/hostname"]);
+    assert_eq!(String::from_utf8(ran.stdout).unwrap(), "tiny\n");
+
+    // Input through the API, and output past the bound cut to 1 MiB.
+    let (status, body) = daemon.request(
+        "POST",
+        "/api/v1/vms/helper/exec",
+        Some(r#"{"command": "/bin/cat", "stdin_b64": "aGVsbG8K"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["stdout_b64"], "aGVsbG8K");
+    assert_eq!(answer["exit_code"], 0);
+    let big = exec(
+        &daemon,
+        "helper",
+        &["/bin/sh", "-c", "head -c 1500000 /dev/zero"],
+    );
+    assert_eq!(big.status.code(), Some(0));
+    assert_eq!(big.stdout.len(), 1 << 20);
+    assert!(
+        String::from_utf8_lossy(&big.stderr).contains("longer than 1 MiB"),
+        "{}",
+        String::from_utf8_lossy(&big.stderr)
+    );
+
+    // A program that is not there: the agent's reason, one line.
+    let missing = exec(&daemon, "helper", &["/no/such/program"]);
+    let stderr = String::from_utf8(missing.stderr).unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot run /no/such/program"), "{stderr}");
+}
+
+#[test]
+fn a_vm_without_an_agent_to_talk_to_gets_one_clear_error() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    cli.ok(&["vm", "create", "quiet"]);
+
+    let stopped = exec(&daemon, "quiet", &["/bin/true"]);
+    let stderr = String::from_utf8(stopped.stderr).unwrap();
+    assert_eq!(stopped.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("VM quiet: the VM's guest agent is not connected"),
+        "{stderr}"
+    );
+    let (status, body) = daemon.request(
+        "POST",
+        "/api/v1/vms/quiet/exec",
+        Some(r#"{"command": "/bin/true"}"#),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(r#""code":"agent_unavailable""#), "{body}");
+    assert!(
+        show(&cli, "quiet").get("agent").is_none(),
+        "a stopped VM has no agent"
+    );
+
+    let (status, body) = daemon.request(
+        "POST",
+        "/api/v1/vms/nobody/exec",
+        Some(r#"{"command": "/bin/true"}"#),
+    );
+    assert_eq!(status, 404, "{body}");
+    for bad in [
+        r#"{"command": ""}"#,
+        r#"{"command": "/bin/true", "timeout_secs": 0}"#,
+        r#"{"command": "/bin/true", "stdin_b64": "!!"}"#,
+        r#"{"command": "/bin/true", "extra": 1}"#,
+    ] {
+        let (status, body) = daemon.request("POST", "/api/v1/vms/quiet/exec", Some(bad));
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let usage = Command::new(QUETZAL)
+        .args(["vm", "exec", "quiet"])
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}

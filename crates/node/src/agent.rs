@@ -1,0 +1,442 @@
+//! The host side of the guest agent: one task per running VM owns the
+//! VM's agent channel (QGA over a virtio-serial port, exposed by the engine
+//! as a Unix socket), so stock `qemu-guest-agent` and `quetzal-agent`
+//! both work. The task connects, synchronises with `guest-sync-delimited`
+//! (a fresh id each time: a stale answer cannot be taken for ours), asks
+//! `guest-info` what the agent supports, then pings it every few seconds
+//! and runs callers' commands one at a time, each with a timeout. A
+//! timeout, garbage, or a closed channel sends it back to synchronising,
+//! with back-off. Nothing the guest sends can make it hold more than one
+//! bounded message.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quetzal_qga::{Framer, MAX_MESSAGE};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a sync or a ping may take, and the gap between pings.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// How long one sync waits for its answer.
+const SYNC_WAIT: Duration = Duration::from_secs(1);
+/// How soon a sync nobody answered is tried again.
+const SYNC_RETRY: Duration = Duration::from_millis(500);
+/// The longest wait between two tries to reach a silent agent.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the host knows of a VM's agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// What `guest-info` said: `quetzal-agent 0.1.0`, or stock QGA's
+    /// version number.
+    pub version: Option<String>,
+    /// Unix ms of its last answer.
+    pub last_contact_at: Option<i64>,
+    /// The commands it says it supports.
+    pub commands: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the VM's guest agent is not connected")]
+    Unavailable,
+    #[error("the guest agent does not support {0}")]
+    Unsupported(String),
+    #[error("the guest agent did not answer {command} within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+    #[error("the guest agent answered {command} with an error: {desc}")]
+    Refused { command: String, desc: String },
+    #[error("the guest agent's answer to {command} makes no sense: {why}")]
+    Garbled { command: String, why: String },
+}
+
+/// Told what happened to the link, for the VM's event log.
+pub type News = Box<dyn Fn(&str) + Send + Sync>;
+
+struct Call {
+    command: String,
+    arguments: Value,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Value, AgentError>>,
+}
+
+/// A VM's agent link; dropping it ends its task.
+#[derive(Debug)]
+pub struct AgentLink {
+    calls: mpsc::Sender<Call>,
+    status: Arc<Mutex<AgentStatus>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("command", &self.command)
+            .finish()
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AgentLink {
+    /// Starts the link to the agent behind `socket`; `news` hears when
+    /// it connects and when it is lost.
+    pub fn start(vm: String, socket: PathBuf, news: News) -> Self {
+        let (calls, rx) = mpsc::channel(16);
+        let status = Arc::new(Mutex::new(AgentStatus::default()));
+        let task = tokio::spawn(run(vm, socket, rx, Arc::clone(&status), news));
+        AgentLink {
+            calls,
+            status,
+            task,
+        }
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .clone()
+    }
+
+    /// Runs `command` in the agent: its `return` value.
+    pub async fn call(
+        &self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
+        let status = self.status();
+        if !status.connected {
+            return Err(AgentError::Unavailable);
+        }
+        if !status.commands.iter().any(|c| c == command) {
+            return Err(AgentError::Unsupported(command.to_owned()));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.calls
+            .send(Call {
+                command: command.to_owned(),
+                arguments,
+                timeout,
+                reply,
+            })
+            .await
+            .map_err(|_| AgentError::Unavailable)?;
+        answer.await.unwrap_or(Err(AgentError::Unavailable))
+    }
+}
+
+/// One conversation with the agent over a connected socket.
+struct Channel {
+    stream: UnixStream,
+    framer: Framer,
+    pending: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Channel {
+    async fn send(&mut self, request: &Value) -> std::io::Result<()> {
+        let mut bytes = request.to_string().into_bytes();
+        bytes.push(b'\n');
+        self.stream.write_all(&bytes).await
+    }
+
+    /// The next whole JSON object from the agent.
+    async fn next(&mut self) -> std::io::Result<Value> {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            while let Some(object) = self.pending.pop_front() {
+                if let Ok(value) = serde_json::from_slice::<Value>(&object) {
+                    return Ok(value);
+                }
+            }
+            let read = self.stream.read(&mut buffer).await?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            // An object past the bound is dropped; wait for the next.
+            if let Ok(objects) = self.framer.push(&buffer[..read]) {
+                self.pending.extend(objects);
+            }
+        }
+    }
+
+    /// The answer to the command just sent: the next `return` or `error`.
+    async fn answer(&mut self, command: &str) -> std::io::Result<Result<Value, AgentError>> {
+        loop {
+            let value = self.next().await?;
+            if let Some(returned) = value.get("return") {
+                return Ok(Ok(returned.clone()));
+            }
+            if let Some(error) = value.get("error") {
+                let desc = error
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no description")
+                    .chars()
+                    .take(500)
+                    .collect();
+                return Ok(Err(AgentError::Refused {
+                    command: command.to_owned(),
+                    desc,
+                }));
+            }
+            // Anything else (an event, noise) is not an answer.
+        }
+    }
+
+    /// `guest-sync-delimited` with `id`: true once the agent echoes it.
+    async fn sync(&mut self, id: u64) -> std::io::Result<bool> {
+        self.framer.reset();
+        self.pending.clear();
+        // The send is inside the timeout too: a guest that reads nothing
+        // can leave the channel full.
+        let waited = tokio::time::timeout(SYNC_WAIT, async {
+            self.send(&json!({ "execute": "guest-sync-delimited", "arguments": { "id": id } }))
+                .await?;
+            loop {
+                let value = self.next().await?;
+                // Answers to older syncs (an agent that started late reads
+                // them all) are skipped until ours.
+                if value.get("return").and_then(Value::as_u64) == Some(id) {
+                    return Ok::<_, std::io::Error>(true);
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn request(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> std::io::Result<Result<Value, AgentError>> {
+        let exchange = async {
+            self.send(&json!({ "execute": command, "arguments": arguments }))
+                .await?;
+            self.answer(command).await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Ok(Err(AgentError::Timeout {
+                command: command.to_owned(),
+                timeout,
+            })),
+        }
+    }
+}
+
+fn set(status: &Mutex<AgentStatus>, change: impl FnOnce(&mut AgentStatus)) {
+    change(&mut status.lock().expect("never poisoned: no panics while held"));
+}
+
+async fn run(
+    vm: String,
+    socket: PathBuf,
+    mut calls: mpsc::Receiver<Call>,
+    status: Arc<Mutex<AgentStatus>>,
+    news: News,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut sync_id: u64 = u64::from(std::process::id()) << 32;
+    loop {
+        set(&status, |s| s.connected = false);
+        let stream = match UnixStream::connect(&socket).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let mut channel = Channel {
+            stream,
+            framer: Framer::new(MAX_MESSAGE),
+            pending: Default::default(),
+        };
+        // Synchronise; an agent not up yet (a guest still booting) is
+        // asked again every half second (each try waits up to
+        // SYNC_TIMEOUT for its answer).
+        let synced = loop {
+            sync_id += 1;
+            match channel.sync(sync_id).await {
+                Ok(true) => break true,
+                Ok(false) => tokio::time::sleep(SYNC_RETRY).await,
+                Err(_) => break false,
+            }
+        };
+        if !synced {
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        let info = match channel.request("guest-info", json!({}), SYNC_TIMEOUT).await {
+            Ok(Ok(info)) => info,
+            _ => continue,
+        };
+        let commands: Vec<String> = info
+            .get("supported_commands")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter(|c| c.get("enabled").and_then(Value::as_bool) != Some(false))
+                    .filter_map(|c| c.get("name").and_then(Value::as_str))
+                    .take(512)
+                    .map(|name| name.chars().take(64).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let version = info
+            .get("version")
+            .and_then(Value::as_str)
+            .map(|v| v.chars().take(64).collect::<String>());
+        tracing::info!(vm = %vm, version = ?version, "guest agent connected");
+        news(&format!(
+            "guest agent connected: {}",
+            version.as_deref().unwrap_or("unknown version")
+        ));
+        set(&status, |s| {
+            s.connected = true;
+            s.version = version;
+            s.commands = commands;
+            s.last_contact_at = Some(crate::store::now_millis());
+        });
+        backoff = Duration::from_millis(200);
+        // Serve calls; ping when idle. Any failure: back to connecting.
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            let (command, arguments, timeout, reply) = tokio::select! {
+                call = calls.recv() => match call {
+                    Some(call) => (call.command, call.arguments, call.timeout, Some(call.reply)),
+                    None => return,
+                },
+                _ = ping.tick() => ("guest-ping".to_owned(), json!({}), SYNC_TIMEOUT, None),
+            };
+            let result = channel.request(&command, arguments, timeout).await;
+            let healthy = matches!(result, Ok(Ok(_)) | Ok(Err(AgentError::Refused { .. })));
+            if healthy {
+                set(&status, |s| {
+                    s.last_contact_at = Some(crate::store::now_millis())
+                });
+            } else {
+                // Before the caller hears: whoever asks next sees it.
+                set(&status, |s| s.connected = false);
+            }
+            let answer = result.unwrap_or(Err(AgentError::Unavailable));
+            if let Some(reply) = reply {
+                let _ = reply.send(answer);
+            }
+            if !healthy {
+                tracing::info!(vm = %vm, command = %command, "guest agent lost; reconnecting");
+                news(&format!(
+                    "guest agent lost (no answer to {command}); reconnecting"
+                ));
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// An agent that answers syncs after noise and a stale answer, says
+    /// what it supports, and answers `guest-exec` with a line far past any
+    /// bound.
+    async fn hostile_agent(listener: UnixListener) {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut framer = Framer::new(MAX_MESSAGE);
+        let mut buffer = [0u8; 4096];
+        loop {
+            let read = stream.read(&mut buffer).await.unwrap_or(0);
+            if read == 0 {
+                return;
+            }
+            for object in framer.push(&buffer[..read]).unwrap_or_default() {
+                let request: Value = serde_json::from_slice(&object).unwrap();
+                let answer: Vec<u8> = match request["execute"].as_str().unwrap() {
+                    "guest-sync-delimited" => {
+                        let mut bytes = b"}}{{noise \xff{\"return\": 1}\n\xff".to_vec();
+                        bytes.extend(
+                            json!({ "return": request["arguments"]["id"] })
+                                .to_string()
+                                .into_bytes(),
+                        );
+                        bytes
+                    }
+                    "guest-info" => json!({ "return": {
+                        "version": "hostile 1",
+                        "supported_commands": [{ "name": "guest-ping" }, { "name": "guest-exec" }],
+                    }})
+                    .to_string()
+                    .into_bytes(),
+                    "guest-exec" => {
+                        let mut bytes = b"{\"return\": \"".to_vec();
+                        bytes.extend(std::iter::repeat_n(b'a', MAX_MESSAGE + 10));
+                        bytes
+                    }
+                    _ => json!({ "return": {} }).to_string().into_bytes(),
+                };
+                if stream.write_all(&answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hostile_agent_is_synced_past_and_cannot_make_the_host_hold_an_endless_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(hostile_agent(listener));
+        let heard = Arc::new(Mutex::new(Vec::<String>::new()));
+        let news: News = {
+            let heard = Arc::clone(&heard);
+            Box::new(move |what| heard.lock().unwrap().push(what.to_owned()))
+        };
+
+        let link = AgentLink::start("vm".into(), socket, news);
+        let mut waited = 0;
+        while !link.status().connected {
+            assert!(waited < 200, "never connected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+        }
+
+        assert_eq!(link.status().version.as_deref(), Some("hostile 1"));
+        assert_eq!(heard.lock().unwrap()[0], "guest agent connected: hostile 1");
+        let unsupported = link
+            .call("guest-file-open", json!({}), Duration::from_secs(1))
+            .await;
+        assert!(
+            matches!(unsupported, Err(AgentError::Unsupported(_))),
+            "{unsupported:?}"
+        );
+        let endless = link
+            .call("guest-exec", json!({}), Duration::from_secs(2))
+            .await;
+        assert!(
+            matches!(endless, Err(AgentError::Timeout { .. })),
+            "{endless:?}"
+        );
+        assert!(!link.status().connected, "a link that timed out reconnects");
+    }
+}
