@@ -76,6 +76,16 @@ try {
   await serial.locator('.xterm-rows').getByText('serial-42').waitFor();
   await shot(page, 'serial-console');
 
+  step('the summary shows the guest agent, and a command runs in the guest');
+  await page.getByRole('tab', { name: 'Summary' }).click();
+  await page.getByTestId('agent').getByText(/^quetzal-agent /).waitFor({ timeout: BOOT });
+  await page.getByLabel('Run in the guest').fill('echo agent-$((6*7)); exit 3');
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+  const ran = page.getByTestId('command-result');
+  await ran.getByText('agent-42').waitFor();
+  await ran.getByText('exit 3').waitFor();
+  await shot(page, 'run-command');
+
   step('the graphical console shows the screen, and typing changes it');
   await page.getByRole('tab', { name: 'Screen' }).click();
   await page.getByText('Screen · connected').waitFor();

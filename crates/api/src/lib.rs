@@ -196,7 +196,8 @@ pub struct Vm {
     pub network: String,
     /// Its NIC's MAC address.
     pub mac: String,
-    /// IPv4 addresses its network's DHCP server leased to it.
+    /// Its IPv4 addresses: what its guest agent reports, else what its
+    /// network's DHCP server leased to it.
     pub addresses: Vec<String>,
     /// Its guest agent, while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,6 +215,12 @@ pub struct Agent {
     /// When it last answered (Unix milliseconds).
     #[serde(default)]
     pub last_contact_at: Option<i64>,
+    /// The guest's OS, as its agent says.
+    #[serde(default)]
+    pub os: Option<String>,
+    /// The guest's host name, as its agent says.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// `POST /api/v1/vms/{name}/exec`: run a command in the guest through its

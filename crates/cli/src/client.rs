@@ -163,6 +163,16 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Request<Full<Bytes>> {
+        let body = body.map(|body| ("application/json", Bytes::from(body.to_string())));
+        self.raw_request_for(method, path, body)
+    }
+
+    fn raw_request_for(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Request<Full<Bytes>> {
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
@@ -171,9 +181,9 @@ impl Client {
             builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let bytes = match body {
-            Some(body) => {
-                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-                Bytes::from(body.to_string())
+            Some((content_type, bytes)) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
+                bytes
             }
             None => Bytes::new(),
         };
@@ -189,6 +199,42 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let request = self.request_for(method, path, body);
+        self.send_request(request).await
+    }
+
+    /// Sends raw bytes (`PUT` a file) or nothing, and reads the whole
+    /// answer's body as bytes; the API's error otherwise.
+    pub async fn transfer(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let body = body.map(|bytes| ("application/octet-stream", Bytes::from(bytes)));
+        let response = self
+            .send_request(self.raw_request_for(method, path, body))
+            .await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| ClientError::Unexpected {
+                status,
+                message: err.to_string(),
+            })?
+            .to_bytes();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(error_of(status, &bytes))
+    }
+
+    async fn send_request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream = self.connect().await?;
         let broken = |err: hyper::Error| ClientError::Connect {
             target: self.target.to_string(),
@@ -198,10 +244,7 @@ impl Client {
             .await
             .map_err(broken)?;
         tokio::spawn(connection);
-        sender
-            .send_request(self.request_for(method, path, body))
-            .await
-            .map_err(broken)
+        sender.send_request(request).await.map_err(broken)
     }
 
     /// Sends a request; a 2xx answer's JSON body (null when empty) or the
@@ -232,17 +275,7 @@ impl Client {
                 message: err.to_string(),
             });
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api {
-                status,
-                code: body.error.code,
-                message: body.error.message,
-            }),
-            Err(_) => Err(ClientError::Unexpected {
-                status,
-                message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            }),
-        }
+        Err(error_of(status, &bytes))
     }
 
     /// [`Client::call`], typed.
@@ -257,6 +290,21 @@ impl Client {
             status: StatusCode::OK,
             message: err.to_string(),
         })
+    }
+}
+
+/// The API's error in an answer's body.
+fn error_of(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api {
+            status,
+            code: body.error.code,
+            message: body.error.message,
+        },
+        Err(_) => ClientError::Unexpected {
+            status,
+            message: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        },
     }
 }
 

@@ -78,6 +78,9 @@ pub enum VmCommand {
     /// Attach this terminal to a VM's serial console (Ctrl-] detaches; the
     /// VM keeps running).
     Console { name: String },
+    /// Copy a file into or out of a running VM's guest through its agent:
+    /// one side is VM:/PATH (at most 64 MiB).
+    Cp { from: String, to: String },
     /// Run a command in a running VM's guest through its agent: prints its
     /// stdout and stderr, exits with its exit code.
     Exec {
@@ -252,6 +255,7 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             timeout,
             command,
         } => return exec(&client, &name, timeout, command).await,
+        VmCommand::Cp { from, to } => copy(&client, &from, &to).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -263,6 +267,24 @@ async fn action(client: &Client, name: &str, verb: &str) -> anyhow::Result<Vm> {
 
 fn report(vm: &Vm) {
     println!("{} is {}", vm.name, vm.state.as_str());
+}
+
+/// `connected: quetzal-agent 0.1.0 on Debian GNU/Linux 12 (web)`.
+fn describe_agent(agent: &quetzal_api::Agent) -> String {
+    if !agent.connected {
+        return "not connected".to_owned();
+    }
+    let mut text = format!(
+        "connected: {}",
+        agent.version.as_deref().unwrap_or("unknown version")
+    );
+    if let Some(os) = &agent.os {
+        text.push_str(&format!(" on {os}"));
+    }
+    if let Some(hostname) = &agent.hostname {
+        text.push_str(&format!(" ({hostname})"));
+    }
+    text
 }
 
 fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
@@ -292,6 +314,9 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
             println!("Restarts  {}", vm.restarts);
             println!("Network   {} (MAC {})", vm.network, vm.mac);
             println!("Addresses {}", addresses(vm));
+            if let Some(agent) = &vm.agent {
+                println!("Agent     {}", describe_agent(agent));
+            }
             if let Some(template) = &vm.linked_to {
                 println!("Linked to template {template}");
             }
@@ -695,4 +720,53 @@ async fn exec(
     Ok(ExitCode::from(
         u8::try_from(code.clamp(0, 255)).unwrap_or(1),
     ))
+}
+
+/// `VM:/PATH` as (VM, PATH); none for a local path.
+fn guest_side(arg: &str) -> Option<(&str, &str)> {
+    let (vm, path) = arg.split_once(':')?;
+    let named = !vm.is_empty()
+        && vm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    (named && path.starts_with('/')).then_some((vm, path))
+}
+
+/// `quetzal vm cp`: one side local, the other `VM:/PATH`.
+async fn copy(client: &Client, from: &str, to: &str) -> anyhow::Result<()> {
+    let files =
+        |vm: &str, path: &str| format!("/api/v1/vms/{}/files?path={}", encode(vm), encode(path));
+    match (guest_side(from), guest_side(to)) {
+        (None, Some((vm, path))) => {
+            let size = std::fs::metadata(from)
+                .map_err(|err| anyhow::anyhow!("cannot read {from}: {err}"))?
+                .len();
+            let limit = quetzal_node::node::MAX_GUEST_FILE;
+            if size > u64::try_from(limit).unwrap_or(u64::MAX) {
+                anyhow::bail!(
+                    "{from} is {size} bytes; a file copied into a guest is at most {} MiB",
+                    limit >> 20
+                );
+            }
+            let bytes =
+                std::fs::read(from).map_err(|err| anyhow::anyhow!("cannot read {from}: {err}"))?;
+            client
+                .transfer(Method::PUT, &files(vm, path), Some(bytes))
+                .await?;
+            eprintln!("quetzal: {from} copied to {vm}:{path} ({size} bytes)");
+        }
+        (Some((vm, path)), None) => {
+            let bytes = client.transfer(Method::GET, &files(vm, path), None).await?;
+            std::fs::write(to, &bytes)
+                .map_err(|err| anyhow::anyhow!("cannot write {to}: {err}"))?;
+            eprintln!(
+                "quetzal: {vm}:{path} copied to {to} ({} bytes)",
+                bytes.len()
+            );
+        }
+        _ => {
+            anyhow::bail!("one side of vm cp is a guest file, VM:/PATH, and the other a local file")
+        }
+    }
+    Ok(())
 }

@@ -51,6 +51,29 @@ fn the_agent_connects_and_runs_commands_with_their_output_and_exit_code() {
         "{agent}"
     );
     assert!(agent["last_contact_at"].is_i64(), "{agent}");
+    assert_eq!(agent["hostname"], "tiny", "{agent}");
+    assert_eq!(agent["os"], "Linux", "{agent}");
+    // Its address as the guest tells it: the one its network's DHCP
+    // server leased (tiny has no other).
+    let leased = || {
+        let (_, network) = daemon.request("GET", "/api/v1/networks/default", None);
+        let network: Value = serde_json::from_str(&network).unwrap();
+        network["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|lease| lease["vm"] == "helper")
+            .map(|lease| lease["address"].as_str().unwrap().to_owned())
+    };
+    wait_until("a lease and the agent's address", || {
+        leased()
+            .is_some_and(|lease| show(&cli, "helper")["addresses"] == serde_json::json!([lease]))
+    });
+    let human = cli.ok(&["vm", "show", "helper"]);
+    assert!(
+        human.contains("Agent     connected: quetzal-agent"),
+        "{human}"
+    );
     let (_, events) = daemon.request("GET", "/api/v1/events?vm=helper", None);
     assert!(
         events.contains("guest agent connected: quetzal-agent"),
@@ -148,4 +171,69 @@ fn a_vm_without_an_agent_to_talk_to_gets_one_clear_error() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
+}
+
+#[test]
+fn a_file_goes_into_a_guest_and_comes_out_the_same() {
+    use sha2::{Digest, Sha256};
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = running_with_agent(&daemon, "filer");
+    let local = quetzal_testkit::DataDir::empty();
+    let original = local.path().join("original.bin");
+    let back = local.path().join("back.bin");
+    // 1 MiB that does not compress: a simple xorshift stream.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let bytes: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    std::fs::write(&original, &bytes).unwrap();
+    let original_arg = original.display().to_string();
+    let back_arg = back.display().to_string();
+
+    cli.ok(&["vm", "cp", &original_arg, "filer:/tmp/copied.bin"]);
+    // In the guest, the same bytes.
+    let listed = exec(
+        &daemon,
+        "filer",
+        &["/bin/sh", "-c", "wc -c < /tmp/copied.bin"],
+    );
+    assert_eq!(String::from_utf8(listed.stdout).unwrap().trim(), "1048576");
+    cli.ok(&["vm", "cp", "filer:/tmp/copied.bin", &back_arg]);
+
+    let sha = |path: &Path| format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()));
+    assert_eq!(sha(&back), sha(&original));
+
+    for (args, says) in [
+        (
+            vec!["vm", "cp", "a", "b"],
+            "one side of vm cp is a guest file",
+        ),
+        (
+            vec!["vm", "cp", "filer:/no/such/file", &back_arg],
+            "cannot open /no/such/file",
+        ),
+        (
+            vec!["vm", "cp", "/no/such/local", "filer:/tmp/x"],
+            "cannot read /no/such/local",
+        ),
+        (
+            vec!["vm", "cp", &original_arg, "filer:relative"],
+            "one side of vm cp is a guest file",
+        ),
+    ] {
+        let out = Command::new(QUETZAL)
+            .args(&args)
+            .env("QUETZAL_DATA_DIR", daemon.data.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }

@@ -36,9 +36,15 @@ fn the_dashboard_works_in_a_real_browser() {
 
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
+    // On failure, what quetzald logged too (its last 4 KB).
+    let log = daemon.stderr.text();
+    let start = (log.len().saturating_sub(4096)..log.len())
+        .find(|at| log.is_char_boundary(*at))
+        .unwrap_or(0);
+    let log = &log[start..];
     assert!(
         run.status.success(),
-        "the browser test failed:\n{stdout}\n{stderr}"
+        "the browser test failed:\n{stdout}\n{stderr}\nquetzald's log ends:\n{log}"
     );
     assert!(stdout.contains("dashboard: all passed"), "{stdout}");
     println!("{stdout}");

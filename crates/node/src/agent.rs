@@ -40,6 +40,49 @@ pub struct AgentStatus {
     pub last_contact_at: Option<i64>,
     /// The commands it says it supports.
     pub commands: Vec<String>,
+    /// The guest's OS (`guest-get-osinfo`'s pretty name).
+    pub os: Option<String>,
+    /// The guest's own host name.
+    pub hostname: Option<String>,
+    /// The guest's IPv4 addresses, loopback left out, as its agent last
+    /// said (refreshed every few seconds).
+    pub addresses: Vec<String>,
+}
+
+/// How many addresses of a guest are kept.
+const MAX_ADDRESSES: usize = 32;
+
+/// A short string from the guest, bounded.
+fn short(value: Option<&Value>) -> Option<String> {
+    value
+        .and_then(Value::as_str)
+        .map(|text| text.chars().take(128).collect())
+}
+
+/// The IPv4 addresses in a `guest-network-get-interfaces` answer.
+fn ipv4_addresses(interfaces: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for interface in interfaces.as_array().into_iter().flatten() {
+        if interface.get("name").and_then(Value::as_str) == Some("lo") {
+            continue;
+        }
+        let listed = interface.get("ip-addresses").and_then(Value::as_array);
+        for address in listed.into_iter().flatten() {
+            if address.get("ip-address-type").and_then(Value::as_str) != Some("ipv4") {
+                continue;
+            }
+            let Some(ip) = address.get("ip-address").and_then(Value::as_str) else {
+                continue;
+            };
+            match ip.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) if !ip.is_loopback() && found.len() < MAX_ADDRESSES => {
+                    found.push(ip.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+    found
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -309,25 +352,54 @@ async fn run(
             "guest agent connected: {}",
             version.as_deref().unwrap_or("unknown version")
         ));
+        let supports = |name: &str| commands.iter().any(|c| c == name);
+        let (mut os, mut hostname) = (None, None);
+        if supports("guest-get-osinfo")
+            && let Ok(Ok(info)) = channel
+                .request("guest-get-osinfo", json!({}), SYNC_TIMEOUT)
+                .await
+        {
+            os = short(info.get("pretty-name")).or_else(|| short(info.get("name")));
+        }
+        if supports("guest-get-host-name")
+            && let Ok(Ok(name)) = channel
+                .request("guest-get-host-name", json!({}), SYNC_TIMEOUT)
+                .await
+        {
+            hostname = short(name.get("host-name"));
+        }
+        // Addresses double as the keep-alive when the agent can tell them.
+        let keep_alive = if supports("guest-network-get-interfaces") {
+            "guest-network-get-interfaces"
+        } else {
+            "guest-ping"
+        };
         set(&status, |s| {
             s.connected = true;
             s.version = version;
             s.commands = commands;
+            s.os = os;
+            s.hostname = hostname;
             s.last_contact_at = Some(crate::store::now_millis());
         });
         backoff = Duration::from_millis(200);
         // Serve calls; ping when idle. Any failure: back to connecting.
         let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
         loop {
             let (command, arguments, timeout, reply) = tokio::select! {
                 call = calls.recv() => match call {
                     Some(call) => (call.command, call.arguments, call.timeout, Some(call.reply)),
                     None => return,
                 },
-                _ = ping.tick() => ("guest-ping".to_owned(), json!({}), SYNC_TIMEOUT, None),
+                _ = ping.tick() => (keep_alive.to_owned(), json!({}), SYNC_TIMEOUT, None),
             };
             let result = channel.request(&command, arguments, timeout).await;
+            if command == "guest-network-get-interfaces"
+                && let Ok(Ok(interfaces)) = &result
+            {
+                let addresses = ipv4_addresses(interfaces);
+                set(&status, |s| s.addresses = addresses);
+            }
             let healthy = matches!(result, Ok(Ok(_)) | Ok(Err(AgentError::Refused { .. })));
             if healthy {
                 set(&status, |s| {
@@ -399,6 +471,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn reads_ipv4_addresses_leaving_out_loopback_and_garbage() {
+        let interfaces = json!([
+            {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1"}]},
+            {"name": "eth0", "ip-addresses": [
+                {"ip-address-type": "ipv4", "ip-address": "10.80.0.7", "prefix": 24},
+                {"ip-address-type": "ipv6", "ip-address": "fe80::1"},
+                {"ip-address-type": "ipv4", "ip-address": "not an address"}
+            ]},
+            "garbage"
+        ]);
+
+        assert_eq!(ipv4_addresses(&interfaces), ["10.80.0.7"]);
+        assert!(ipv4_addresses(&json!({"not": "a list"})).is_empty());
     }
 
     #[tokio::test]

@@ -36,6 +36,7 @@ pub use error::{
     ErrorKind, Fault, NetworkError, NodeError, OperationError, SnapshotError, TemplateError,
     VmError,
 };
+pub use guest::MAX_FILE as MAX_GUEST_FILE;
 pub use networks::{DEFAULT_NETWORK, Networks, USER_NETWORK};
 pub use operations::{Operations, Progress};
 

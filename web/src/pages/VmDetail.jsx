@@ -166,8 +166,11 @@ function Summary({ vm }) {
           <dd>{labels.join(', ') || '–'}</dd>
           <dt>Created</dt>
           <dd>{time(vm.created_at)}</dd>
+          <dt>Guest agent</dt>
+          <dd data-testid="agent">{agentText(vm.agent)}</dd>
         </dl>
       </div>
+      {vm.agent?.connected ? <RunCommand vm={vm.name} /> : null}
       {vm.state === 'running' ? (
         <div class="charts">
           <Chart title="CPU" series={[['CPU %', '#10a37f']]} data={[s.t, s.cpu]} format={(v) => `${v.toFixed(0)}%`} floor={10} />
@@ -190,6 +193,57 @@ function Summary({ vm }) {
       ) : (
         <Empty title="No live figures">Charts appear while the VM runs.</Empty>
       )}
+    </div>
+  );
+}
+
+function agentText(agent) {
+  if (!agent) return '–';
+  if (!agent.connected) return 'not connected';
+  return [agent.version, agent.os, agent.hostname].filter(Boolean).join(' · ');
+}
+
+/** Base64 (from the API) as text, bytes that are not UTF-8 shown as such. */
+function decode(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new TextDecoder().decode(bytes);
+}
+
+/** A shell command line run in the guest through its agent. */
+function RunCommand({ vm }) {
+  const [line, setLine] = useState('');
+  const [result, setResult] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const run = async (e) => {
+    e.preventDefault();
+    setBusy(true);
+    try {
+      const r = await post(`/vms/${enc(vm)}/exec`, { command: '/bin/sh', args: ['-c', line] });
+      const code = r.exit_code ?? `signal ${r.signal}`;
+      setResult({ ok: r.exit_code === 0, text: decode(r.stdout_b64) + decode(r.stderr_b64), code });
+    } catch (err) {
+      setResult({ ok: false, text: err.message, code: '–' });
+    } finally {
+      setBusy(false);
+    }
+  };
+  return (
+    <div class="card">
+      <form class="run-command" onSubmit={run}>
+        <label>
+          Run in the guest
+          <input class="mono" value={line} onInput={(e) => setLine(e.currentTarget.value)} placeholder="uname -a" />
+        </label>
+        <button type="submit" class="btn" disabled={busy || !line}>
+          Run
+        </button>
+      </form>
+      {result ? (
+        <div data-testid="command-result">
+          <p class={result.ok ? 'muted' : 'bad'}>exit {result.code}</p>
+          <pre class="mono output">{result.text}</pre>
+        </div>
+      ) : null}
     </div>
   );
 }

@@ -4,6 +4,7 @@
 mod access;
 mod console;
 mod contract;
+mod files;
 pub mod guard;
 
 use self::contract::{Contract, NamePath, SnapshotPath};
@@ -217,6 +218,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         resume_vm,
         clone_vm,
         exec_vm,
+        files::read,
+        files::write,
         list_templates,
         create_template,
         get_template,
@@ -350,6 +353,20 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/vms/{name}/exec",
             Needs(Operator),
             post(exec_vm),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/files",
+            Needs(Operator),
+            get(files::read),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/vms/{name}/files",
+            Needs(Operator),
+            axum::routing::put(files::write).layer(axum::extract::DefaultBodyLimit::max(
+                crate::node::MAX_GUEST_FILE,
+            )),
         ),
         route(
             Method::GET,
@@ -640,7 +657,7 @@ async fn create_vm(
     Body(request): Body<CreateVm>,
 ) -> Result<Response, ApiError> {
     Ok(match app.node.create(request).await? {
-        Created::Vm(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
+        Created::Vm(vm) => (StatusCode::CREATED, Json(*vm)).into_response(),
         Created::Operation(op) => operations::accepted(op),
     })
 }

@@ -22,7 +22,7 @@ use crate::store::{Change, VmRecord, now_millis};
 /// What a create request made: a VM, or an operation that is making one.
 #[derive(Debug)]
 pub enum Created {
-    Vm(Vm),
+    Vm(Box<Vm>),
     Operation(Operation),
 }
 
@@ -179,7 +179,7 @@ impl Node {
             self.make_vm(vm, &source.plan, &cause)?
         };
         match made {
-            Made::Done(vm) => Ok(Created::Vm(*vm)),
+            Made::Done(vm) => Ok(Created::Vm(vm)),
             Made::Copy(pending) => Ok(Created::Operation(self.copy_in_operation(
                 OperationKind::FullClone,
                 pending,

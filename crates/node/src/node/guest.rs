@@ -16,7 +16,9 @@ pub const MAX_EXEC_SECS: u64 = 3600;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
-    /// `vm` with its agent's state, while it runs.
+    /// `vm` with its agent's state, while it runs; the addresses the
+    /// agent reports replace the leases' (a guest may have more, or a
+    /// static one).
     pub(super) fn with_agent(&self, mut vm: Vm) -> Vm {
         let slot = self
             .slots
@@ -24,14 +26,24 @@ impl Node {
             .expect("never poisoned: no panics while held")
             .get(&vm.name)
             .cloned();
-        vm.agent = slot
+        let status = slot
             .and_then(|slot| slot.live())
-            .and_then(|live| live.agent.as_ref().map(|agent| agent.status()))
-            .map(|status| Agent {
+            .and_then(|live| live.agent.as_ref().map(|agent| agent.status()));
+        if let Some(status) = status {
+            // A user-mode NIC's address is reachable from nowhere: none is
+            // shown, whatever the guest says.
+            if status.connected && !status.addresses.is_empty() && vm.network != super::USER_NETWORK
+            {
+                vm.addresses = status.addresses;
+            }
+            vm.agent = Some(Agent {
                 connected: status.connected,
                 version: status.version,
                 last_contact_at: status.last_contact_at,
+                os: status.os,
+                hostname: status.hostname,
             });
+        }
         vm
     }
 
@@ -60,16 +72,12 @@ impl Node {
             }
             .into());
         }
-        // An unknown VM is a 404, before anything about its agent.
-        self.record(name)?;
         let agent_error = |source| NodeError::Agent {
             vm: name.to_owned(),
             source,
         };
-        let live = self
-            .slot(name)
-            .live()
-            .ok_or_else(|| agent_error(AgentError::Unavailable))?;
+        // An unknown VM is a 404, before anything about its agent.
+        let live = self.agent_call_target(name)?;
         let agent = live
             .agent
             .as_ref()
@@ -148,6 +156,154 @@ fn result(status: &Value) -> Result<ExecResult, AgentError> {
         stderr_b64: quetzal_qga::encode(&stderr),
         truncated: cut_out || cut_err || flagged("out-truncated") || flagged("err-truncated"),
     })
+}
+
+/// The largest file copied into or out of a guest.
+pub const MAX_FILE: usize = 64 << 20;
+/// Bytes per `guest-file-read`/`-write` (1 MiB: 1.4 MiB of base64, well
+/// inside a message's bound).
+const CHUNK: usize = 1 << 20;
+
+impl Node {
+    /// The live state of running VM `name` with an agent link, or why
+    /// there is none (404 for an unknown VM).
+    fn agent_call_target(
+        &self,
+        name: &str,
+    ) -> Result<std::sync::Arc<crate::supervisor::Live>, NodeError> {
+        self.record(name)?;
+        let live = self.slot(name).live().ok_or_else(|| NodeError::Agent {
+            vm: name.to_owned(),
+            source: AgentError::Unavailable,
+        })?;
+        if live.agent.is_none() {
+            return Err(NodeError::Agent {
+                vm: name.to_owned(),
+                source: AgentError::Unavailable,
+            });
+        }
+        Ok(live)
+    }
+
+    /// Writes `bytes` to `path` in VM `name`'s guest (made or replaced).
+    pub async fn write_file(&self, name: &str, path: &str, bytes: &[u8]) -> Result<(), NodeError> {
+        check_guest_path(path)?;
+        let live = self.agent_call_target(name)?;
+        let agent = live.agent.as_ref().ok_or(AgentError::Unavailable);
+        let fail = |source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        };
+        let agent = agent.map_err(fail)?;
+        let handle = agent
+            .call(
+                "guest-file-open",
+                json!({ "path": path, "mode": "w" }),
+                CALL_TIMEOUT,
+            )
+            .await
+            .map_err(fail)?;
+        let written = async {
+            for chunk in bytes.chunks(CHUNK) {
+                agent
+                    .call(
+                        "guest-file-write",
+                        json!({ "handle": handle, "buf-b64": quetzal_qga::encode(chunk) }),
+                        CALL_TIMEOUT,
+                    )
+                    .await?;
+            }
+            Ok::<_, AgentError>(())
+        }
+        .await;
+        // Closed on every path (the agent keeps few files open).
+        let closed = agent
+            .call(
+                "guest-file-close",
+                json!({ "handle": handle }),
+                CALL_TIMEOUT,
+            )
+            .await;
+        written.map_err(fail)?;
+        closed.map_err(fail)?;
+        Ok(())
+    }
+
+    /// Reads `path` from VM `name`'s guest, at most [`MAX_FILE`] bytes.
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, NodeError> {
+        check_guest_path(path)?;
+        let live = self.agent_call_target(name)?;
+        let fail = |source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        };
+        let agent = live
+            .agent
+            .as_ref()
+            .ok_or(AgentError::Unavailable)
+            .map_err(fail)?;
+        let handle = agent
+            .call(
+                "guest-file-open",
+                json!({ "path": path, "mode": "r" }),
+                CALL_TIMEOUT,
+            )
+            .await
+            .map_err(fail)?;
+        let read = async {
+            let mut bytes = Vec::new();
+            loop {
+                let chunk = agent
+                    .call(
+                        "guest-file-read",
+                        json!({ "handle": handle, "count": CHUNK }),
+                        CALL_TIMEOUT,
+                    )
+                    .await?;
+                let data = chunk
+                    .get("buf-b64")
+                    .and_then(Value::as_str)
+                    .and_then(quetzal_qga::decode)
+                    .ok_or_else(|| AgentError::Garbled {
+                        command: "guest-file-read".into(),
+                        why: "no base64 data".into(),
+                    })?;
+                if bytes.len() + data.len() > MAX_FILE {
+                    return Err(AgentError::Refused {
+                        command: "guest-file-read".into(),
+                        desc: format!("the file is larger than {} MiB", MAX_FILE >> 20),
+                    });
+                }
+                let eof = chunk.get("eof").and_then(Value::as_bool) == Some(true);
+                let empty = data.is_empty();
+                bytes.extend(data);
+                if eof || empty {
+                    return Ok(bytes);
+                }
+            }
+        }
+        .await;
+        let closed = agent
+            .call(
+                "guest-file-close",
+                json!({ "handle": handle }),
+                CALL_TIMEOUT,
+            )
+            .await;
+        let bytes = read.map_err(fail)?;
+        closed.map_err(fail)?;
+        Ok(bytes)
+    }
+}
+
+fn check_guest_path(path: &str) -> Result<(), NodeError> {
+    if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
+        return Err(VmError::Invalid {
+            reason: format!("a guest path is absolute and at most 4096 bytes, not '{path}'"),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
