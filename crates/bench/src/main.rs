@@ -9,10 +9,12 @@
 //!   latency in Chromium (web/bench/dashboard.mjs).
 //! - `quetzal-bench tls`: the API over HTTPS against plain HTTP on the
 //!   Unix socket.
+//! - `quetzal-bench agent`: the guest agent's readiness and round trip.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
 
+mod agent;
 mod boot;
 mod clones;
 mod dashboard;
@@ -22,7 +24,7 @@ mod tls;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls [--runs N]";
+const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls|agent [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -31,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" | "dashboard" | "tls" => which = Some(arg),
+            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" => which = Some(arg),
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Some("clones") => clones::run(runs, &bin),
         Some("dashboard") => dashboard::run(runs, &bin),
         Some("tls") => tls::run(runs, &bin),
+        Some("agent") => agent::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

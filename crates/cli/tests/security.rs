@@ -771,3 +771,42 @@ fn quetzal_audit_follow_prints_each_change_as_it_happens() {
         .stdout
         .wait_for(r#""who":"follow-me","source":"127.0.0.1","method":"POST","path":"/api/v1/vms","status":201"#);
 }
+
+#[test]
+fn a_kept_alive_https_connection_stays_usable_after_idling() {
+    let daemon = https_daemon();
+    let mut stream = daemon.https();
+    let request = format!(
+        "GET /api/v1/host HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\r\n",
+        bearer(&admin(&daemon))
+    );
+    let answer = |stream: &mut quetzal_testkit::Https| {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return String::from("closed"),
+            }
+        }
+        let text = String::from_utf8(head).unwrap();
+        let length: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).unwrap();
+        text.lines().next().unwrap().to_owned()
+    };
+
+    assert_eq!(answer(&mut stream), "HTTP/1.1 200 OK");
+    // Idle past what a browser's connection pool waits (hyper's header
+    // timer closed such connections after 30 s, and browsers' requests on
+    // them failed): the idling is what is tested.
+    std::thread::sleep(std::time::Duration::from_secs(35));
+    assert_eq!(answer(&mut stream), "HTTP/1.1 200 OK");
+}

@@ -9,15 +9,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-/// How long a client has for its TLS handshake, and for a request's head.
+/// How long a client has for its TLS handshake (and a plain-HTTP client
+/// for its request head). After the handshake no timer runs: hyper's
+/// header-read timeout also counts the idle time of a kept-alive
+/// connection, and closed browsers' pooled connections under them (a
+/// POST on a socket the server had just closed failed in the browser).
 const HANDSHAKE: Duration = Duration::from_secs(10);
-const HEADER_READ: Duration = Duration::from_secs(30);
 /// A TLS record starts with this content type (handshake).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -67,8 +70,6 @@ async fn connection(
         app.clone().oneshot(request)
     });
     hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ)
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades()
         .await?;
