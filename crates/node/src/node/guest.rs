@@ -101,7 +101,7 @@ impl Node {
             })
         })?;
         let deadline = Instant::now() + Duration::from_secs(timeout_secs);
-        let mut pause = Duration::from_millis(20);
+        let mut pause = Duration::from_millis(5);
         loop {
             let status = agent
                 .call("guest-exec-status", json!({ "pid": pid }), CALL_TIMEOUT)
