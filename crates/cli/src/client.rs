@@ -212,9 +212,14 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, ClientError> {
         let body = body.map(|bytes| ("application/octet-stream", Bytes::from(bytes)));
-        let response = self
-            .send_request(self.raw_request_for(method, path, body))
-            .await?;
+        self.exchange(self.raw_request_for(method, path, body))
+            .await
+    }
+
+    /// Sends a request and reads the whole answer: a 2xx answer's body,
+    /// or the API's error.
+    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Bytes, ClientError> {
+        let response = self.send_request(request).await?;
         let status = response.status();
         let bytes = response
             .into_body()
@@ -255,27 +260,14 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        let response = self.send(method, path, body).await?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|err| ClientError::Unexpected {
-                status,
-                message: err.to_string(),
-            })?
-            .to_bytes();
-        if status.is_success() {
-            if bytes.is_empty() {
-                return Ok(Value::Null);
-            }
-            return serde_json::from_slice(&bytes).map_err(|err| ClientError::Unexpected {
-                status,
-                message: err.to_string(),
-            });
+        let bytes = self.exchange(self.request_for(method, path, body)).await?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
         }
-        Err(error_of(status, &bytes))
+        serde_json::from_slice(&bytes).map_err(|err| ClientError::Unexpected {
+            status: StatusCode::OK,
+            message: err.to_string(),
+        })
     }
 
     /// [`Client::call`], typed.

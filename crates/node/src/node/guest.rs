@@ -7,7 +7,7 @@ use quetzal_api::{Agent, Exec, ExecResult, Vm};
 use serde_json::{Value, json};
 
 use super::{Node, NodeError, VmError};
-use crate::agent::AgentError;
+use crate::agent::{AgentError, AgentLink};
 
 /// How long a command may run by default, and at most.
 pub const DEFAULT_EXEC_SECS: u64 = 30;
@@ -72,16 +72,6 @@ impl Node {
             }
             .into());
         }
-        let agent_error = |source| NodeError::Agent {
-            vm: name.to_owned(),
-            source,
-        };
-        // An unknown VM is a 404, before anything about its agent.
-        let live = self.agent_call_target(name)?;
-        let agent = live
-            .agent
-            .as_ref()
-            .ok_or_else(|| agent_error(AgentError::Unavailable))?;
         let mut arguments = json!({
             "path": request.command,
             "arg": request.args,
@@ -90,35 +80,57 @@ impl Node {
         if let Some(stdin) = request.stdin_b64 {
             arguments["input-data"] = json!(stdin);
         }
-        let started = agent
-            .call("guest-exec", arguments, CALL_TIMEOUT)
-            .await
-            .map_err(agent_error)?;
-        let pid = started.get("pid").and_then(Value::as_u64).ok_or_else(|| {
-            agent_error(AgentError::Garbled {
-                command: "guest-exec".into(),
-                why: "no pid".into(),
-            })
-        })?;
-        let deadline = Instant::now() + Duration::from_secs(timeout_secs);
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let status = agent
-                .call("guest-exec-status", json!({ "pid": pid }), CALL_TIMEOUT)
-                .await
-                .map_err(agent_error)?;
-            if status.get("exited").and_then(Value::as_bool) == Some(true) {
-                return result(&status).map_err(agent_error);
+        let timeout = Duration::from_secs(timeout_secs);
+        self.through_agent(name, async |agent| {
+            let started = agent.call("guest-exec", arguments, CALL_TIMEOUT).await?;
+            let pid =
+                started
+                    .get("pid")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| AgentError::Garbled {
+                        command: "guest-exec".into(),
+                        why: "no pid".into(),
+                    })?;
+            let deadline = Instant::now() + timeout;
+            let mut pause = Duration::from_millis(5);
+            loop {
+                let status = agent
+                    .call("guest-exec-status", json!({ "pid": pid }), CALL_TIMEOUT)
+                    .await?;
+                if status.get("exited").and_then(Value::as_bool) == Some(true) {
+                    return result(&status);
+                }
+                if Instant::now() >= deadline {
+                    return Err(AgentError::Timeout {
+                        command: "the command".into(),
+                        timeout,
+                    });
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
             }
-            if Instant::now() >= deadline {
-                return Err(agent_error(AgentError::Timeout {
-                    command: "the command".into(),
-                    timeout: Duration::from_secs(timeout_secs),
-                }));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
-        }
+        })
+        .await
+    }
+
+    /// Runs `work` with running VM `name`'s agent link; an unknown VM is
+    /// a 404 before anything about its agent, a VM with none to talk to
+    /// `agent_unavailable`.
+    async fn through_agent<T>(
+        &self,
+        name: &str,
+        work: impl AsyncFnOnce(&AgentLink) -> Result<T, AgentError>,
+    ) -> Result<T, NodeError> {
+        self.record(name)?;
+        let live = self.slot(name).live();
+        let result = match live.as_ref().and_then(|live| live.agent.as_ref()) {
+            Some(agent) => work(agent).await,
+            None => Err(AgentError::Unavailable),
+        };
+        result.map_err(|source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        })
     }
 }
 
@@ -165,135 +177,81 @@ pub const MAX_FILE: usize = 64 << 20;
 const CHUNK: usize = 1 << 20;
 
 impl Node {
-    /// The live state of running VM `name` with an agent link, or why
-    /// there is none (404 for an unknown VM).
-    fn agent_call_target(
-        &self,
-        name: &str,
-    ) -> Result<std::sync::Arc<crate::supervisor::Live>, NodeError> {
-        self.record(name)?;
-        let live = self.slot(name).live().ok_or_else(|| NodeError::Agent {
-            vm: name.to_owned(),
-            source: AgentError::Unavailable,
-        })?;
-        if live.agent.is_none() {
-            return Err(NodeError::Agent {
-                vm: name.to_owned(),
-                source: AgentError::Unavailable,
-            });
-        }
-        Ok(live)
-    }
-
     /// Writes `bytes` to `path` in VM `name`'s guest (made or replaced).
     pub async fn write_file(&self, name: &str, path: &str, bytes: &[u8]) -> Result<(), NodeError> {
         check_guest_path(path)?;
-        let live = self.agent_call_target(name)?;
-        let agent = live.agent.as_ref().ok_or(AgentError::Unavailable);
-        let fail = |source| NodeError::Agent {
-            vm: name.to_owned(),
-            source,
-        };
-        let agent = agent.map_err(fail)?;
-        let handle = agent
-            .call(
-                "guest-file-open",
-                json!({ "path": path, "mode": "w" }),
-                CALL_TIMEOUT,
-            )
+        self.through_agent(name, async |agent| {
+            with_file(agent, path, "w", async |handle| {
+                for chunk in bytes.chunks(CHUNK) {
+                    let data = quetzal_qga::encode(chunk);
+                    let write = json!({ "handle": handle, "buf-b64": data });
+                    agent.call("guest-file-write", write, CALL_TIMEOUT).await?;
+                }
+                Ok(())
+            })
             .await
-            .map_err(fail)?;
-        let written = async {
-            for chunk in bytes.chunks(CHUNK) {
-                agent
-                    .call(
-                        "guest-file-write",
-                        json!({ "handle": handle, "buf-b64": quetzal_qga::encode(chunk) }),
-                        CALL_TIMEOUT,
-                    )
-                    .await?;
-            }
-            Ok::<_, AgentError>(())
-        }
-        .await;
-        // Closed on every path (the agent keeps few files open).
-        let closed = agent
-            .call(
-                "guest-file-close",
-                json!({ "handle": handle }),
-                CALL_TIMEOUT,
-            )
-            .await;
-        written.map_err(fail)?;
-        closed.map_err(fail)?;
-        Ok(())
+        })
+        .await
     }
 
     /// Reads `path` from VM `name`'s guest, at most [`MAX_FILE`] bytes.
     pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, NodeError> {
         check_guest_path(path)?;
-        let live = self.agent_call_target(name)?;
-        let fail = |source| NodeError::Agent {
-            vm: name.to_owned(),
-            source,
-        };
-        let agent = live
-            .agent
-            .as_ref()
-            .ok_or(AgentError::Unavailable)
-            .map_err(fail)?;
-        let handle = agent
-            .call(
-                "guest-file-open",
-                json!({ "path": path, "mode": "r" }),
-                CALL_TIMEOUT,
-            )
+        self.through_agent(name, async |agent| {
+            with_file(agent, path, "r", async |handle| {
+                let mut bytes = Vec::new();
+                loop {
+                    let read = json!({ "handle": handle, "count": CHUNK });
+                    let chunk = agent.call("guest-file-read", read, CALL_TIMEOUT).await?;
+                    let data = chunk
+                        .get("buf-b64")
+                        .and_then(Value::as_str)
+                        .and_then(quetzal_qga::decode)
+                        .ok_or_else(|| AgentError::Garbled {
+                            command: "guest-file-read".into(),
+                            why: "no base64 data".into(),
+                        })?;
+                    if bytes.len() + data.len() > MAX_FILE {
+                        return Err(AgentError::Refused {
+                            command: "guest-file-read".into(),
+                            desc: format!("the file is larger than {} MiB", MAX_FILE >> 20),
+                        });
+                    }
+                    let done =
+                        data.is_empty() || chunk.get("eof").and_then(Value::as_bool) == Some(true);
+                    bytes.extend(data);
+                    if done {
+                        return Ok(bytes);
+                    }
+                }
+            })
             .await
-            .map_err(fail)?;
-        let read = async {
-            let mut bytes = Vec::new();
-            loop {
-                let chunk = agent
-                    .call(
-                        "guest-file-read",
-                        json!({ "handle": handle, "count": CHUNK }),
-                        CALL_TIMEOUT,
-                    )
-                    .await?;
-                let data = chunk
-                    .get("buf-b64")
-                    .and_then(Value::as_str)
-                    .and_then(quetzal_qga::decode)
-                    .ok_or_else(|| AgentError::Garbled {
-                        command: "guest-file-read".into(),
-                        why: "no base64 data".into(),
-                    })?;
-                if bytes.len() + data.len() > MAX_FILE {
-                    return Err(AgentError::Refused {
-                        command: "guest-file-read".into(),
-                        desc: format!("the file is larger than {} MiB", MAX_FILE >> 20),
-                    });
-                }
-                let eof = chunk.get("eof").and_then(Value::as_bool) == Some(true);
-                let empty = data.is_empty();
-                bytes.extend(data);
-                if eof || empty {
-                    return Ok(bytes);
-                }
-            }
-        }
-        .await;
-        let closed = agent
-            .call(
-                "guest-file-close",
-                json!({ "handle": handle }),
-                CALL_TIMEOUT,
-            )
-            .await;
-        let bytes = read.map_err(fail)?;
-        closed.map_err(fail)?;
-        Ok(bytes)
+        })
+        .await
     }
+}
+
+/// Opens `path` in the guest with `mode`, runs `work` on the handle, and
+/// closes it on every path (the agent keeps few files open).
+async fn with_file<T>(
+    agent: &AgentLink,
+    path: &str,
+    mode: &str,
+    work: impl AsyncFnOnce(&Value) -> Result<T, AgentError>,
+) -> Result<T, AgentError> {
+    let open = json!({ "path": path, "mode": mode });
+    let handle = agent.call("guest-file-open", open, CALL_TIMEOUT).await?;
+    let done = work(&handle).await;
+    let closed = agent
+        .call(
+            "guest-file-close",
+            json!({ "handle": handle }),
+            CALL_TIMEOUT,
+        )
+        .await;
+    let done = done?;
+    closed?;
+    Ok(done)
 }
 
 fn check_guest_path(path: &str) -> Result<(), NodeError> {
