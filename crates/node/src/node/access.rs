@@ -131,6 +131,17 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Who `token` makes a caller, unless it expired by `now`.
+fn admitted(token: &TokenRecord, now: i64) -> Result<Caller, Denied> {
+    if token.expires_at.is_some_and(|at| at <= now) {
+        return Err(Denied::Expired(token.name.clone()));
+    }
+    Ok(Caller {
+        who: token.name.clone(),
+        role: token.role,
+    })
+}
+
 fn store_fault(err: StoreError) -> NodeError {
     NodeError::Fault(Fault::Store(err))
 }
@@ -208,50 +219,30 @@ impl Access {
         if !well_formed(secret) {
             return Err(Denied::Malformed);
         }
-        let hash = hash(secret);
         let mut tokens = self.lock_tokens();
-        let token = tokens.get_mut(&hash).ok_or(Denied::Unknown)?;
-        if token.expires_at.is_some_and(|at| at <= now) {
-            return Err(Denied::Expired(token.name.clone()));
-        }
-        if token
+        let token = tokens.get_mut(&hash(secret)).ok_or(Denied::Unknown)?;
+        let caller = admitted(token, now)?;
+        let touch = token
             .last_used_at
-            .is_none_or(|at| now - at >= TOUCH_EVERY_MS)
-        {
+            .is_none_or(|at| now - at >= TOUCH_EVERY_MS);
+        if touch {
             token.last_used_at = Some(now);
-            let name = token.name.clone();
             drop(tokens);
-            if let Err(err) = self.core.store().touch_token(&name, now) {
-                tracing::warn!(token = %name, error = %err, "cannot record when a token was used");
+            if let Err(err) = self.core.store().touch_token(&caller.who, now) {
+                tracing::warn!(token = %caller.who, error = %err, "cannot record when a token was used");
             }
-            return self.caller_of(&hash, now);
         }
-        Ok(Caller {
-            who: token.name.clone(),
-            role: token.role,
-        })
+        Ok(caller)
     }
 
-    fn caller_of(&self, hash: &str, now: i64) -> Result<Caller, Denied> {
-        let tokens = self.lock_tokens();
-        let token = tokens.get(hash).ok_or(Denied::Unknown)?;
-        if token.expires_at.is_some_and(|at| at <= now) {
-            return Err(Denied::Expired(token.name.clone()));
-        }
-        Ok(Caller {
-            who: token.name.clone(),
-            role: token.role,
-        })
-    }
-
+    /// The token named `name`, if it still admits.
     fn caller_named(&self, name: &str, now: i64) -> Result<Caller, Denied> {
-        let hash = self
-            .lock_tokens()
+        let tokens = self.lock_tokens();
+        let token = tokens
             .values()
             .find(|token| token.name == name)
-            .map(|token| token.hash.clone())
             .ok_or(Denied::SessionEnded)?;
-        self.caller_of(&hash, now)
+        admitted(token, now)
     }
 
     /// Who a dashboard session belongs to: its token's name and role now
