@@ -153,6 +153,17 @@ pub struct CreateVm {
         max_length = 63
     )]
     pub network: Option<String>,
+    /// OpenSSH public keys (`TYPE BASE64 [COMMENT]` lines) authorized for
+    /// the image's default user; only for images with cloud-init.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub ssh_keys: Vec<String>,
+    /// cloud-init user-data, passed through: a `#cloud-config` YAML
+    /// mapping or a script (`#!`), at most 64 KiB; only for images with
+    /// cloud-init.
+    #[serde(default)]
+    #[schema(max_length = 65536)]
+    pub user_data: Option<String>,
 }
 
 fn default_cpus() -> u32 {
@@ -202,6 +213,23 @@ pub struct Vm {
     /// Its guest agent, while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<Agent>,
+    /// What its cloud-init seed carries, for a VM of a cloud-init image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// A VM's cloud-init seed, as `vm show` tells it (never the user-data
+/// itself, which may hold secrets).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudInit {
+    /// The user the SSH keys are for (`debian` on the debian image).
+    pub user: Option<String>,
+    /// The host name the guest is given.
+    pub hostname: String,
+    /// `SHA256:…` fingerprints of its authorized SSH keys.
+    pub ssh_keys: Vec<String>,
+    /// The size of its user-data, if it has any.
+    pub user_data_bytes: Option<u64>,
 }
 
 /// A running VM's guest agent, as the node sees it.

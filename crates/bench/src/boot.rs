@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, VmName, VmSpec,
+    Boot, Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, VmName, VmSpec,
 };
 use quetzal_engine::{Engine, EngineVm, Lifetime, QemuEngine, VmEvent, disk};
 use quetzal_image::{Image, ImageStore};
@@ -88,9 +88,9 @@ fn plain_qemu(image: &Image, overlay: &Path, accel: &str) -> Command {
             "-accel", accel, "-smp", "1", "-m", "256M", "-serial", "stdio",
         ])
         .arg("-kernel")
-        .arg(image.kernel())
+        .arg(image.kernel().expect("tiny has a kernel"))
         .arg("-initrd")
-        .arg(image.initrd())
+        .arg(image.initrd().expect("tiny has an initrd"))
         .args(["-append", &image.manifest.append])
         .arg("-drive")
         .arg(format!("file={},format=qcow2,if=virtio", overlay.display()))
@@ -170,11 +170,11 @@ fn qmp_ready(
                 memory: MemoryMib::new(256, u64::MAX)?,
                 machine: Machine::Pc,
                 accel,
-                boot: DirectBoot::new(
-                    &image.kernel(),
-                    Some(&image.initrd()),
+                boot: Boot::Kernel(DirectBoot::new(
+                    &image.kernel().expect("tiny has a kernel"),
+                    image.initrd().as_deref(),
                     &image.manifest.append,
-                )?,
+                )?),
                 disks: vec![Disk {
                     path: overlay,
                     format: DiskFormat::Qcow2,

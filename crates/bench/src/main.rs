@@ -10,6 +10,8 @@
 //! - `quetzal-bench tls`: the API over HTTPS against plain HTTP on the
 //!   Unix socket.
 //! - `quetzal-bench agent`: the guest agent's readiness and round trip.
+//! - `quetzal-bench debian`: the debian image's boot to login, agent and
+//!   SSH, and exec through quetzal-agent against stock qemu-guest-agent.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
@@ -18,13 +20,14 @@ mod agent;
 mod boot;
 mod clones;
 mod dashboard;
+mod debian;
 mod node;
 mod stats;
 mod tls;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls|agent [--runs N]";
+const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls|agent|debian [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -33,7 +36,9 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" => which = Some(arg),
+            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" | "debian" => {
+                which = Some(arg)
+            }
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Some("dashboard") => dashboard::run(runs, &bin),
         Some("tls") => tls::run(runs, &bin),
         Some("agent") => agent::run(runs, &bin),
+        Some("debian") => debian::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

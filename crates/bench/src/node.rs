@@ -356,8 +356,8 @@ pub(crate) fn libvirt_define_with(
     <serial type='file'><source path='{log}'/><target port='0'/></serial>
     <controller type='usb' model='none'/><memballoon model='none'/><panic model='isa'/>
   </devices></domain>",
-        kernel = image.kernel().display(),
-        initrd = image.initrd().display(),
+        kernel = image.kernel().expect("tiny has a kernel").display(),
+        initrd = image.initrd().expect("tiny has an initrd").display(),
         append = image.manifest.append,
         disk = overlay.display(),
         log = log.display(),

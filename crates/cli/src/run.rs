@@ -11,10 +11,11 @@ use clap::{Args, ValueEnum};
 use nix::fcntl::{Flock, FlockArg};
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+    Boot, Cpus, DirectBoot, Disk, DiskFormat, Mac, Machine, MemoryMib, Nic, NicBackend, Uefi,
+    VmName, VmSpec,
 };
 use quetzal_engine::{Accel, Engine, EngineVm, Lifetime, QemuEngine, QemuVm, VmEvent, disk, host};
-use quetzal_image::{DEFAULT_IMAGE, ImageStore};
+use quetzal_image::{DEFAULT_IMAGE, Firmware, ImageStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -152,11 +153,11 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
 
     let mut disks = Vec::new();
     let boot = match &args.kernel {
-        Some(kernel) => DirectBoot::new(
+        Some(kernel) => Boot::Kernel(DirectBoot::new(
             kernel,
             args.initrd.as_deref(),
             args.append.as_deref().unwrap_or("console=ttyS0"),
-        )?,
+        )?),
         None => {
             let image_name = args.image.as_deref().unwrap_or(DEFAULT_IMAGE);
             let image = ImageStore::new(&data).get(image_name)?;
@@ -169,11 +170,19 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
                 format: DiskFormat::Qcow2,
                 read_only: false,
             });
-            DirectBoot::new(
-                &image.kernel(),
-                Some(&image.initrd()),
-                args.append.as_deref().unwrap_or(&image.manifest.append),
-            )?
+            // Its kernel directly where it has one (the faster boot), else
+            // its disk's bootloader.
+            match image.kernel() {
+                Some(kernel) => Boot::Kernel(DirectBoot::new(
+                    &kernel,
+                    image.initrd().as_deref(),
+                    args.append.as_deref().unwrap_or(&image.manifest.append),
+                )?),
+                None => match image.manifest.firmware {
+                    Firmware::Bios => Boot::Bios,
+                    Firmware::Uefi => Boot::Uefi(Uefi::new(&run_dir.join("uefi-vars.fd"))?),
+                },
+            }
         }
     };
     for path in &args.disks {

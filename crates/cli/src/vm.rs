@@ -2,8 +2,10 @@
 //! as tables for people or JSON for scripts.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -124,6 +126,14 @@ pub struct CreateArgs {
     /// [default: the node's default network where it has one].
     #[arg(long)]
     network: Option<String>,
+    /// A file of OpenSSH public keys (one per line, such as
+    /// ~/.ssh/id_ed25519.pub) for the image's default user; may be
+    /// repeated. Images with cloud-init only (debian).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<PathBuf>,
+    /// cloud-init user-data: a #cloud-config YAML file or a script.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -133,6 +143,54 @@ pub struct CreateArgs {
     /// waiting for the copy.
     #[command(flatten)]
     wait: WaitArgs,
+}
+
+/// The keys of `--ssh-key` files (one per line; blank lines and `#`
+/// comments skipped) and the `--user-data` file, each checked here so an
+/// error names its file.
+fn cloud_init_files(
+    key_files: &[PathBuf],
+    user_data: Option<&Path>,
+) -> anyhow::Result<(Vec<String>, Option<String>)> {
+    use quetzal_node::cloud_init::{check_ssh_key, check_user_data};
+    let read = |flag: &str, path: &Path| {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+        String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("{flag} {} is not text (UTF-8)", path.display()))
+    };
+    let mut keys = Vec::new();
+    for path in key_files {
+        let text = read("--ssh-key", path)?;
+        // A private key is refused as a whole, not line by line.
+        if text.trim_start().starts_with("-----BEGIN")
+            && let Err(reason) = check_ssh_key(&text)
+        {
+            anyhow::bail!("--ssh-key {}: {reason}", path.display());
+        }
+        let before = keys.len();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let key = check_ssh_key(line)
+                .map_err(|reason| anyhow::anyhow!("--ssh-key {}: {reason}", path.display()))?;
+            keys.push(key);
+        }
+        if keys.len() == before {
+            anyhow::bail!("--ssh-key {}: no public key in it", path.display());
+        }
+    }
+    let user_data = match user_data {
+        Some(path) => {
+            let text = read("--user-data", path)?;
+            check_user_data(&text)
+                .map_err(|reason| anyhow::anyhow!("--user-data {}: {reason}", path.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
+    Ok((keys, user_data))
 }
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
@@ -156,9 +214,13 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
                     .ok_or_else(|| anyhow::anyhow!("--label must be key=value, not '{label}'"))?;
                 labels.insert(key.to_owned(), value.to_owned());
             }
+            let (ssh_keys, user_data) =
+                cloud_init_files(&args.ssh_keys, args.user_data.as_deref())?;
             let body = json!({
                 "name": args.name,
                 "image": args.image,
+                "ssh_keys": ssh_keys,
+                "user_data": user_data,
                 "template": args.template,
                 "full_clone": args.full,
                 "cpus": args.cpus,
@@ -314,6 +376,22 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
             println!("Restarts  {}", vm.restarts);
             println!("Network   {} (MAC {})", vm.network, vm.mac);
             println!("Addresses {}", addresses(vm));
+            if let Some(cloud) = &vm.cloud_init {
+                let user = cloud.user.as_deref().unwrap_or("the image's default user");
+                let keys = match cloud.ssh_keys.len() {
+                    0 => "no SSH key".to_owned(),
+                    1 => format!("SSH key {}", cloud.ssh_keys[0]),
+                    n => format!("{n} SSH keys"),
+                };
+                let user_data = match cloud.user_data_bytes {
+                    Some(bytes) => format!(", user-data {bytes} bytes"),
+                    None => String::new(),
+                };
+                println!(
+                    "Cloud-init host {}, {keys} for {user}{user_data}",
+                    cloud.hostname
+                );
+            }
             if let Some(agent) = &vm.agent {
                 println!("Agent     {}", describe_agent(agent));
             }

@@ -69,7 +69,7 @@ fn rejects_a_file_that_is_not_a_kernel() {
 
 #[test]
 fn rejects_a_missing_initrd() {
-    let kernel = tiny().kernel().display().to_string();
+    let kernel = tiny().kernel().unwrap().display().to_string();
 
     assert_rejected(
         &["--kernel", &kernel, "--initrd", "/nonexistent/initrd"],
@@ -125,7 +125,7 @@ fn rejects_more_memory_than_the_host_has() {
 fn rejects_an_unknown_image() {
     assert_rejected(
         &["--image", "windows-95"],
-        "unknown image 'windows-95' (known: tiny)",
+        "unknown image 'windows-95' (Quetzal builds tiny, debian; others come from: quetzal image import NAME FILE)",
     );
 }
 

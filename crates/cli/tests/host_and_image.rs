@@ -91,8 +91,14 @@ fn the_manifest_records_package_versions_and_file_hashes() {
     let image = tiny();
 
     let files = [
-        (&image.manifest.kernel, image.kernel()),
-        (&image.manifest.initrd, image.initrd()),
+        (
+            image.manifest.kernel.as_ref().unwrap(),
+            image.kernel().unwrap(),
+        ),
+        (
+            image.manifest.initrd.as_ref().unwrap(),
+            image.initrd().unwrap(),
+        ),
         (&image.manifest.root_disk, image.root_disk()),
     ];
 

@@ -121,8 +121,8 @@ fn unnamed_vm_starts_from_a_clean_disk() {
 fn boots_any_kernel_with_kernel_initrd_and_append() {
     let data = DataDir::new();
     let image = tiny();
-    let kernel = image.kernel().display().to_string();
-    let initrd = image.initrd().display().to_string();
+    let kernel = image.kernel().unwrap().display().to_string();
+    let initrd = image.initrd().unwrap().display().to_string();
     let mut vm = run(
         &data,
         &[

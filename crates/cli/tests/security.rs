@@ -366,15 +366,16 @@ fn every_route_answers_each_role_as_its_access_says() {
     assert_eq!(checked, routes.len());
 
     // The roles are what docs/security.md says: a viewer only reads and
-    // opens no console and no guest file; an operator neither manages tokens, networks nor
-    // reads the audit log.
+    // opens no console and no guest file; an operator neither manages
+    // tokens, networks nor images, nor reads the audit log.
     for route in &routes {
         let Access::Needs(needed) = route.access else {
             continue;
         };
         let admin_only = route.path.starts_with("/api/v1/tokens")
             || route.path.starts_with("/api/v1/audit")
-            || (route.path.starts_with("/api/v1/networks") && route.method != "GET");
+            || (route.path.starts_with("/api/v1/networks") && route.method != "GET")
+            || (route.path.starts_with("/api/v1/images") && route.method != "GET");
         // Consoles, screens and guest files hand over the guest itself.
         let console = route.path.ends_with("/console")
             || route.path.ends_with("/vnc")

@@ -36,6 +36,8 @@ pub enum SpecError {
     Name(String),
     #[error("invalid MAC address '{0}'")]
     Mac(String),
+    #[error("UEFI firmware is not installed: no {path} (install the ovmf package)")]
+    NoFirmware { path: PathBuf },
 }
 
 /// A VM name: safe as a file name and in QEMU's `-name`.
@@ -115,6 +117,70 @@ pub enum Machine {
     /// The i440FX PC: SeaBIOS, ACPI, ISA serial. Boots reliably under TCG.
     #[default]
     Pc,
+}
+
+/// How a VM's boot starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads a kernel (and initrd): no firmware looks for a disk.
+    Kernel(DirectBoot),
+    /// SeaBIOS runs the first disk's boot sector.
+    Bios,
+    /// OVMF runs the first disk's EFI bootloader.
+    Uefi(Uefi),
+}
+
+/// UEFI firmware (Debian's `ovmf`): its code, shared and read-only, and a
+/// VM's own copy of its variable store (boot entries live there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uefi {
+    code: PathBuf,
+    vars: PathBuf,
+}
+
+/// Where Debian's `ovmf` puts the firmware (the 4 MiB build, for i440FX
+/// and q35, without Secure Boot).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+impl Uefi {
+    /// The installed firmware, with `vars` as the VM's variable store: made
+    /// from the firmware's empty one the first time, kept afterwards.
+    pub fn new(vars: &Path) -> Result<Self, SpecError> {
+        Self::with_firmware(Path::new(OVMF_CODE), Path::new(OVMF_VARS), vars)
+    }
+
+    pub fn with_firmware(code: &Path, template: &Path, vars: &Path) -> Result<Self, SpecError> {
+        for file in [code, template] {
+            if !file.is_file() {
+                return Err(SpecError::NoFirmware {
+                    path: file.to_owned(),
+                });
+            }
+        }
+        if !vars.exists() {
+            let partial = vars.with_extension("partial");
+            std::fs::copy(template, &partial)
+                .and_then(|_| std::fs::rename(&partial, vars))
+                .map_err(|source| SpecError::Unreadable {
+                    what: "UEFI variable store",
+                    path: vars.to_owned(),
+                    source,
+                })?;
+        }
+        Ok(Uefi {
+            code: code.to_owned(),
+            vars: vars.to_owned(),
+        })
+    }
+
+    pub fn code(&self) -> &Path {
+        &self.code
+    }
+
+    pub fn vars(&self) -> &Path {
+        &self.vars
+    }
 }
 
 /// A kernel booted directly, without firmware looking for a boot disk.
@@ -291,7 +357,7 @@ pub struct VmSpec {
     pub memory: MemoryMib,
     pub machine: Machine,
     pub accel: Accel,
-    pub boot: DirectBoot,
+    pub boot: Boot,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
     /// A VGA display, served over VNC on the run directory's `vnc.sock`
@@ -330,7 +396,7 @@ impl Confinement {
     /// node may (it runs as root), a uid and gid of its own and a cgroup
     /// whose limit is its RAM plus what the process needs beside it;
     /// otherwise nothing beyond the seccomp filter.
-    pub fn for_vm(id: u32, memory_mib: u64, privileged: bool) -> Self {
+    pub fn for_vm(id: u32, memory_mib: u64, accel: Accel, privileged: bool) -> Self {
         if !privileged {
             return Confinement::default();
         }
@@ -340,17 +406,26 @@ impl Confinement {
         };
         Confinement {
             user: Some(ids),
-            memory_limit_mib: Some(memory_mib + overhead_mib(memory_mib)),
+            memory_limit_mib: Some(memory_mib + overhead_mib(memory_mib, accel)),
         }
     }
 }
 
-/// What a VM's process needs beyond its guest's RAM: the device model,
-/// its buffers, and under TCG the translated code (QEMU 7.2's default
-/// translation cache is large but filled lazily): a quarter of the RAM
-/// and at least 256 MiB.
-pub fn overhead_mib(memory_mib: u64) -> u64 {
-    (memory_mib / 4).max(256)
+/// The translation cache QEMU gets under TCG (`tb-size`, MiB). QEMU 7.2's
+/// default is 1 GiB, filled as code is translated: a Debian boot filled
+/// enough of it to pass a 1 GiB guest's cgroup limit, and the kernel killed
+/// the VM. Bounded, it is flushed and refilled instead.
+pub const TCG_CACHE_MIB: u64 = 256;
+
+/// What a VM's process needs beyond its guest's RAM: the device model and
+/// its buffers (a quarter of the RAM, at least 256 MiB), and under TCG the
+/// translation cache.
+pub fn overhead_mib(memory_mib: u64, accel: Accel) -> u64 {
+    let translation = match accel {
+        Accel::Tcg => TCG_CACHE_MIB,
+        Accel::Kvm => 0,
+    };
+    (memory_mib / 4).max(256) + translation
 }
 
 #[cfg(test)]
@@ -372,7 +447,7 @@ mod tests {
 
     #[test]
     fn a_privileged_node_gives_each_vm_its_own_user_and_a_memory_limit() {
-        let confined = Confinement::for_vm(7, 1024, true);
+        let confined = Confinement::for_vm(7, 1024, Accel::Kvm, true);
         assert_eq!(
             confined.user,
             Some(Ids {
@@ -382,10 +457,18 @@ mod tests {
         );
         assert_eq!(confined.memory_limit_mib, Some(1024 + 256));
         assert_eq!(
-            Confinement::for_vm(1, 4096, true).memory_limit_mib,
+            Confinement::for_vm(1, 4096, Accel::Kvm, true).memory_limit_mib,
             Some(5120)
         );
-        assert_eq!(Confinement::for_vm(7, 1024, false), Confinement::default());
+        // Under TCG, the translation cache too.
+        assert_eq!(
+            Confinement::for_vm(1, 1024, Accel::Tcg, true).memory_limit_mib,
+            Some(1024 + 256 + TCG_CACHE_MIB)
+        );
+        assert_eq!(
+            Confinement::for_vm(7, 1024, Accel::Kvm, false),
+            Confinement::default()
+        );
     }
 
     #[test]

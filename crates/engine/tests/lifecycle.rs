@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use quetzal_engine::accel::{self, AccelProbe};
 use quetzal_engine::spec::{
-    Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, VmName, VmSpec,
+    Boot, Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, VmName, VmSpec,
 };
 use quetzal_engine::{Engine, EngineVm, Lifetime, QemuEngine, QemuVm, VmEvent, VmState, disk};
 use quetzal_testkit::{DataDir, GUEST_TIMEOUT, Transcript, assert_no_process_mentions, tiny};
@@ -59,12 +59,14 @@ async fn boot(data: &DataDir) -> Booted {
         memory: MemoryMib::new(256, 1 << 20).unwrap(),
         machine: Machine::Pc,
         accel: accel::choose(&AccelProbe::of_this_host()).accel,
-        boot: DirectBoot::new(
-            &image.kernel(),
-            Some(&image.initrd()),
-            &image.manifest.append,
-        )
-        .unwrap(),
+        boot: Boot::Kernel(
+            DirectBoot::new(
+                &image.kernel().expect("tiny has a kernel"),
+                image.initrd().as_deref(),
+                &image.manifest.append,
+            )
+            .unwrap(),
+        ),
         disks: vec![Disk {
             path: overlay,
             format: DiskFormat::Qcow2,

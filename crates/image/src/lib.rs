@@ -11,14 +11,15 @@
 
 pub mod agent;
 pub mod apt;
+pub mod debian;
+pub mod import;
 pub mod kmod;
 pub mod tiny;
 pub mod tree;
 
 use std::fs::File;
-use std::io::{BufWriter, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -38,13 +39,16 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// The images Quetzal knows how to build.
-pub const IMAGES: &[&str] = &["tiny"];
+pub const IMAGES: &[&str] = &["tiny", "debian"];
 /// The image used when none is named.
 pub const DEFAULT_IMAGE: &str = "tiny";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image '{name}' (known: {})", IMAGES.join(", "))]
+    #[error(
+        "unknown image '{name}' (Quetzal builds {}; others come from: quetzal image import NAME FILE)",
+        IMAGES.join(", ")
+    )]
     Unknown { name: String },
     #[error("image '{name}' is not built yet; run: quetzal image build {name}")]
     NotBuilt { name: String },
@@ -66,6 +70,12 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot import {}: {message}", file.display())]
+    Import { file: PathBuf, message: String },
+    #[error("image name '{name}' is not allowed: {why}")]
+    BadName { name: String, why: &'static str },
+    #[error("image {name} exists already (quetzal image rm {name} removes it)")]
+    Exists { name: String },
     #[error("manifest {path} is unreadable: {message}")]
     Manifest { path: PathBuf, message: String },
     #[error(
@@ -106,6 +116,8 @@ pub struct PackageRecord {
 }
 
 /// What an image is made of; written last, so its presence means complete.
+/// Fields added after the first release default, so older builds still
+/// read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -114,12 +126,70 @@ pub struct Manifest {
     pub recipe: u32,
     pub built_at_unix: u64,
     pub packages: Vec<PackageRecord>,
-    pub kernel: FileRecord,
-    pub initrd: FileRecord,
+    /// For a direct boot (`-kernel`); an imported disk has none.
+    #[serde(default)]
+    pub kernel: Option<FileRecord>,
+    #[serde(default)]
+    pub initrd: Option<FileRecord>,
     pub root_disk: FileRecord,
     pub root_disk_format: String,
+    /// The kernel command line of a direct boot.
+    #[serde(default)]
     pub append: String,
+    #[serde(default)]
     pub modules: Vec<String>,
+    /// How its VMs boot.
+    #[serde(default)]
+    pub boot: BootFrom,
+    /// The firmware its disk's bootloader needs.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// Set when the guest runs cloud-init: its VMs get a NoCloud seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+    /// The file an imported image was copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<String>,
+}
+
+/// Where a VM's boot starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFrom {
+    /// QEMU loads the image's kernel and initrd.
+    #[default]
+    Kernel,
+    /// The firmware runs the disk's own bootloader.
+    Disk,
+}
+
+/// The firmware a disk's bootloader is written for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    #[default]
+    Bios,
+    /// OVMF, from Debian's `ovmf` package.
+    Uefi,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+/// What a cloud-init guest needs to know about its image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    /// The user `--ssh-key` authorizes (cloud-init's default user), when
+    /// the image says.
+    pub default_user: Option<String>,
 }
 
 /// A complete, built image.
@@ -144,12 +214,19 @@ impl Image {
         })
     }
 
-    pub fn kernel(&self) -> PathBuf {
-        self.dir.join(&self.manifest.kernel.path)
+    /// The kernel of a direct boot, if the image has one.
+    pub fn kernel(&self) -> Option<PathBuf> {
+        self.manifest
+            .kernel
+            .as_ref()
+            .map(|k| self.dir.join(&k.path))
     }
 
-    pub fn initrd(&self) -> PathBuf {
-        self.dir.join(&self.manifest.initrd.path)
+    pub fn initrd(&self) -> Option<PathBuf> {
+        self.manifest
+            .initrd
+            .as_ref()
+            .map(|i| self.dir.join(&i.path))
     }
 
     /// The base disk: read-only, VMs get qcow2 overlays on it.
@@ -159,11 +236,11 @@ impl Image {
 
     /// Whether every file still has the size and sha256 the manifest says.
     pub fn verify(&self) -> Result<bool, ImageError> {
-        for record in [
-            &self.manifest.kernel,
-            &self.manifest.initrd,
-            &self.manifest.root_disk,
-        ] {
+        let records = [&self.manifest.kernel, &self.manifest.initrd]
+            .into_iter()
+            .flatten()
+            .chain([&self.manifest.root_disk]);
+        for record in records {
             let path = self.dir.join(&record.path);
             match sha256_file(&path) {
                 Ok((sha256, bytes)) if sha256 == record.sha256 && bytes == record.bytes => {}
@@ -178,6 +255,16 @@ impl Image {
         }
         Ok(true)
     }
+}
+
+/// Whether `name` can name an imported image: 1–63 of `a-z`, `0-9`, `-`,
+/// starting with a letter or digit (it becomes a directory name).
+pub fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
 }
 
 /// What `build` did.
@@ -200,7 +287,7 @@ impl ImageStore {
         }
     }
 
-    fn check_known(name: &str) -> Result<(), ImageError> {
+    fn check_buildable(name: &str) -> Result<(), ImageError> {
         if IMAGES.contains(&name) {
             Ok(())
         } else {
@@ -210,9 +297,45 @@ impl ImageStore {
         }
     }
 
+    /// A name `get` can answer for: one we build, or one imported.
+    fn check_known(&self, name: &str) -> Result<(), ImageError> {
+        if IMAGES.contains(&name) || (valid_name(name) && self.root.join(name).is_dir()) {
+            Ok(())
+        } else {
+            Err(ImageError::Unknown {
+                name: name.to_owned(),
+            })
+        }
+    }
+
+    /// Every image there is or could be built: the ones Quetzal builds,
+    /// then the imported ones, by name.
+    pub fn names(&self) -> Result<Vec<String>, ImageError> {
+        let mut imported = Vec::new();
+        match std::fs::read_dir(&self.root) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry.map_err(|err| ImageError::io(&self.root, err))?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if valid_name(&name) && !IMAGES.contains(&name.as_str()) {
+                        imported.push(name);
+                    }
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(ImageError::io(&self.root, err)),
+        }
+        imported.sort();
+        Ok(IMAGES
+            .iter()
+            .map(|n| (*n).to_owned())
+            .chain(imported)
+            .collect())
+    }
+
     /// The current build of `name`.
     pub fn get(&self, name: &str) -> Result<Image, ImageError> {
-        Self::check_known(name)?;
+        self.check_known(name)?;
         let dir = self.root.join(name).join("current");
         let path = dir.join("manifest.json");
         let text = match std::fs::read_to_string(&path) {
@@ -241,54 +364,46 @@ impl ImageStore {
         name: &str,
         progress: &mut dyn FnMut(&str),
     ) -> Result<BuildOutcome, ImageError> {
-        Self::check_known(name)?;
-        apt::require_tools(&["apt-get", "apt-cache", "dpkg-deb", "mkfs.ext4", "qemu-img"])?;
+        Self::check_buildable(name)?;
         let image_dir = self.root.join(name);
         std::fs::create_dir_all(&image_dir).map_err(|err| ImageError::io(&image_dir, err))?;
-        let lock_path = image_dir.join(".lock");
-        let lock_file = File::create(&lock_path).map_err(|err| ImageError::io(&lock_path, err))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| ImageError::io(&lock_path, errno.into()))?;
+        let _lock = lock(&image_dir)?;
 
-        let kernel_meta = apt::show(tiny::KERNEL_PACKAGE)?;
-        let kernel_name = kernel_meta
-            .depends
-            .iter()
-            .find(|dep| dep.starts_with("linux-image-"))
-            .ok_or_else(|| ImageError::PackageUnknown {
-                package: tiny::KERNEL_PACKAGE.to_owned(),
-                message: "it depends on no linux-image package".to_owned(),
-            })?;
-        let kernel = apt::show(kernel_name)?;
-        let busybox = apt::show(tiny::BUSYBOX_PACKAGE)?;
-        let (_, agent) = agent::load()?;
-        let agent_sha = sha256_bytes(&agent);
-        let id = build_id(&kernel, &busybox, &agent_sha);
-
+        let plan = match name {
+            "debian" => debian::plan()?,
+            _ => tiny::plan()?,
+        };
         if let Ok(current) = self.get(name)
-            && current.manifest.id == id
+            && current.manifest.id == plan.id
             && current.verify()?
         {
-            progress(&format!("image {name} is up to date ({id})"));
+            progress(&format!("image {name} is up to date ({})", plan.id));
             return Ok(BuildOutcome::UpToDate);
         }
+        let id = plan.id.clone();
+        self.install(name, &id, |work| (plan.make)(name, work, progress))?;
+        progress(&format!("image {name} built ({id})"));
+        Ok(BuildOutcome::Built)
+    }
 
-        let build_dir = image_dir.join(&id);
+    /// Makes build `id` of `name` in a work directory by `make` (which
+    /// leaves its files in `WORK/out` and returns their manifest), moves it
+    /// into place and makes it current. Nothing is left of a failed build.
+    /// Called with the image's lock held.
+    fn install(
+        &self,
+        name: &str,
+        id: &str,
+        make: impl FnOnce(&Path) -> Result<Manifest, ImageError>,
+    ) -> Result<(), ImageError> {
+        let image_dir = self.root.join(name);
+        let build_dir = image_dir.join(id);
         let work = image_dir.join(format!(".{id}.work"));
         for stale in [&build_dir, &work] {
             remove_dir_if_exists(stale)?;
         }
         std::fs::create_dir_all(&work).map_err(|err| ImageError::io(&work, err))?;
-        let manifest = build_tiny(
-            name,
-            &id,
-            &kernel,
-            &busybox,
-            (agent, agent_sha),
-            &work,
-            progress,
-        );
-        let manifest = match manifest {
+        let manifest = match make(&work) {
             Ok(manifest) => manifest,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&work);
@@ -302,24 +417,34 @@ impl ImageStore {
 
         let link = image_dir.join(".current.new");
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&id, &link).map_err(|err| ImageError::io(&link, err))?;
+        std::os::unix::fs::symlink(id, &link).map_err(|err| ImageError::io(&link, err))?;
         let current = image_dir.join("current");
-        std::fs::rename(&link, &current).map_err(|err| ImageError::io(&current, err))?;
-        progress(&format!("image {name} built ({id})"));
-        Ok(BuildOutcome::Built)
+        std::fs::rename(&link, &current).map_err(|err| ImageError::io(&current, err))
     }
 }
 
-fn build_id(kernel: &apt::Package, busybox: &apt::Package, agent_sha: &str) -> String {
-    let raw = format!(
-        "{}-{}-busybox-{}-agent-{}-r{}",
-        kernel.name.trim_start_matches("linux-image-"),
-        kernel.version,
-        busybox.version,
-        agent_sha.get(..12).unwrap_or(agent_sha),
-        tiny::RECIPE
-    );
-    raw.chars()
+/// How to make one build of an image: its id, known before anything is
+/// downloaded, and the work that makes it.
+pub(crate) struct Plan {
+    pub id: String,
+    #[allow(clippy::type_complexity)]
+    pub make: Box<dyn FnOnce(&str, &Path, &mut dyn FnMut(&str)) -> Result<Manifest, ImageError>>,
+}
+
+/// An exclusive lock on an image's directory, held while it changes.
+fn lock(image_dir: &Path) -> Result<Flock<File>, ImageError> {
+    let lock_path = image_dir.join(".lock");
+    let lock_file = File::create(&lock_path).map_err(|err| ImageError::io(&lock_path, err))?;
+    Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| ImageError::io(&lock_path, errno.into()))
+}
+
+/// An id made of `parts`, with every character a directory name and a
+/// version string can both hold.
+pub(crate) fn build_id(parts: &[&str]) -> String {
+    parts
+        .join("-")
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
                 c
@@ -330,7 +455,14 @@ fn build_id(kernel: &apt::Package, busybox: &apt::Package, agent_sha: &str) -> S
         .collect()
 }
 
-fn remove_dir_if_exists(dir: &Path) -> Result<(), ImageError> {
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn remove_dir_if_exists(dir: &Path) -> Result<(), ImageError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -338,122 +470,8 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), ImageError> {
     }
 }
 
-fn build_tiny(
-    name: &str,
-    id: &str,
-    kernel: &apt::Package,
-    busybox: &apt::Package,
-    (agent, agent_sha): (Vec<u8>, String),
-    work: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Manifest, ImageError> {
-    let debs = work.join("debs");
-    let out = work.join("out");
-    for dir in [&debs, &out] {
-        std::fs::create_dir_all(dir).map_err(|err| ImageError::io(dir, err))?;
-    }
-
-    let mut packages = Vec::new();
-    let mut trees = Vec::new();
-    for package in [kernel, busybox] {
-        progress(&format!(
-            "downloading {} {} ({:.1} MiB)",
-            package.name,
-            package.version,
-            mib(package.size)
-        ));
-        let deb = apt::download(package, &debs)?;
-        let tree = work.join(&package.name);
-        apt::extract(&deb, &tree)?;
-        packages.push(PackageRecord {
-            name: package.name.clone(),
-            version: package.version.clone(),
-            sha256: sha256_file(&deb)?.0,
-        });
-        trees.push(tree);
-    }
-    let (kernel_tree, busybox_tree) = (&trees[0], &trees[1]);
-
-    progress("building the initramfs");
-    let vmlinuz = find_file(&kernel_tree.join("boot"), "vmlinuz-", &kernel.name)?;
-    let modules_root = find_file(&kernel_tree.join("lib/modules"), "", &kernel.name)?;
-    let index = kmod::ModuleIndex::scan(&modules_root)?;
-    let order = index.load_order(tiny::MODULES)?;
-    let mut modules = Vec::new();
-    for (module, path) in &order {
-        let bytes = std::fs::read(path).map_err(|err| ImageError::io(path, err))?;
-        modules.push((module.clone(), bytes));
-    }
-    let busybox_bin = busybox_tree.join("bin/busybox");
-    let applets: Vec<String> = apt::run(Command::new(&busybox_bin).arg("--list-full"))?
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let busybox_bytes =
-        std::fs::read(&busybox_bin).map_err(|err| ImageError::io(&busybox_bin, err))?;
-    let userland = tiny::userland(busybox_bytes, &applets, agent);
-    packages.push(PackageRecord {
-        name: "quetzal-agent".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        sha256: agent_sha,
-    });
-
-    let initrd_path = out.join("initrd.img");
-    let initrd_file =
-        File::create(&initrd_path).map_err(|err| ImageError::io(&initrd_path, err))?;
-    let mut writer = BufWriter::new(initrd_file);
-    tiny::initramfs(userland.clone(), modules)
-        .write_cpio(&mut writer)
-        .and_then(|()| writer.into_inner().map_err(|err| err.into_error()))
-        .and_then(|file| file.sync_all())
-        .map_err(|err| ImageError::io(&initrd_path, err))?;
-
-    progress(&format!(
-        "building the {} MiB root disk",
-        tiny::ROOT_DISK_MIB
-    ));
-    let staging = work.join("rootfs");
-    std::fs::create_dir_all(&staging).map_err(|err| ImageError::io(&staging, err))?;
-    userland.write_into(&staging)?;
-    let raw = work.join("root.raw");
-    apt::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "tiny-root", "-E", "root_owner=0:0", "-d"])
-            .arg(&staging)
-            .arg(&raw)
-            .arg(format!("{}M", tiny::ROOT_DISK_MIB)),
-    )?;
-    let root_disk = out.join("root.qcow2");
-    apt::run(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&root_disk),
-    )?;
-
-    let kernel_out = out.join("vmlinuz");
-    std::fs::copy(&vmlinuz, &kernel_out).map_err(|err| ImageError::io(&kernel_out, err))?;
-
-    Ok(Manifest {
-        name: name.to_owned(),
-        id: id.to_owned(),
-        recipe: tiny::RECIPE,
-        built_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        packages,
-        kernel: record(&out, "vmlinuz")?,
-        initrd: record(&out, "initrd.img")?,
-        root_disk: record(&out, "root.qcow2")?,
-        root_disk_format: "qcow2".to_owned(),
-        append: tiny::APPEND.to_owned(),
-        modules: order.into_iter().map(|(name, _)| name).collect(),
-    })
-}
-
 /// The only entry of `dir` whose name starts with `prefix`.
-fn find_file(dir: &Path, prefix: &str, package: &str) -> Result<PathBuf, ImageError> {
+pub(crate) fn find_file(dir: &Path, prefix: &str, package: &str) -> Result<PathBuf, ImageError> {
     std::fs::read_dir(dir)
         .map_err(|err| ImageError::io(dir, err))?
         .filter_map(Result::ok)
@@ -469,7 +487,7 @@ fn find_file(dir: &Path, prefix: &str, package: &str) -> Result<PathBuf, ImageEr
         })
 }
 
-fn record(dir: &Path, name: &str) -> Result<FileRecord, ImageError> {
+pub(crate) fn record(dir: &Path, name: &str) -> Result<FileRecord, ImageError> {
     let (sha256, bytes) = sha256_file(&dir.join(name))?;
     Ok(FileRecord {
         path: name.to_owned(),
@@ -478,7 +496,7 @@ fn record(dir: &Path, name: &str) -> Result<FileRecord, ImageError> {
     })
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     // Sizes here are far below 2^52: the conversion is exact enough.
     #[allow(clippy::cast_precision_loss)]
     let bytes = bytes as f64;
@@ -566,29 +584,5 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(bytes, 3);
-    }
-
-    #[test]
-    fn names_builds_after_their_package_versions_and_recipe() {
-        let package = |name: &str, version: &str| apt::Package {
-            name: name.into(),
-            version: version.into(),
-            size: 0,
-            depends: vec![],
-        };
-
-        let id = build_id(
-            &package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2"),
-            &package("busybox-static", "1:1.35.0-4+b3"),
-            "0123456789abcdef",
-        );
-
-        assert_eq!(
-            id,
-            format!(
-                "6.1.0-56-cloud-amd64-6.1.192-2-busybox-1_1.35.0-4_b3-agent-0123456789ab-r{}",
-                tiny::RECIPE
-            )
-        );
     }
 }

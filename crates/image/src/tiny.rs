@@ -7,7 +7,16 @@
 //! button), then keeps `quetzal-agent` (the guest agent, on its
 //! virtio-serial port) and a root shell on the serial console running.
 
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::Command;
+
 use crate::tree::Tree;
+use crate::{
+    BootFrom, Firmware, ImageError, Manifest, PackageRecord, Plan, agent, apt, build_id, find_file,
+    kmod, mib, now_unix, record, sha256_bytes, sha256_file,
+};
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
@@ -199,6 +208,164 @@ pub fn initramfs(mut userland: Tree, modules: Vec<(String, Vec<u8>)>) -> Tree {
     userland
 }
 
+/// What the next build of `tiny` is made of, from apt's package lists.
+pub(crate) fn plan() -> Result<Plan, ImageError> {
+    apt::require_tools(&["apt-get", "apt-cache", "dpkg-deb", "mkfs.ext4", "qemu-img"])?;
+    let kernel_meta = apt::show(KERNEL_PACKAGE)?;
+    let kernel_name = kernel_meta
+        .depends
+        .iter()
+        .find(|dep| dep.starts_with("linux-image-"))
+        .ok_or_else(|| ImageError::PackageUnknown {
+            package: KERNEL_PACKAGE.to_owned(),
+            message: "it depends on no linux-image package".to_owned(),
+        })?;
+    let kernel = apt::show(kernel_name)?;
+    let busybox = apt::show(BUSYBOX_PACKAGE)?;
+    let (_, agent) = agent::load()?;
+    let agent_sha = sha256_bytes(&agent);
+    let id = tiny_id(&kernel, &busybox, &agent_sha);
+    let made_id = id.clone();
+    Ok(Plan {
+        id,
+        make: Box::new(move |name, work, progress| {
+            build(
+                name,
+                &made_id,
+                &kernel,
+                &busybox,
+                (agent, agent_sha),
+                work,
+                progress,
+            )
+        }),
+    })
+}
+
+fn tiny_id(kernel: &apt::Package, busybox: &apt::Package, agent_sha: &str) -> String {
+    build_id(&[
+        kernel.name.trim_start_matches("linux-image-"),
+        &kernel.version,
+        "busybox",
+        &busybox.version,
+        "agent",
+        agent_sha.get(..12).unwrap_or(agent_sha),
+        &format!("r{RECIPE}"),
+    ])
+}
+
+fn build(
+    name: &str,
+    id: &str,
+    kernel: &apt::Package,
+    busybox: &apt::Package,
+    (agent, agent_sha): (Vec<u8>, String),
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, ImageError> {
+    let debs = work.join("debs");
+    let out = work.join("out");
+    for dir in [&debs, &out] {
+        std::fs::create_dir_all(dir).map_err(|err| ImageError::io(dir, err))?;
+    }
+
+    let mut packages = Vec::new();
+    let mut trees = Vec::new();
+    for package in [kernel, busybox] {
+        progress(&format!(
+            "downloading {} {} ({:.1} MiB)",
+            package.name,
+            package.version,
+            mib(package.size)
+        ));
+        let deb = apt::download(package, &debs)?;
+        let tree = work.join(&package.name);
+        apt::extract(&deb, &tree)?;
+        packages.push(PackageRecord {
+            name: package.name.clone(),
+            version: package.version.clone(),
+            sha256: sha256_file(&deb)?.0,
+        });
+        trees.push(tree);
+    }
+    let (kernel_tree, busybox_tree) = (&trees[0], &trees[1]);
+
+    progress("building the initramfs");
+    let vmlinuz = find_file(&kernel_tree.join("boot"), "vmlinuz-", &kernel.name)?;
+    let modules_root = find_file(&kernel_tree.join("lib/modules"), "", &kernel.name)?;
+    let index = kmod::ModuleIndex::scan(&modules_root)?;
+    let order = index.load_order(MODULES)?;
+    let mut modules = Vec::new();
+    for (module, path) in &order {
+        let bytes = std::fs::read(path).map_err(|err| ImageError::io(path, err))?;
+        modules.push((module.clone(), bytes));
+    }
+    let busybox_bin = busybox_tree.join("bin/busybox");
+    let applets: Vec<String> = apt::run(Command::new(&busybox_bin).arg("--list-full"))?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let busybox_bytes =
+        std::fs::read(&busybox_bin).map_err(|err| ImageError::io(&busybox_bin, err))?;
+    let userland = userland(busybox_bytes, &applets, agent);
+    packages.push(PackageRecord {
+        name: "quetzal-agent".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        sha256: agent_sha,
+    });
+
+    let initrd_path = out.join("initrd.img");
+    let initrd_file =
+        File::create(&initrd_path).map_err(|err| ImageError::io(&initrd_path, err))?;
+    let mut writer = BufWriter::new(initrd_file);
+    initramfs(userland.clone(), modules)
+        .write_cpio(&mut writer)
+        .and_then(|()| writer.into_inner().map_err(|err| err.into_error()))
+        .and_then(|file| file.sync_all())
+        .map_err(|err| ImageError::io(&initrd_path, err))?;
+
+    progress(&format!("building the {} MiB root disk", ROOT_DISK_MIB));
+    let staging = work.join("rootfs");
+    std::fs::create_dir_all(&staging).map_err(|err| ImageError::io(&staging, err))?;
+    userland.write_into(&staging)?;
+    let raw = work.join("root.raw");
+    apt::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "tiny-root", "-E", "root_owner=0:0", "-d"])
+            .arg(&staging)
+            .arg(&raw)
+            .arg(format!("{}M", ROOT_DISK_MIB)),
+    )?;
+    let root_disk = out.join("root.qcow2");
+    apt::run(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&root_disk),
+    )?;
+
+    let kernel_out = out.join("vmlinuz");
+    std::fs::copy(&vmlinuz, &kernel_out).map_err(|err| ImageError::io(&kernel_out, err))?;
+
+    Ok(Manifest {
+        name: name.to_owned(),
+        id: id.to_owned(),
+        recipe: RECIPE,
+        built_at_unix: now_unix(),
+        packages,
+        kernel: Some(record(&out, "vmlinuz")?),
+        initrd: Some(record(&out, "initrd.img")?),
+        root_disk: record(&out, "root.qcow2")?,
+        root_disk_format: "qcow2".to_owned(),
+        append: APPEND.to_owned(),
+        modules: order.into_iter().map(|(name, _)| name).collect(),
+        boot: BootFrom::Kernel,
+        firmware: Firmware::Bios,
+        cloud_init: None,
+        imported_from: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +413,29 @@ mod tests {
         );
         assert!(find(&tree, "dev/console").is_some());
         assert!(find(&tree, "init").is_some());
+    }
+
+    #[test]
+    fn names_builds_after_their_package_versions_and_recipe() {
+        let package = |name: &str, version: &str| apt::Package {
+            name: name.into(),
+            version: version.into(),
+            size: 0,
+            depends: vec![],
+        };
+
+        let id = tiny_id(
+            &package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2"),
+            &package("busybox-static", "1:1.35.0-4+b3"),
+            "0123456789abcdef",
+        );
+
+        assert_eq!(
+            id,
+            format!(
+                "6.1.0-56-cloud-amd64-6.1.192-2-busybox-1_1.35.0-4_b3-agent-0123456789ab-r{}",
+                RECIPE
+            )
+        );
     }
 }

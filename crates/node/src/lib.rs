@@ -10,6 +10,7 @@
 //! - [`http`]: the REST API, events stream, metrics, consoles.
 
 pub mod agent;
+pub mod cloud_init;
 pub mod consolelog;
 pub mod http;
 pub mod lifecycle;

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use quetzal_api::{Event, EventKind, Vm, VmState};
 use quetzal_engine::accel::{self, AccelProbe};
+use quetzal_engine::spec::{Boot, DirectBoot, Uefi};
 use quetzal_engine::{Accel, AnyEngine, Engine, Engines};
-use quetzal_image::{Image, ImageStore};
+use quetzal_image::{BootFrom, Firmware, Image, ImageStore};
 use tokio::sync::broadcast;
 
 use crate::lifecycle::{self, Cause};
@@ -431,6 +432,34 @@ fn down(kind: EventKind, cause: &str) -> Change<'_> {
         cause,
     }
 }
+
+/// How a VM of `image` boots: its kernel directly, or its disk's own
+/// bootloader under the firmware it needs (a UEFI VM keeps its variable
+/// store in its directory).
+pub(crate) fn boot_of(image: &Image, vm: &VmRecord, dir: &Path) -> Result<Boot, NodeError> {
+    let boot = match (image.manifest.boot, image.manifest.firmware) {
+        (BootFrom::Kernel, _) => {
+            let kernel = image.kernel().ok_or_else(|| {
+                Fault::Image(quetzal_image::ImageError::MissingFile {
+                    what: "a kernel for a direct boot".to_owned(),
+                    package: image.manifest.name.clone(),
+                })
+            })?;
+            Boot::Kernel(
+                DirectBoot::new(&kernel, image.initrd().as_deref(), &append(image, vm))
+                    .map_err(Fault::Spec)?,
+            )
+        }
+        (BootFrom::Disk, Firmware::Bios) => Boot::Bios,
+        (BootFrom::Disk, Firmware::Uefi) => {
+            Boot::Uefi(Uefi::new(&dir.join(UEFI_VARS)).map_err(Fault::Spec)?)
+        }
+    };
+    Ok(boot)
+}
+
+/// A UEFI VM's variable store, in its directory.
+pub(crate) const UEFI_VARS: &str = "uefi-vars.fd";
 
 /// The image's kernel command line plus the VM's identity.
 fn append(image: &Image, vm: &VmRecord) -> String {

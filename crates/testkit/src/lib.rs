@@ -46,6 +46,25 @@ pub fn tiny() -> Image {
     store.get("tiny").expect("the tiny image was just built")
 }
 
+/// The `debian` image, built like [`tiny`] (`scripts/test` builds it up
+/// front: about a minute, from Debian's archive).
+pub fn debian() -> Image {
+    let store = ImageStore::new(&shared_data_dir());
+    if let Ok(image) = store.get("debian") {
+        return image;
+    }
+    store
+        .build("debian", &mut |line| eprintln!("testkit: {line}"))
+        .expect("the debian image builds");
+    store
+        .get("debian")
+        .expect("the debian image was just built")
+}
+
+/// How long a Debian guest may take to boot (about 30 s alone under TCG
+/// here; several at once on two cores take longer).
+pub const DEBIAN_TIMEOUT: Duration = Duration::from_secs(400);
+
 /// A temporary data directory that sees the shared images.
 #[derive(Debug)]
 pub struct DataDir {
@@ -373,8 +392,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 /// Waits (up to [`GUEST_TIMEOUT`]) until `check` holds; panics naming
 /// `what` when it never does.
-pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
+pub fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    wait_until_for(what, GUEST_TIMEOUT, check);
+}
+
+/// [`wait_until`] with its own deadline.
+pub fn wait_until_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));

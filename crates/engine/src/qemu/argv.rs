@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use crate::accel::Accel;
-use crate::spec::{Machine, NicBackend, VmSpec};
+use crate::spec::{Boot, Machine, NicBackend, TCG_CACHE_MIB, VmSpec};
 
 use super::RunPaths;
 use super::sandbox::FIRST_TAP_FD;
@@ -35,7 +35,7 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     }
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-accel", "tcg"]),
+        Accel::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_CACHE_MIB}")]),
     }
     push(&["-smp", &spec.cpus.get().to_string()]);
     push(&["-m", &format!("{}M", spec.memory.get())]);
@@ -69,13 +69,35 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         ]);
     }
 
-    push(&["-kernel", &spec.boot.kernel().display().to_string()]);
-    if let Some(initrd) = spec.boot.initrd() {
-        push(&["-initrd", &initrd.display().to_string()]);
+    match &spec.boot {
+        Boot::Kernel(direct) => {
+            push(&["-kernel", &direct.kernel().display().to_string()]);
+            if let Some(initrd) = direct.initrd() {
+                push(&["-initrd", &initrd.display().to_string()]);
+            }
+            if !direct.append.is_empty() {
+                push(&["-append", &direct.append]);
+            }
+        }
+        // SeaBIOS is QEMU's default firmware.
+        Boot::Bios => {}
+        Boot::Uefi(uefi) => push(&[
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=uefi-code,read-only=on",
+                escape(uefi.code())
+            ),
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=uefi-vars",
+                escape(uefi.vars())
+            ),
+            "-machine",
+            "pflash0=uefi-code,pflash1=uefi-vars",
+        ]),
     }
-    if !spec.boot.append.is_empty() {
-        push(&["-append", &spec.boot.append]);
-    }
+    // Firmware boots the first disk, never another disk or the network.
+    let firmware = !matches!(spec.boot, Boot::Kernel(_));
 
     for (index, disk) in spec.disks.iter().enumerate() {
         let read_only = if disk.read_only { ",read-only=on" } else { "" };
@@ -91,7 +113,11 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
                 disk.format.as_str()
             ),
             "-device",
-            &format!("virtio-blk-pci,drive=disk{index}"),
+            &if firmware && index == 0 {
+                format!("virtio-blk-pci,drive=disk{index},bootindex=0")
+            } else {
+                format!("virtio-blk-pci,drive=disk{index}")
+            },
         ]);
     }
 
@@ -106,7 +132,7 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
                 tap_fd += 1;
             }
         }
-        // romfile= skips the iPXE option ROM: we boot kernels directly.
+        // romfile= skips the iPXE option ROM: nothing boots from the network.
         push(&[
             "-device",
             &format!("virtio-net-pci,netdev=net{index},mac={},romfile=", nic.mac),
@@ -143,7 +169,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::spec::{Cpus, DirectBoot, Disk, DiskFormat, Mac, MemoryMib, Nic, VmName};
+    use crate::spec::{Cpus, DirectBoot, Disk, DiskFormat, Mac, MemoryMib, Nic, Uefi, VmName};
 
     fn kernel() -> tempfile::NamedTempFile {
         let mut image = vec![0u8; 0x400];
@@ -160,7 +186,7 @@ mod tests {
             memory: MemoryMib::new(512, 4096).unwrap(),
             machine: Machine::Pc,
             accel,
-            boot: DirectBoot::new(kernel, None, "console=ttyS0").unwrap(),
+            boot: Boot::Kernel(DirectBoot::new(kernel, None, "console=ttyS0").unwrap()),
             disks: vec![],
             nics: vec![],
             graphics: false,
@@ -209,7 +235,7 @@ mod tests {
 
         let args = text(&argv(&spec(kernel.path(), Accel::Tcg), &paths()));
 
-        assert!(args.contains("-accel tcg"));
+        assert!(args.contains("-accel tcg,tb-size=256"), "{args}");
         assert!(!args.contains("-cpu host"));
     }
 
@@ -220,6 +246,86 @@ mod tests {
         let args = text(&argv(&spec(kernel.path(), Accel::Kvm), &paths()));
 
         assert!(args.contains("-accel kvm -cpu host"));
+    }
+
+    fn two_disks() -> Vec<Disk> {
+        ["/d/root.qcow2", "/d/seed.iso"]
+            .into_iter()
+            .map(|path| Disk {
+                path: PathBuf::from(path),
+                format: DiskFormat::Raw,
+                read_only: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn boots_the_first_disk_with_seabios_and_no_kernel() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        spec.boot = Boot::Bios;
+        spec.disks = two_disks();
+
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(!args.contains("-kernel"), "{args}");
+        assert!(!args.contains("pflash"), "{args}");
+        assert!(
+            args.contains("virtio-blk-pci,drive=disk0,bootindex=0"),
+            "{args}"
+        );
+        assert!(args.contains("virtio-blk-pci,drive=disk1 "), "{args}");
+    }
+
+    #[test]
+    fn boots_with_ovmf_code_read_only_and_the_vms_own_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, template) = (dir.path().join("code.fd"), dir.path().join("vars.fd"));
+        std::fs::write(&code, b"code").unwrap();
+        std::fs::write(&template, b"empty vars").unwrap();
+        let vars = dir.path().join("vm-vars.fd");
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        spec.boot = Boot::Uefi(Uefi::with_firmware(&code, &template, &vars).unwrap());
+        spec.disks = two_disks();
+
+        let args = text(&argv(&spec, &paths()));
+
+        assert!(
+            args.contains(&format!(
+                "driver=file,filename={},node-name=uefi-code,read-only=on",
+                code.display()
+            )),
+            "{args}"
+        );
+        assert!(args.contains(&format!(
+            "driver=file,filename={},node-name=uefi-vars ",
+            vars.display()
+        )));
+        assert!(args.contains("-machine pflash0=uefi-code,pflash1=uefi-vars"));
+        assert!(args.contains("drive=disk0,bootindex=0"));
+        assert_eq!(std::fs::read(&vars).unwrap(), b"empty vars");
+    }
+
+    #[test]
+    fn keeps_a_vms_uefi_variables_and_names_missing_firmware() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, template) = (dir.path().join("code.fd"), dir.path().join("vars.fd"));
+        std::fs::write(&code, b"code").unwrap();
+        std::fs::write(&template, b"empty vars").unwrap();
+        let vars = dir.path().join("vm-vars.fd");
+        std::fs::write(&vars, b"boot entries").unwrap();
+
+        Uefi::with_firmware(&code, &template, &vars).unwrap();
+        let missing = Uefi::with_firmware(&dir.path().join("none.fd"), &template, &vars);
+
+        assert_eq!(std::fs::read(&vars).unwrap(), b"boot entries");
+        assert!(
+            missing
+                .unwrap_err()
+                .to_string()
+                .contains("install the ovmf package")
+        );
     }
 
     #[test]

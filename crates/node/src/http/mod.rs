@@ -224,6 +224,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         create_template,
         get_template,
         delete_template,
+        delete_image,
         list_snapshots,
         create_snapshot,
         revert_snapshot,
@@ -278,6 +279,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         quetzal_api::CreatedToken,
         quetzal_api::AuditEntry,
         quetzal_api::Agent,
+        quetzal_api::CloudInit,
         quetzal_api::Exec,
         quetzal_api::ExecResult
     ))
@@ -457,6 +459,12 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/templates/{name}",
             Needs(Operator),
             delete(delete_template),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/images/{name}",
+            Needs(Admin),
+            delete(delete_image),
         ),
         route(
             Method::GET,
@@ -952,6 +960,17 @@ async fn delete_template(
     Path(NamePath { name }): Path<NamePath>,
 ) -> Result<StatusCode, ApiError> {
     app.node.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Delete an image (every build of it) no VM or template was made from.
+#[utoipa::path(delete, path = "/api/v1/images/{name}", params(contract::NamePath),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_image(
+    State(app): State<AppState>,
+    Path(NamePath { name }): Path<NamePath>,
+) -> Result<StatusCode, ApiError> {
+    app.node.delete_image(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -10,6 +10,8 @@ use quetzal_engine::Engine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use quetzal_image::Image;
+
 use quetzal_api::{CreateVm, EventKind, Operation, OperationKind, Vm, VmState};
 use quetzal_engine::spec::{Cpus, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
@@ -17,6 +19,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::error::{Fault, VmError};
 use super::templates::DiskPlan;
 use super::{MAX_DISK_MIB, MIN_FREE_MIB, Node, NodeError, free_mib, new_machine_id, random_bytes};
+use crate::cloud_init::CloudConfig;
 use crate::store::{Change, VmRecord, now_millis};
 
 /// What a create request made: a VM, or an operation that is making one.
@@ -48,6 +51,9 @@ impl Node {
         MemoryMib::new(request.memory_mib, self.host_memory_mib).map_err(|e| VmError::Invalid {
             reason: memory_message(&e.to_string()),
         })?;
+        // Keys and user-data are checked before anything is built or made.
+        CloudConfig::new(None, request.ssh_keys.clone(), request.user_data.clone())
+            .map_err(invalid)?;
         let guard = self.slot(name.as_str()).lock().await;
         if let Some(image) = self.image_to_build(&request)? {
             if self.store().get(name.as_str())?.is_some() {
@@ -139,6 +145,7 @@ impl Node {
             }
             .into());
         }
+        let cloud_init = cloud_config(&source.image, &request)?;
         let vm = VmRecord {
             name: name.to_string(),
             state: VmState::Stopped,
@@ -162,6 +169,7 @@ impl Node {
             // Given when it is recorded.
             revision: 0,
             nic: 0,
+            cloud_init,
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),
@@ -368,6 +376,28 @@ fn random_mac() -> Result<String, NodeError> {
 }
 
 /// A create request's name, cpus or memory that the spec refuses.
+/// What a new VM's cloud-init seed says: for an image with cloud-init,
+/// its default user and the request's keys and user-data; an image
+/// without takes neither.
+fn cloud_config(image: &Image, request: &CreateVm) -> Result<Option<CloudConfig>, VmError> {
+    match &image.manifest.cloud_init {
+        Some(cloud_init) => CloudConfig::new(
+            cloud_init.default_user.clone(),
+            request.ssh_keys.clone(),
+            request.user_data.clone(),
+        )
+        .map(Some)
+        .map_err(invalid),
+        None if request.ssh_keys.is_empty() && request.user_data.is_none() => Ok(None),
+        None => Err(VmError::Invalid {
+            reason: format!(
+                "image {} has no cloud-init: ssh_keys and user_data need an image that has (such as debian)",
+                image.manifest.name
+            ),
+        }),
+    }
+}
+
 pub(super) fn invalid(err: impl std::fmt::Display) -> VmError {
     VmError::Invalid {
         reason: err.to_string(),

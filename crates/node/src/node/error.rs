@@ -305,9 +305,13 @@ impl SnapshotError {
     }
 }
 
-/// Templates and the VMs made from them.
+/// Templates and images, and the VMs made from them.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
+    #[error("no image named {name}")]
+    ImageNotFound { name: String },
+    #[error("image {name} is in use by {}; delete them first", users.join(", "))]
+    ImageInUse { name: String, users: Vec<String> },
     #[error("no template named {name}")]
     NotFound { name: String },
     #[error("a template named {name} already exists")]
@@ -336,14 +340,17 @@ pub enum TemplateError {
 impl TemplateError {
     fn kind(&self) -> ErrorKind {
         match self {
-            TemplateError::NotFound { .. } => ErrorKind::NotFound,
+            TemplateError::NotFound { .. } | TemplateError::ImageNotFound { .. } => {
+                ErrorKind::NotFound
+            }
             TemplateError::InvalidName { .. }
             | TemplateError::ImageAndTemplate
             | TemplateError::Image(_) => ErrorKind::Invalid,
             TemplateError::Exists { .. }
             | TemplateError::NotStopped { .. }
             | TemplateError::LinkedClone { .. }
-            | TemplateError::HasLinkedClones { .. } => ErrorKind::Conflict,
+            | TemplateError::HasLinkedClones { .. }
+            | TemplateError::ImageInUse { .. } => ErrorKind::Conflict,
         }
     }
 }

@@ -37,12 +37,16 @@ fn data_dir() -> tempfile::TempDir {
         recipe: 0,
         built_at_unix: 0,
         packages: vec![],
-        kernel: file("vmlinuz"),
-        initrd: file("initrd.img"),
+        kernel: Some(file("vmlinuz")),
+        initrd: Some(file("initrd.img")),
         root_disk: file("root.qcow2"),
         root_disk_format: "qcow2".to_owned(),
         append: "console=ttyS0".to_owned(),
         modules: vec![],
+        boot: quetzal_image::BootFrom::Kernel,
+        firmware: quetzal_image::Firmware::Bios,
+        cloud_init: None,
+        imported_from: None,
     };
     std::fs::write(
         build.join("manifest.json"),

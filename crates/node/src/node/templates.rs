@@ -285,6 +285,53 @@ impl Node {
         Ok(())
     }
 
+    /// Deletes image `name` (every build of it), refused while a VM or a
+    /// template was made from it: each needs its files to boot or to
+    /// make clones.
+    pub async fn delete_image(&self, name: &str) -> Result<(), NodeError> {
+        if !self
+            .images
+            .names()
+            .map_err(Fault::Image)?
+            .iter()
+            .any(|n| n == name)
+        {
+            return Err(TemplateError::ImageNotFound {
+                name: name.to_owned(),
+            }
+            .into());
+        }
+        let mut users: Vec<String> = self
+            .store()
+            .list()?
+            .into_iter()
+            .filter(|vm| vm.image == name)
+            .map(|vm| format!("VM {}", vm.name))
+            .collect();
+        users.extend(
+            self.store()
+                .templates()?
+                .into_iter()
+                .filter(|t| t.image == name)
+                .map(|t| format!("template {}", t.name)),
+        );
+        if !users.is_empty() {
+            return Err(TemplateError::ImageInUse {
+                name: name.to_owned(),
+                users,
+            }
+            .into());
+        }
+        let images = self.images.clone();
+        let image = name.to_owned();
+        tokio::task::spawn_blocking(move || images.remove(&image))
+            .await
+            .map_err(Fault::task("removing an image"))?
+            .map_err(Fault::Image)?;
+        tracing::info!(image = %name, "image removed");
+        Ok(())
+    }
+
     /// A new, stopped VM with a copy of a stopped VM's disk and settings (a
     /// linked clone stays linked to the same template): an operation that
     /// holds both VMs until the copy is done.

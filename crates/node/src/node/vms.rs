@@ -4,19 +4,20 @@
 //! change goes through [`crate::lifecycle::transition`] (via
 //! [`Node::change`]).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::spec::{
-    Confinement, Cpus, DirectBoot, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName,
-    VmSpec,
+    Confinement, Cpus, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
 };
 use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
 
 use super::error::{Fault, VmError};
-use super::{Node, NodeError, QUIT_TIMEOUT, Slot, append, backoff, down, now_millis};
+use super::{Node, NodeError, QUIT_TIMEOUT, Slot, backoff, boot_of, down, now_millis};
+use crate::cloud_init::{self, CloudConfig, Seed};
 use crate::lifecycle::Cause;
 use crate::store::{Change, VmRecord};
 use crate::supervisor::{self, Command, Exit};
@@ -234,19 +235,22 @@ impl Node {
         }
         let tap = self.networks.tap(record.nic);
         let dir = self.vm_dir(&vm.name);
+        let mut disks = vec![Disk {
+            path: engine.layout(&dir).disk,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        }];
+        if let Some(config) = &vm.cloud_init {
+            disks.push(write_seed(vm, config, &dir).await?);
+        }
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(Fault::Spec)?,
             cpus: Cpus::new(vm.cpus).map_err(Fault::Spec)?,
             memory: MemoryMib::new(vm.memory_mib, self.host_memory_mib).map_err(Fault::Spec)?,
             machine: Machine::Pc,
             accel: self.accel,
-            boot: DirectBoot::new(&image.kernel(), Some(&image.initrd()), &append(&image, vm))
-                .map_err(Fault::Spec)?,
-            disks: vec![Disk {
-                path: engine.layout(&dir).disk,
-                format: DiskFormat::Qcow2,
-                read_only: false,
-            }],
+            boot: boot_of(&image, vm, &dir)?,
+            disks,
             nics: vec![Nic {
                 mac: vm.mac.parse().map_err(Fault::Spec)?,
                 backend: match &network {
@@ -261,6 +265,7 @@ impl Node {
             confinement: Confinement::for_vm(
                 record.nic,
                 vm.memory_mib,
+                self.accel,
                 nix::unistd::geteuid().is_root(),
             ),
         };
@@ -517,4 +522,31 @@ fn give_back(dir: &std::path::Path) {
             tracing::warn!(path = %path.display(), error = %err, "cannot take a kept file back");
         }
     }
+}
+
+/// Makes a VM's cloud-init seed for this boot, as its second disk.
+async fn write_seed(vm: &VmRecord, config: &CloudConfig, dir: &Path) -> Result<Disk, NodeError> {
+    let path = dir.join(cloud_init::SEED);
+    let seed = Seed {
+        // A VM made before machine-ids keeps a stable id all the same.
+        instance_id: format!(
+            "iid-{}",
+            vm.machine_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", vm.name, vm.created_at))
+        ),
+        hostname: cloud_init::hostname(&vm.name),
+        macs: vec![vm.mac.clone()],
+        config: config.clone(),
+    };
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || seed.write(&target))
+        .await
+        .map_err(Fault::task("making the cloud-init seed"))?
+        .map_err(Fault::io(&path))?;
+    Ok(Disk {
+        path,
+        format: DiskFormat::Raw,
+        read_only: true,
+    })
 }

@@ -148,6 +148,7 @@ const MIGRATIONS: &[&str] = &[
         path TEXT NOT NULL,
         status INTEGER NOT NULL
     );",
+    "ALTER TABLE vms ADD COLUMN cloud_init TEXT;",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

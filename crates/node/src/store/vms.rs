@@ -7,6 +7,7 @@ use quetzal_api::{Event, EventKind, RestartPolicy, Vm, VmState};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteStore, StoreError, insert_event, sqlite_error};
+use crate::cloud_init::CloudConfig;
 
 /// A VM as the node keeps it. The API's [`Vm`] is made from it in one
 /// place ([`VmRecord::to_api`]) and is never stored; the two share only
@@ -45,6 +46,9 @@ pub struct VmRecord {
     /// Its NIC's number on this node, unique among its VMs (it names the
     /// TAP device); allocated by the store when the VM is inserted.
     pub nic: u32,
+    /// What its cloud-init seed says; `None` for a VM of an image without
+    /// cloud-init.
+    pub cloud_init: Option<CloudConfig>,
 }
 
 impl VmRecord {
@@ -71,6 +75,7 @@ impl VmRecord {
             mac: self.mac.clone(),
             addresses: Vec::new(),
             agent: None,
+            cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
         }
     }
 }
@@ -149,9 +154,9 @@ impl VmStore for SqliteStore {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic, engine)
+                network, mac, nic, engine, cloud_init)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15)",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16)",
             params![
                 vm.name,
                 vm.image,
@@ -168,6 +173,9 @@ impl VmStore for SqliteStore {
                 vm.network,
                 vm.mac,
                 vm.engine,
+                vm.cloud_init
+                    .as_ref()
+                    .map(|c| serde_json::to_string(c).expect("a cloud config serializes")),
             ],
         );
         match inserted {
@@ -324,7 +332,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic, engine FROM vms";
+    network, mac, revision, nic, engine, cloud_init FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -332,16 +340,21 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
     let state: String = row.get(8)?;
     let image_dir: String = row.get(2)?;
     let name: String = row.get(0)?;
+    let cloud_init: Option<String> = row.get(20)?;
     let parsed = (|| {
         let labels: BTreeMap<String, String> = serde_json::from_str(&labels)
             .map_err(|e| StoreError::Corrupt(format!("labels of {name}: {e}")))?;
+        let cloud_init = cloud_init
+            .map(|text| serde_json::from_str::<CloudConfig>(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("cloud-init of {name}: {e}")))?;
         let restart_policy = RestartPolicy::parse(&policy)
             .ok_or_else(|| StoreError::Corrupt(format!("restart policy of {name}: {policy}")))?;
         let state = VmState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("state of {name}: {state}")))?;
-        Ok((labels, restart_policy, state))
+        Ok((labels, restart_policy, state, cloud_init))
     })();
-    let (labels, restart_policy, state) = match parsed {
+    let (labels, restart_policy, state, cloud_init) = match parsed {
         Ok(parsed) => parsed,
         Err(err) => return Ok(Err(err)),
     };
@@ -366,6 +379,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         engine: row.get(19)?,
         revision: row.get(17)?,
         nic: row.get(18)?,
+        cloud_init,
     }))
 }
 
@@ -420,6 +434,11 @@ mod tests {
             image_dir: PathBuf::from("/images/tiny/x"),
             revision: 1,
             nic: 1,
+            cloud_init: Some(CloudConfig {
+                user: Some("debian".to_owned()),
+                ssh_keys: vec!["ssh-ed25519 AAAA x".to_owned()],
+                user_data: Some("#cloud-config\n".to_owned()),
+            }),
         }
     }
 
