@@ -390,13 +390,16 @@ pub enum EventKind {
     Suppressed,
     /// Its guest agent connected, or was lost.
     Agent,
+    /// The guest stopped answering (its agent silent while it runs), or
+    /// its watchdog device fired.
+    Hung,
     /// A kind this client does not know (from a newer daemon).
     #[serde(other)]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 25] = [
+    pub const ALL: [EventKind; 26] = [
         EventKind::Creating,
         EventKind::Created,
         EventKind::CreateFailed,
@@ -421,6 +424,7 @@ impl EventKind {
         EventKind::Address,
         EventKind::Suppressed,
         EventKind::Agent,
+        EventKind::Hung,
         EventKind::Other,
     ];
 
@@ -450,6 +454,7 @@ impl EventKind {
             EventKind::Address => "address",
             EventKind::Suppressed => "suppressed",
             EventKind::Agent => "agent",
+            EventKind::Hung => "hung",
             EventKind::Other => "other",
         }
     }

@@ -7,8 +7,9 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use quetzal_testkit::{Cli, Daemon, wait_until};
+use quetzal_testkit::{Cli, Daemon, wait_until, wait_until_for};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
@@ -235,5 +236,68 @@ fn a_file_goes_into_a_guest_and_comes_out_the_same() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// The events of VM `name` as `(kind, cause)`.
+fn events(daemon: &Daemon, name: &str) -> Vec<(String, String)> {
+    let (_, page) = daemon.request("GET", &format!("/api/v1/events?vm={name}&limit=500"), None);
+    let page: Value = serde_json::from_str(&page).unwrap();
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["cause"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_guest_whose_agent_falls_silent_is_hung_and_restarted_per_its_policy() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    for (name, policy) in [("mended", "on-failure"), ("left", "never")] {
+        cli.ok(&["vm", "create", name, "--restart", policy, "--start"]);
+    }
+    for name in ["mended", "left"] {
+        wait_until("the guest agent", || {
+            show(&cli, name)["agent"]["connected"] == true
+        });
+        // Alive, but it answers nothing from here on.
+        cli.in_guest(name, "kill -STOP $(pidof quetzal-agent)");
+    }
+
+    let hung = |name: &str| {
+        events(&daemon, name)
+            .into_iter()
+            .find(|(kind, _)| kind == "hung")
+            .map(|(_, cause)| cause)
+    };
+    wait_until_for("the hung guest's restart", Duration::from_secs(180), || {
+        events(&daemon, "mended")
+            .iter()
+            .any(|(kind, _)| kind == "restarted")
+    });
+    let cause = hung("mended").unwrap();
+    assert!(
+        cause.contains("has not answered for") && cause.contains("restart policy"),
+        "{cause}"
+    );
+    // Restarted: a new boot whose agent answers again.
+    wait_until("the restarted guest's agent", || {
+        show(&cli, "mended")["agent"]["connected"] == true
+    });
+    // The one whose policy is never is told about and left running.
+    wait_until_for("the other's hung event", Duration::from_secs(180), || {
+        hung("left").is_some()
+    });
+    assert!(hung("left").unwrap().contains("left running"));
+    assert_eq!(show(&cli, "left")["state"], "running");
+    for name in ["mended", "left"] {
+        cli.ok(&["vm", "stop", name, "--force"]);
     }
 }

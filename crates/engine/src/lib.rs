@@ -61,6 +61,9 @@ pub enum VmEvent {
     Reset {
         by_guest: bool,
     },
+    /// The guest's watchdog device fired (its watchdog daemon stopped
+    /// feeding it); the engine resets the guest.
+    WatchdogFired,
     /// The guest powered itself off.
     GuestPoweredOff,
     /// The host is shutting the VM down (quit, a signal).

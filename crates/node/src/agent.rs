@@ -125,6 +125,83 @@ impl std::fmt::Debug for Call {
     }
 }
 
+/// When a VM's agent last answered, for whoever watches for a hung guest.
+#[derive(Clone, Debug)]
+pub struct Contact(Arc<Mutex<AgentStatus>>);
+
+impl Contact {
+    /// Unix ms of the agent's last answer.
+    pub fn last(&self) -> Option<i64> {
+        self.0
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .last_contact_at
+    }
+}
+
+/// How long a running guest's agent, once it answered in this boot, may
+/// stay silent before the guest counts as hung. Its pings come every 5 s;
+/// a guest starved of CPU for half a minute is not one a user can use.
+pub const HUNG_AFTER_MS: i64 = 30_000;
+
+/// Decides when a guest is hung from what the supervisor sees: its agent
+/// must have answered since the guest last (re)booted, the vCPUs must be
+/// running, and the agent silent for [`HUNG_AFTER_MS`] of running time.
+/// A boot, a pause or a power-down never count as silence.
+#[derive(Clone, Debug)]
+pub struct HangWatch {
+    booted_at: i64,
+    running_since: Option<i64>,
+    powering_down: bool,
+    /// The contact a hang was reported after: once per silence.
+    reported: Option<i64>,
+}
+
+impl HangWatch {
+    pub fn new(now: i64, running: bool) -> Self {
+        HangWatch {
+            booted_at: now,
+            running_since: running.then_some(now),
+            powering_down: false,
+            reported: None,
+        }
+    }
+
+    /// The guest rebooted (or was reset): its agent starts over.
+    pub fn rebooted(&mut self, now: i64) {
+        self.booted_at = now;
+        self.reported = None;
+    }
+
+    pub fn paused(&mut self) {
+        self.running_since = None;
+    }
+
+    pub fn resumed(&mut self, now: i64) {
+        self.running_since = Some(now);
+    }
+
+    /// Asked to power off: a guest shutting down stops its agent.
+    pub fn powering_down(&mut self) {
+        self.powering_down = true;
+    }
+
+    /// How long the agent has been silent, once, when that makes the
+    /// guest hung.
+    pub fn check(&mut self, now: i64, last_contact: Option<i64>) -> Option<i64> {
+        let last = last_contact.filter(|at| *at >= self.booted_at)?;
+        let running = self.running_since?;
+        if self.powering_down || self.reported == Some(last) {
+            return None;
+        }
+        let silent = now - last.max(running);
+        (silent >= HUNG_AFTER_MS).then(|| {
+            self.reported = Some(last);
+            now - last
+        })
+    }
+}
+
 impl Drop for AgentLink {
     fn drop(&mut self) {
         self.task.abort();
@@ -143,6 +220,11 @@ impl AgentLink {
             status,
             task,
         }
+    }
+
+    /// A handle on when it last answered.
+    pub fn contact(&self) -> Contact {
+        Contact(Arc::clone(&self.status))
     }
 
     pub fn status(&self) -> AgentStatus {
@@ -428,6 +510,45 @@ async fn run(
 mod tests {
     use super::*;
     use tokio::net::UnixListener;
+
+    #[test]
+    fn a_running_guest_whose_agent_goes_silent_is_hung_once() {
+        let mut watch = HangWatch::new(0, true);
+
+        assert_eq!(watch.check(10_000, Some(5_000)), None);
+        assert_eq!(watch.check(34_999, Some(5_000)), None);
+        assert_eq!(watch.check(35_000, Some(5_000)), Some(30_000));
+        // Reported once per silence; a new answer and a new silence again.
+        assert_eq!(watch.check(60_000, Some(5_000)), None);
+        assert_eq!(watch.check(90_000, Some(65_000)), None);
+        assert_eq!(watch.check(95_000 + 1, Some(65_000)), Some(30_001));
+    }
+
+    #[test]
+    fn a_guest_without_an_answer_since_its_boot_is_never_hung() {
+        let mut watch = HangWatch::new(0, true);
+        assert_eq!(watch.check(100_000, None), None);
+
+        // An answer from before a reboot does not count.
+        watch.rebooted(50_000);
+        assert_eq!(watch.check(200_000, Some(40_000)), None);
+        assert_eq!(watch.check(200_000, Some(60_000)), Some(140_000));
+    }
+
+    #[test]
+    fn paused_time_and_power_down_are_not_silence() {
+        let mut watch = HangWatch::new(0, true);
+        watch.paused();
+        assert_eq!(watch.check(100_000, Some(1_000)), None);
+        // Resumed after a long pause: the clock starts at the resume.
+        watch.resumed(100_000);
+        assert_eq!(watch.check(120_000, Some(1_000)), None);
+        assert_eq!(watch.check(130_000, Some(1_000)), Some(129_000));
+
+        let mut stopping = HangWatch::new(0, true);
+        stopping.powering_down();
+        assert_eq!(stopping.check(100_000, Some(1_000)), None);
+    }
 
     /// An agent that answers syncs after noise and a stale answer, says
     /// what it supports, and answers `guest-exec` with a line far past any

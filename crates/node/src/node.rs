@@ -251,7 +251,7 @@ impl Node {
         self.core.publish(published);
     }
 
-    fn record(&self, name: &str) -> Result<VmRecord, NodeError> {
+    pub(crate) fn record(&self, name: &str) -> Result<VmRecord, NodeError> {
         let found = self.store().get(name)?;
         Ok(found.ok_or_else(|| VmError::NotFound {
             name: name.to_owned(),

@@ -49,6 +49,9 @@ pub enum Exit {
     Died(String),
     /// QEMU was told to quit.
     Quit,
+    /// The guest hung (its agent silent while it ran) and was ended so its
+    /// restart policy brings it back.
+    Hung(String),
 }
 
 /// Resource use of a running VM.
@@ -173,6 +176,7 @@ pub fn spawn<V: EngineVm>(
         });
         crate::agent::AgentLink::start(name.clone(), socket, news)
     });
+    let contact = agent.as_ref().map(crate::agent::AgentLink::contact);
     let (commands_tx, commands) = mpsc::channel(8);
     let (stats_tx, stats) = mpsc::channel(8);
     let (console_out, _) = broadcast::channel(256);
@@ -192,6 +196,8 @@ pub fn spawn<V: EngineVm>(
     };
     let task = Task {
         vm,
+        contact,
+        hang: crate::agent::HangWatch::new(crate::store::now_millis(), !paused),
         console,
         commands,
         stats,
@@ -211,6 +217,9 @@ pub fn spawn<V: EngineVm>(
 
 struct Task<V: EngineVm> {
     vm: V,
+    /// When its agent last answered, and what makes it hung.
+    contact: Option<crate::agent::Contact>,
+    hang: crate::agent::HangWatch,
     console: UnixStream,
     commands: mpsc::Receiver<(Command, Reply)>,
     stats: mpsc::Receiver<oneshot::Sender<Stats>>,
@@ -224,6 +233,36 @@ struct Task<V: EngineVm> {
 }
 
 impl<V: EngineVm> Task<V> {
+    /// A hung guest: told in an event; ended (so its restart policy
+    /// restarts it) unless its policy is `never`, which leaves it running
+    /// for its user to look at. Returns how the VM is ending, if it is.
+    async fn hung(vm: &mut V, node: &Arc<Node>, name: &str, silent_ms: i64) -> Option<Exit> {
+        let policy = node.record(name).map(|vm| vm.restart_policy);
+        let silent = format!(
+            "its guest agent has not answered for {} s while it ran",
+            silent_ms / 1000
+        );
+        if matches!(policy, Ok(quetzal_api::RestartPolicy::Never) | Err(_)) {
+            node.note_from_guest(
+                name,
+                quetzal_api::EventKind::Hung,
+                &format!("the guest looks hung: {silent}; its restart policy is never, so it is left running"),
+            );
+            return None;
+        }
+        node.note_from_guest(
+            name,
+            quetzal_api::EventKind::Hung,
+            &format!("the guest is hung: {silent}; ending it for its restart policy"),
+        );
+        tracing::warn!(vm = %name, silent_ms, "guest hung; ending it for its restart policy");
+        if let Err(err) = vm.kill().await {
+            tracing::warn!(vm = %name, error = %err, "cannot end a hung guest");
+            return None;
+        }
+        Some(Exit::Hung(format!("hung: {silent}")))
+    }
+
     async fn run(mut self, node: &Arc<Node>, name: &str) -> Exit {
         // Why the engine is about to pause the VM by itself.
         let mut pause_reason: Option<String> = None;
@@ -232,13 +271,22 @@ impl<V: EngineVm> Task<V> {
         let mut console_open = true;
         let mut since_check = 0;
         let mut ending: Option<Exit> = None;
+        let mut hang_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = hang_check.tick(), if self.contact.is_some() && ending.is_none() => {
+                    let now = crate::store::now_millis();
+                    let last = self.contact.as_ref().and_then(crate::agent::Contact::last);
+                    if let Some(silent) = self.hang.check(now, last) {
+                        ending = Self::hung(&mut self.vm, node, name, silent).await;
+                    }
+                }
                 event = self.vm.next_event() => match event {
                     VmEvent::GuestPoweredOff => { ending.get_or_insert(Exit::PoweredOff); }
                     VmEvent::Crashed { reason } => { ending.get_or_insert(Exit::Crashed(reason)); }
                     VmEvent::ShuttingDown { .. } => { ending.get_or_insert(Exit::Quit); }
                     VmEvent::Reset { by_guest } => {
+                        self.hang.rebooted(crate::store::now_millis());
                         let cause = if by_guest { "the guest rebooted" } else { "reset by the host" };
                         node.note_from_guest(name, quetzal_api::EventKind::Reset, cause);
                     }
@@ -258,21 +306,31 @@ impl<V: EngineVm> Task<V> {
                         });
                     }
                     VmEvent::Paused => {
+                        self.hang.paused();
                         let why = pause_reason.take();
                         self.run_state.send_replace(RunState { paused: true, why });
                         node.run_state_changed(name, self.generation);
                     }
                     VmEvent::Running => {
+                        self.hang.resumed(crate::store::now_millis());
                         self.run_state.send_replace(RunState::default());
                         node.run_state_changed(name, self.generation);
                     }
-                    VmEvent::PowerdownRequested => {}
+                    VmEvent::PowerdownRequested => self.hang.powering_down(),
+                    VmEvent::WatchdogFired => node.note_from_guest(
+                        name,
+                        quetzal_api::EventKind::Hung,
+                        "its watchdog device fired (the guest's watchdog daemon stopped feeding it): reset",
+                    ),
                 },
                 Some((command, reply)) = self.commands.recv() => {
                     let result = match command {
                         Command::Pause => self.vm.pause().await,
                         Command::Resume => self.vm.resume().await,
-                        Command::Powerdown => self.vm.powerdown().await,
+                        Command::Powerdown => {
+                            self.hang.powering_down();
+                            self.vm.powerdown().await
+                        }
                         Command::Quit => self.vm.stop().await,
                         Command::Kill => self.vm.kill().await.map(drop),
                         // A snapshot job can run for long: it runs beside

@@ -159,6 +159,9 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
     // then turns into a shutdown with reason guest-panic.
     push(&["-device", "pvpanic"]);
+    // A hardware watchdog for a guest watchdog daemon: when the daemon
+    // stops feeding it, QEMU resets the guest (and says so: WATCHDOG).
+    push(&["-device", "i6300esb", "-action", "watchdog=reset"]);
 
     args.into_iter().map(OsString::from).collect()
 }
@@ -257,6 +260,18 @@ mod tests {
                 read_only: false,
             })
             .collect()
+    }
+
+    #[test]
+    fn gives_every_guest_a_watchdog_that_resets_it() {
+        let kernel = kernel();
+
+        let args = text(&argv(&spec(kernel.path(), Accel::Tcg), &paths()));
+
+        assert!(
+            args.contains("-device i6300esb -action watchdog=reset"),
+            "{args}"
+        );
     }
 
     #[test]

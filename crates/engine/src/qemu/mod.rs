@@ -536,6 +536,7 @@ impl QemuVm {
             qmp::Event::Stop => Some(VmEvent::Paused),
             qmp::Event::Powerdown => Some(VmEvent::PowerdownRequested),
             qmp::Event::Reset { guest } => Some(VmEvent::Reset { by_guest: guest }),
+            qmp::Event::Watchdog { .. } => Some(VmEvent::WatchdogFired),
             qmp::Event::GuestPanicked { .. } => Some(VmEvent::Crashed {
                 reason: "the guest kernel panicked".to_owned(),
             }),

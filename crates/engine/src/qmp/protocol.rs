@@ -168,6 +168,9 @@ pub enum Event {
     Reset { guest: bool },
     /// The guest kernel panicked.
     GuestPanicked { action: String },
+    /// The guest's watchdog device fired; `action` is what QEMU does next
+    /// (`reset` with `-action watchdog=reset`).
+    Watchdog { action: String },
     /// A disk request failed; with `action` `stop`, QEMU paused the VM.
     BlockIoError {
         action: String,
@@ -265,6 +268,10 @@ fn parse_event(name: String, data: Value) -> Result<Event, serde_json::Error> {
         "GUEST_PANICKED" => Event::GuestPanicked {
             action: serde_json::from_value::<PanicData>(data)?.action,
         },
+        // Its data is `{"action": …}`, as a panic's.
+        "WATCHDOG" => Event::Watchdog {
+            action: serde_json::from_value::<PanicData>(data)?.action,
+        },
         "BLOCK_IO_ERROR" => {
             let error = serde_json::from_value::<IoErrorData>(data)?;
             Event::BlockIoError {
@@ -288,6 +295,16 @@ mod tests {
     const SHUTDOWN: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 12345}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#;
     const PANIC: &str = r#"{"timestamp": {"seconds": 1763790000, "microseconds": 1}, "event": "GUEST_PANICKED", "data": {"action": "poweroff", "info": {"core": 0, "arg1": 0}}}"#;
     const ERROR: &str = r#"{"id": 7, "error": {"class": "CommandNotFound", "desc": "The command frobnicate has not been found"}}"#;
+
+    #[test]
+    fn parses_a_watchdog_that_fired() {
+        let line = r#"{"timestamp": {"seconds": 1764620000, "microseconds": 5}, "event": "WATCHDOG", "data": {"action": "reset"}}"#;
+
+        assert!(matches!(
+            parse_message(line).unwrap(),
+            Message::Event(Event::Watchdog { action }) if action == "reset"
+        ));
+    }
 
     #[test]
     fn parses_a_disk_error_that_stopped_the_vm() {

@@ -398,7 +398,9 @@ impl Node {
                 EventKind::Stopped,
                 "its VM process was told to quit".to_owned(),
             ),
-            Exit::Crashed(reason) => (Cause::Died, EventKind::Crashed, reason.clone()),
+            Exit::Crashed(reason) | Exit::Hung(reason) => {
+                (Cause::Died, EventKind::Crashed, reason.clone())
+            }
             Exit::Died(log) => (
                 Cause::Died,
                 EventKind::Crashed,
