@@ -34,6 +34,9 @@ const COMMANDS: &[&str] = &[
     "guest-file-write",
     "guest-file-close",
     "guest-shutdown",
+    "guest-fsfreeze-freeze",
+    "guest-fsfreeze-thaw",
+    "guest-fsfreeze-status",
 ];
 
 /// Output of a process, as much as is kept, and whether more came.
@@ -56,6 +59,7 @@ pub struct Agent {
     processes: HashMap<u32, Process>,
     files: HashMap<u64, std::fs::File>,
     next_handle: u64,
+    freezer: crate::freeze::Freezer,
 }
 
 type Answer = Result<Value, (&'static str, String)>;
@@ -114,6 +118,9 @@ impl Agent {
             "guest-file-read" => self.file_read(args),
             "guest-file-write" => self.file_write(args),
             "guest-file-close" => self.file_close(args),
+            "guest-fsfreeze-freeze" => self.freezer.freeze().map(|n| json!(n)).map_err(generic),
+            "guest-fsfreeze-thaw" => Ok(json!(self.freezer.thaw())),
+            "guest-fsfreeze-status" => Ok(json!(self.freezer.status())),
             other => Err((
                 "CommandNotFound",
                 format!("The command {other} has not been found"),

@@ -6,6 +6,7 @@
 //! and in Debian.
 
 mod commands;
+mod freeze;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

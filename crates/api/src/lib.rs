@@ -539,6 +539,10 @@ pub struct Snapshot {
     pub with_memory: bool,
     /// The snapshot the VM was at when this one was taken (a tree).
     pub parent: Option<String>,
+    /// Its guest's filesystems were frozen by the guest agent while it was
+    /// taken (consistent on disk, as for a database's files).
+    #[serde(default)]
+    pub quiesced: bool,
 }
 
 /// A VM's snapshots, oldest first.

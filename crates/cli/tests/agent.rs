@@ -301,3 +301,33 @@ fn a_guest_whose_agent_falls_silent_is_hung_and_restarted_per_its_policy() {
         cli.ok(&["vm", "stop", name, "--force"]);
     }
 }
+
+#[test]
+fn a_snapshot_of_a_running_guest_with_an_agent_is_quiesced_and_the_guest_thawed() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = running_with_agent(&daemon, "calm");
+
+    cli.ok(&["vm", "snapshot", "create", "calm", "steady"]);
+
+    let list: Value =
+        serde_json::from_str(&cli.ok(&["vm", "snapshot", "list", "calm", "--output", "json"]))
+            .unwrap();
+    let snapshot = &list["snapshots"][0];
+    assert_eq!(snapshot["name"], "steady");
+    assert_eq!(snapshot["quiesced"], true, "{list}");
+    assert!(
+        events(&daemon, "calm")
+            .iter()
+            .any(|(kind, cause)| kind == "snapshot-taken" && cause.contains("quiesced"))
+    );
+    // Thawed: the root filesystem takes writes at once.
+    let wrote = exec(
+        &daemon,
+        "calm",
+        &["sh", "-c", "echo after > /root/after && sync"],
+    );
+    assert!(wrote.status.success(), "{wrote:?}");
+    let status = exec(&daemon, "calm", &["cat", "/root/after"]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "after\n");
+    cli.ok(&["vm", "stop", "calm", "--force"]);
+}

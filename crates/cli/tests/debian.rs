@@ -217,6 +217,41 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
         &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
     );
 
+    // A quiesced snapshot while a process keeps writing to an SQLite
+    // database; after going back to it the database is whole. (Readers
+    // and the writer wait for each other's locks: `.timeout`.)
+    let sql =
+        |statement: &str| format!("sqlite3 -cmd '.timeout 5000' /var/tmp/app.db '{statement}'");
+    ssh(&key, &address, &sql("CREATE TABLE t (n INTEGER, pad TEXT)"));
+    ssh(
+        &key,
+        &address,
+        "(nohup sh -c 'i=0; while :; do sqlite3 -cmd \".timeout 5000\" /var/tmp/app.db \
+           \"INSERT INTO t VALUES ($i, hex(randomblob(512)))\"; i=$((i+1)); done' \
+           >/dev/null 2>&1 &)",
+    );
+    let key_arg = key.display().to_string();
+    wait_until_for("rows in the database", DEBIAN_TIMEOUT, || {
+        let count = ssh_with(&["-i", &key_arg], &address, &sql("SELECT count(*) FROM t"));
+        String::from_utf8_lossy(&count.stdout)
+            .trim()
+            .parse::<u64>()
+            .is_ok_and(|n| n > 20)
+    });
+    cli.ok(&["vm", "snapshot", "create", "deb-1", "writing"]);
+    let list: Value =
+        serde_json::from_str(&cli.ok(&["vm", "snapshot", "list", "deb-1", "--output", "json"]))
+            .unwrap();
+    assert_eq!(list["snapshots"][0]["quiesced"], true, "{list}");
+    cli.ok(&["vm", "snapshot", "revert", "deb-1", "writing"]);
+    let address = ssh_ready(&cli, "deb-1", &key);
+    assert_eq!(
+        ssh(&key, &address, &sql("PRAGMA integrity_check")).trim(),
+        "ok"
+    );
+    // (The bracket keeps pkill from matching this very command's shell.)
+    ssh(&key, &address, "pkill -f '[I]NSERT INTO'");
+
     // A clone of it is a new instance to cloud-init: its own name and
     // host keys; the key still works.
     cli.ok(&["vm", "stop", "deb-1"]);

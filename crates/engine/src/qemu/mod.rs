@@ -282,7 +282,14 @@ impl Engine for QemuEngine {
             paths,
             qmp_ready,
             last_shutdown: None,
-            disks: spec.disks.len(),
+            // Read-only disks (a cloud-init seed) are in no snapshot.
+            disks: spec
+                .disks
+                .iter()
+                .enumerate()
+                .filter(|(_, disk)| !disk.read_only)
+                .map(|(index, _)| format!("disk{index}"))
+                .collect(),
         })
     }
 }
@@ -362,7 +369,7 @@ impl QemuEngine {
             paths,
             qmp_ready: Duration::ZERO,
             last_shutdown: None,
-            disks,
+            disks: (0..disks).map(|index| format!("disk{index}")).collect(),
         })
     }
 }
@@ -387,8 +394,9 @@ fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
 #[derive(Clone, Debug)]
 pub struct Snapshots {
     qmp: Arc<QmpClient>,
-    /// How many disks it has (`disk0`…): what a snapshot covers.
-    disks: usize,
+    /// The node names of its writable disks (`disk0`…): what a snapshot
+    /// covers.
+    disks: Vec<String>,
 }
 
 impl Snapshots {
@@ -423,14 +431,14 @@ impl Snapshots {
     }
 
     fn job(&self, kind: &str, tag: &str, memory: bool) -> Result<qmp::SnapshotJob, QemuError> {
-        if self.disks == 0 {
+        if self.disks.is_empty() {
             return Err(QemuError::NoDisk);
         }
         Ok(qmp::SnapshotJob {
             job_id: format!("{kind}-{tag}"),
             tag: tag.to_owned(),
             vmstate: memory.then(|| "disk0".to_owned()),
-            devices: (0..self.disks).map(|i| format!("disk{i}")).collect(),
+            devices: self.disks.clone(),
         })
     }
 }
@@ -454,8 +462,9 @@ pub struct QemuVm {
     paths: RunPaths,
     qmp_ready: Duration,
     last_shutdown: Option<ShutdownReason>,
-    /// How many disks it has (`disk0`…): what a snapshot covers.
-    disks: usize,
+    /// The node names of its writable disks (`disk0`…): what a snapshot
+    /// covers.
+    disks: Vec<String>,
 }
 
 impl QemuVm {
@@ -516,7 +525,7 @@ impl QemuVm {
     pub fn snapshots(&self) -> Snapshots {
         Snapshots {
             qmp: Arc::clone(&self.qmp),
-            disks: self.disks,
+            disks: self.disks.clone(),
         }
     }
 

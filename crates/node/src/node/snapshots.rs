@@ -7,6 +7,9 @@
 use quetzal_engine::{AnyEngine, Engine};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
 
 use quetzal_api::{CreateSnapshot, EventKind, Operation, OperationKind, SnapshotList, VmState};
 use quetzal_engine::SnapshotAction;
@@ -77,11 +80,31 @@ impl Node {
                 let _lock = lock;
                 quetzal_engine::failpoint::hold_until_file("snapshot-hold", &release).await;
                 let with_memory = matches!(how, On::Live(_));
+                let mut quiesced = false;
                 match how {
-                    On::Live(live) => live
-                        .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
-                        .await
-                        .map_err(failed(&vm))?,
+                    On::Live(live) => {
+                        // A running guest with an agent that can freeze:
+                        // frozen for the snapshot, thawed on every path
+                        // (and by the agent itself after 10 s).
+                        let freezer = live.agent.as_ref().filter(|agent| {
+                            record.state == VmState::Running
+                                && agent.status().commands.iter().any(|c| c == FREEZE)
+                        });
+                        if let Some(agent) = freezer {
+                            match agent.call(FREEZE, json!({}), FREEZE_TIMEOUT).await {
+                                Ok(_) => quiesced = true,
+                                Err(err) => tracing::warn!(vm = %vm, error = %err,
+                                    "cannot freeze the guest's filesystems; the snapshot is not quiesced"),
+                            }
+                        }
+                        let saved = live
+                            .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
+                            .await;
+                        if let Some(agent) = freezer {
+                            thaw(agent, &vm).await;
+                        }
+                        saved.map_err(failed(&vm))?;
+                    }
                     On::Disk(engine, disk) => {
                         run_offline(engine, disk, SnapshotAction::Create, name.to_string()).await?
                     }
@@ -93,14 +116,16 @@ impl Node {
                     created_at: now_millis(),
                     with_memory,
                     parent: current,
+                    quiesced,
                 };
                 let cause = format!(
-                    "snapshot {name} taken ({})",
+                    "snapshot {name} taken ({}{})",
                     if with_memory {
                         "disks and memory"
                     } else {
                         "disks only"
-                    }
+                    },
+                    if quiesced { ", quiesced" } else { "" }
                 );
                 let event = node.store().add_snapshot(&snapshot, &cause)?;
                 node.publish(event.into());
@@ -171,6 +196,14 @@ impl Node {
                             .map_err(failed(&vm))?;
                         if record.state == VmState::Running {
                             live.call(Command::Resume).await?;
+                        }
+                        // The guest resumes where it was frozen: thaw it now
+                        // rather than after its agent's own 10 s.
+                        if snapshot.quiesced
+                            && record.state == VmState::Running
+                            && let Some(agent) = &live.agent
+                        {
+                            thaw(agent, &vm).await;
                         }
                     }
                     On::Disk(..) if snapshot.with_memory => {
@@ -257,5 +290,20 @@ fn failed(vm: &str) -> impl FnOnce(CallError) -> SnapshotError + '_ {
     move |source| SnapshotError::Failed {
         vm: vm.to_owned(),
         source,
+    }
+}
+
+const FREEZE: &str = "guest-fsfreeze-freeze";
+/// How long a freeze may take (every filesystem flushes its dirty data).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Thaws the guest's filesystems; a failure is logged (the agent thaws by
+/// itself after 10 s).
+async fn thaw(agent: &crate::agent::AgentLink, vm: &str) {
+    if let Err(err) = agent
+        .call("guest-fsfreeze-thaw", json!({}), FREEZE_TIMEOUT)
+        .await
+    {
+        tracing::warn!(vm = %vm, error = %err, "cannot thaw the guest's filesystems; its agent will");
     }
 }

@@ -149,6 +149,7 @@ const MIGRATIONS: &[&str] = &[
         status INTEGER NOT NULL
     );",
     "ALTER TABLE vms ADD COLUMN cloud_init TEXT;",
+    "ALTER TABLE snapshots ADD COLUMN quiesced INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

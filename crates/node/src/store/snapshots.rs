@@ -16,6 +16,8 @@ pub struct SnapshotRecord {
     pub with_memory: bool,
     /// The snapshot the VM was at when this one was taken.
     pub parent: Option<String>,
+    /// The guest's filesystems were frozen by its agent while it was taken.
+    pub quiesced: bool,
 }
 
 impl SnapshotRecord {
@@ -25,6 +27,7 @@ impl SnapshotRecord {
             name: self.name.clone(),
             created_at: self.created_at,
             with_memory: self.with_memory,
+            quiesced: self.quiesced,
             parent: self.parent.clone(),
         }
     }
@@ -61,8 +64,16 @@ impl SnapshotStore for SqliteStore {
         let sql = sqlite_error(&self.path);
         let tx = self.conn.transaction().map_err(sql)?;
         tx.execute(
-            "INSERT INTO snapshots (vm, name, created_at, with_memory, parent) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![snapshot.vm, snapshot.name, snapshot.created_at, snapshot.with_memory, snapshot.parent],
+            "INSERT INTO snapshots (vm, name, created_at, with_memory, parent, quiesced)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                snapshot.vm,
+                snapshot.name,
+                snapshot.created_at,
+                snapshot.with_memory,
+                snapshot.parent,
+                snapshot.quiesced
+            ],
         )
         .map_err(sql)?;
         tx.execute(
@@ -80,7 +91,7 @@ impl SnapshotStore for SqliteStore {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT vm, name, created_at, with_memory, parent FROM snapshots
+                "SELECT vm, name, created_at, with_memory, parent, quiesced FROM snapshots
                  WHERE vm = ?1 ORDER BY created_at, name",
             )
             .map_err(|e| self.sql(e))?;
@@ -91,6 +102,7 @@ impl SnapshotStore for SqliteStore {
                     name: row.get(1)?,
                     created_at: row.get(2)?,
                     with_memory: row.get(3)?,
+                    quiesced: row.get(5)?,
                     parent: row.get(4)?,
                 })
             })
