@@ -37,6 +37,7 @@ const COMMANDS: &[&str] = &[
     "guest-fsfreeze-freeze",
     "guest-fsfreeze-thaw",
     "guest-fsfreeze-status",
+    "guest-get-fsinfo",
 ];
 
 /// Output of a process, as much as is kept, and whether more came.
@@ -59,7 +60,7 @@ pub struct Agent {
     processes: HashMap<u32, Process>,
     files: HashMap<u64, std::fs::File>,
     next_handle: u64,
-    freezer: crate::freeze::Freezer,
+    freezer: crate::filesystems::Freezer,
 }
 
 type Answer = Result<Value, (&'static str, String)>;
@@ -121,6 +122,7 @@ impl Agent {
             "guest-fsfreeze-freeze" => self.freezer.freeze().map(|n| json!(n)).map_err(generic),
             "guest-fsfreeze-thaw" => Ok(json!(self.freezer.thaw())),
             "guest-fsfreeze-status" => Ok(json!(self.freezer.status())),
+            "guest-get-fsinfo" => Ok(crate::filesystems::fsinfo()),
             other => Err((
                 "CommandNotFound",
                 format!("The command {other} has not been found"),

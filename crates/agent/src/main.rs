@@ -6,7 +6,7 @@
 //! and in Debian.
 
 mod commands;
-mod freeze;
+mod filesystems;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

@@ -249,6 +249,20 @@ pub struct Agent {
     /// The guest's host name, as its agent says.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The guest's filesystems and how full they are, as its agent last
+    /// said (`guest-get-fsinfo`, every 15 s).
+    #[serde(default)]
+    pub filesystems: Vec<GuestFilesystem>,
+}
+
+/// One filesystem inside a guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestFilesystem {
+    pub mountpoint: String,
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// `POST /api/v1/vms/{name}/exec`: run a command in the guest through its

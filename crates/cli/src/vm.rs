@@ -394,6 +394,18 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
             }
             if let Some(agent) = &vm.agent {
                 println!("Agent     {}", describe_agent(agent));
+                for fs in &agent.filesystems {
+                    // Whole GiB and tenths: sizes far below 2^52 bytes.
+                    #[allow(clippy::cast_precision_loss)]
+                    let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+                    println!(
+                        "Guest fs  {} ({}): {:.1} of {:.1} GiB used",
+                        fs.mountpoint,
+                        fs.fs_type,
+                        gib(fs.used_bytes),
+                        gib(fs.total_bytes)
+                    );
+                }
             }
             if let Some(template) = &vm.linked_to {
                 println!("Linked to template {template}");

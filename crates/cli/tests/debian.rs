@@ -182,6 +182,48 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
     assert_eq!(vm["cloud_init"]["hostname"], "deb-1");
     assert_eq!(vm["agent"]["hostname"], "deb-1", "{vm}");
     assert!(exec(&daemon, &cli, "deb-1", &["cat", "/etc/os-release"]).contains("bookworm"));
+    // The root filesystem's use as the agent says it, within 5% of what
+    // the guest's own df says.
+    wait_until_for("the guest's filesystems", DEBIAN_TIMEOUT, || {
+        show(&cli, "deb-1")["agent"]["filesystems"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|fs| fs["mountpoint"] == "/"))
+    });
+    let df = exec(
+        &daemon,
+        &cli,
+        "deb-1",
+        &["df", "-B1", "--output=used,size", "/"],
+    );
+    let figures: Vec<f64> = df
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let vm = show(&cli, "deb-1");
+    let root = vm["agent"]["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|fs| fs["mountpoint"] == "/")
+        .unwrap()
+        .clone();
+    let near = |ours: &Value, theirs: f64| (ours.as_f64().unwrap() - theirs).abs() <= theirs * 0.05;
+    assert!(
+        near(&root["used_bytes"], figures[0]),
+        "{root} against df {figures:?}"
+    );
+    assert!(
+        near(&root["total_bytes"], figures[1]),
+        "{root} against df {figures:?}"
+    );
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    assert!(
+        metrics.contains(r#"quetzal_vm_guest_filesystem_used_bytes{vm="deb-1",mountpoint="/"}"#),
+        "{metrics}"
+    );
     let failing = cli.output(&[
         "vm",
         "exec",

@@ -114,6 +114,17 @@ fn an_imported_cloud_image_boots_by_itself_and_its_stock_agent_serves_exec_and_f
         show(&cli, "stock-1")["addresses"][0].is_string()
     });
     assert_eq!(show(&cli, "stock-1")["agent"]["hostname"], "stock-1");
+    // How full its root filesystem is, from the stock agent's fsinfo.
+    wait_until_for("the guest's filesystems", DEBIAN_TIMEOUT, || {
+        show(&cli, "stock-1")["agent"]["filesystems"]
+            .as_array()
+            .is_some_and(|list| {
+                list.iter().any(|fs| {
+                    fs["mountpoint"] == "/"
+                        && fs["total_bytes"].as_u64().is_some_and(|t| t > 1 << 30)
+                })
+            })
+    });
     let (_, network) = daemon.request("GET", "/api/v1/networks/default", None);
     let network: Value = serde_json::from_str(&network).unwrap();
     let lease = network["leases"]

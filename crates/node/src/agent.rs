@@ -47,6 +47,8 @@ pub struct AgentStatus {
     /// The guest's IPv4 addresses, loopback left out, as its agent last
     /// said (refreshed every few seconds).
     pub addresses: Vec<String>,
+    /// Its filesystems' use, as its agent last said.
+    pub filesystems: Vec<quetzal_api::GuestFilesystem>,
 }
 
 /// How many addresses of a guest are kept.
@@ -57,6 +59,28 @@ fn short(value: Option<&Value>) -> Option<String> {
     value
         .and_then(Value::as_str)
         .map(|text| text.chars().take(128).collect())
+}
+
+/// At most this many filesystems are kept of what an agent reports.
+const MAX_FILESYSTEMS: usize = 32;
+
+/// The filesystems in a `guest-get-fsinfo` answer that say how full they
+/// are (stock QGA and quetzal-agent both do), bounded.
+fn filesystems(answer: &Value) -> Vec<quetzal_api::GuestFilesystem> {
+    answer
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|fs| {
+            Some(quetzal_api::GuestFilesystem {
+                mountpoint: short(fs.get("mountpoint"))?,
+                fs_type: short(fs.get("type")).unwrap_or_default(),
+                used_bytes: fs.get("used-bytes")?.as_u64()?,
+                total_bytes: fs.get("total-bytes")?.as_u64()?,
+            })
+        })
+        .take(MAX_FILESYSTEMS)
+        .collect()
 }
 
 /// The IPv4 addresses in a `guest-network-get-interfaces` answer.
@@ -456,6 +480,8 @@ async fn run(
         } else {
             "guest-ping"
         };
+        // Every third keep-alive asks how full its filesystems are.
+        let fsinfo = supports("guest-get-fsinfo");
         set(&status, |s| {
             s.connected = true;
             s.version = version;
@@ -467,13 +493,18 @@ async fn run(
         backoff = Duration::from_millis(200);
         // Serve calls; ping when idle. Any failure: back to connecting.
         let mut ping = tokio::time::interval(PING_EVERY);
+        let mut ticks = 0u32;
         loop {
             let (command, arguments, timeout, reply) = tokio::select! {
                 call = calls.recv() => match call {
                     Some(call) => (call.command, call.arguments, call.timeout, Some(call.reply)),
                     None => return,
                 },
-                _ = ping.tick() => (keep_alive.to_owned(), json!({}), SYNC_TIMEOUT, None),
+                _ = ping.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    let command = if fsinfo && ticks % 3 == 1 { "guest-get-fsinfo" } else { keep_alive };
+                    (command.to_owned(), json!({}), SYNC_TIMEOUT, None)
+                }
             };
             let result = channel.request(&command, arguments, timeout).await;
             if command == "guest-network-get-interfaces"
@@ -481,6 +512,12 @@ async fn run(
             {
                 let addresses = ipv4_addresses(interfaces);
                 set(&status, |s| s.addresses = addresses);
+            }
+            if command == "guest-get-fsinfo"
+                && let Ok(Ok(answer)) = &result
+            {
+                let found = filesystems(answer);
+                set(&status, |s| s.filesystems = found);
             }
             let healthy = matches!(result, Ok(Ok(_)) | Ok(Err(AgentError::Refused { .. })));
             if healthy {
@@ -510,6 +547,23 @@ async fn run(
 mod tests {
     use super::*;
     use tokio::net::UnixListener;
+
+    #[test]
+    fn keeps_filesystems_that_say_how_full_they_are_up_to_a_bound() {
+        let one = json!({"name": "vda1", "mountpoint": "/", "type": "ext4",
+            "used-bytes": 500, "total-bytes": 3000, "disk": []});
+        let mut answer = vec![one.clone(), json!({"mountpoint": "/boot", "type": "vfat"})];
+        answer.extend(std::iter::repeat_n(one, 100));
+
+        let found = filesystems(&Value::Array(answer));
+
+        assert_eq!(found.len(), MAX_FILESYSTEMS);
+        assert_eq!(found[0].mountpoint, "/");
+        assert_eq!((found[0].used_bytes, found[0].total_bytes), (500, 3000));
+        // The one without figures is left out.
+        assert!(found.iter().all(|fs| fs.mountpoint == "/"));
+        assert!(filesystems(&json!("garbage")).is_empty());
+    }
 
     #[test]
     fn a_running_guest_whose_agent_goes_silent_is_hung_once() {

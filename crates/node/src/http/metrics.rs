@@ -116,6 +116,31 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
             s.net_sent_bytes
         );
     }
+    for (metric, help, pick) in [
+        (
+            "quetzal_vm_guest_filesystem_used_bytes",
+            "Bytes used in each guest filesystem, as its agent says.",
+            (|fs| fs.used_bytes) as fn(&quetzal_api::GuestFilesystem) -> u64,
+        ),
+        (
+            "quetzal_vm_guest_filesystem_size_bytes",
+            "Size of each guest filesystem, as its agent says.",
+            |fs| fs.total_bytes,
+        ),
+    ] {
+        family(&mut out, metric, "gauge", help);
+        for vm in &vms {
+            for fs in vm.agent.iter().flat_map(|agent| &agent.filesystems) {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{vm=\"{}\",mountpoint=\"{}\"}} {}",
+                    vm.name,
+                    label(&fs.mountpoint),
+                    pick(fs)
+                );
+            }
+        }
+    }
     let own = quetzal_engine::Usage::of_this_process();
     family(
         &mut out,
@@ -158,4 +183,22 @@ fn millis_to_secs(millis: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let millis = millis as f64;
     millis / 1000.0
+}
+
+/// A label value as Prometheus' text format writes it: what a guest says
+/// cannot end the value or the line.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod label_tests {
+    #[test]
+    fn escapes_what_would_end_a_label_or_a_line() {
+        assert_eq!(super::label("/data"), "/data");
+        assert_eq!(super::label("/x\"} 1\nfake 2\\"), "/x\\\"} 1\\nfake 2\\\\");
+    }
 }

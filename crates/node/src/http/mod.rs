@@ -279,6 +279,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         quetzal_api::CreatedToken,
         quetzal_api::AuditEntry,
         quetzal_api::Agent,
+        quetzal_api::GuestFilesystem,
         quetzal_api::CloudInit,
         quetzal_api::Exec,
         quetzal_api::ExecResult

@@ -42,6 +42,7 @@ impl Node {
                 last_contact_at: status.last_contact_at,
                 os: status.os,
                 hostname: status.hostname,
+                filesystems: status.filesystems,
             });
         }
         vm

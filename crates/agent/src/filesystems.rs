@@ -1,3 +1,4 @@
+//! The guest's filesystems: `guest-get-fsinfo` (how full each is), and
 //! `guest-fsfreeze-freeze`, `-thaw` and `-status`: every block-device
 //! filesystem frozen (`FIFREEZE`) so a snapshot taken meanwhile holds
 //! them consistent, and thawed (`FITHAW`) on request — or by the agent
@@ -104,6 +105,40 @@ fn thaw_all(frozen: &mut Frozen) -> usize {
     }
     frozen.generation += 1;
     count
+}
+
+/// `guest-get-fsinfo`: each block-device filesystem, as QGA answers it
+/// (name, mount point, type, used and total bytes from `statvfs`).
+pub fn fsinfo() -> serde_json::Value {
+    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut seen = Vec::new();
+    let mut found = Vec::new();
+    for line in table.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [device, mount, kind, ..] = fields[..] else {
+            continue;
+        };
+        let mount = mount.replace("\\040", " ");
+        if !device.starts_with("/dev/") || seen.contains(&mount) {
+            continue;
+        }
+        let Ok(stat) = nix::sys::statvfs::statvfs(mount.as_str()) else {
+            continue;
+        };
+        let block = stat.fragment_size();
+        let total = stat.blocks() * block;
+        let used = stat.blocks().saturating_sub(stat.blocks_free()) * block;
+        found.push(serde_json::json!({
+            "name": device.trim_start_matches("/dev/"),
+            "mountpoint": mount,
+            "type": kind,
+            "used-bytes": used,
+            "total-bytes": total,
+            "disk": [],
+        }));
+        seen.push(mount);
+    }
+    serde_json::Value::Array(found)
 }
 
 /// Mount points in `/proc/self/mounts` order whose filesystem can be
