@@ -111,52 +111,57 @@ fn thaw_all(frozen: &mut Frozen) -> usize {
 /// (name, mount point, type, used and total bytes from `statvfs`).
 pub fn fsinfo() -> serde_json::Value {
     let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut seen = Vec::new();
-    let mut found = Vec::new();
-    for line in table.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [device, mount, kind, ..] = fields[..] else {
-            continue;
-        };
-        let mount = mount.replace("\\040", " ");
-        if !device.starts_with("/dev/") || seen.contains(&mount) {
-            continue;
-        }
-        let Ok(stat) = nix::sys::statvfs::statvfs(mount.as_str()) else {
-            continue;
-        };
-        let block = stat.fragment_size();
-        let total = stat.blocks() * block;
-        let used = stat.blocks().saturating_sub(stat.blocks_free()) * block;
-        found.push(serde_json::json!({
-            "name": device.trim_start_matches("/dev/"),
-            "mountpoint": mount,
-            "type": kind,
-            "used-bytes": used,
-            "total-bytes": total,
-            "disk": [],
-        }));
-        seen.push(mount);
-    }
+    let found = block_mounts(&table)
+        .into_iter()
+        .filter_map(|mount| {
+            let stat = nix::sys::statvfs::statvfs(&mount.path).ok()?;
+            let block = stat.fragment_size();
+            let used = stat.blocks().saturating_sub(stat.blocks_free()) * block;
+            Some(serde_json::json!({
+                "name": mount.device.trim_start_matches("/dev/"),
+                "mountpoint": mount.path,
+                "type": mount.kind,
+                "used-bytes": used,
+                "total-bytes": stat.blocks() * block,
+                "disk": [],
+            }))
+        })
+        .collect();
     serde_json::Value::Array(found)
 }
 
-/// Mount points in `/proc/self/mounts` order whose filesystem can be
-/// frozen and sits on a block device, each once.
-fn freezable(table: &str) -> Vec<PathBuf> {
-    let mut seen = Vec::new();
+/// A filesystem mounted from a block device.
+struct Mount<'a> {
+    device: &'a str,
+    path: PathBuf,
+    kind: &'a str,
+}
+
+/// The filesystems in `/proc/self/mounts` order that sit on a block
+/// device, each mount point once.
+fn block_mounts(table: &str) -> Vec<Mount<'_>> {
+    let mut found: Vec<Mount<'_>> = Vec::new();
     for line in table.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [device, mount, kind, ..] = fields[..] else {
+        let [device, path, kind, ..] = fields[..] else {
             continue;
         };
         // The kernel writes a space in a path as \040.
-        let mount = PathBuf::from(mount.replace("\\040", " "));
-        if device.starts_with("/dev/") && FREEZABLE.contains(&kind) && !seen.contains(&mount) {
-            seen.push(mount);
+        let path = PathBuf::from(path.replace("\\040", " "));
+        if device.starts_with("/dev/") && !found.iter().any(|m| m.path == path) {
+            found.push(Mount { device, path, kind });
         }
     }
-    seen
+    found
+}
+
+/// The mount points whose filesystem can be frozen.
+fn freezable(table: &str) -> Vec<PathBuf> {
+    block_mounts(table)
+        .into_iter()
+        .filter(|mount| FREEZABLE.contains(&mount.kind))
+        .map(|mount| mount.path)
+        .collect()
 }
 
 #[cfg(test)]

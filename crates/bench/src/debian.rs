@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use quetzal_image::ImageStore;
 
+use crate::agent::time_execs;
 use crate::node::{Daemon, PREFIX, scratch_data};
 use crate::stats::{millis, percentile, summary};
 
@@ -183,19 +184,7 @@ fn boot(
         }
         Ok(login.is_some() && agent.is_some() && ssh.is_some())
     })?;
-    let mut execs = Vec::new();
-    for _ in 0..EXECS {
-        let start = Instant::now();
-        let (status, answer) = daemon.request(
-            "POST",
-            &format!("/api/v1/vms/{name}/exec"),
-            Some(r#"{"command": "/bin/true"}"#),
-        )?;
-        execs.push(start.elapsed());
-        if status != 200 || !answer.contains(r#""exit_code":0"#) {
-            bail!("exec: {status} {answer}");
-        }
-    }
+    let execs = time_execs(daemon, name, EXECS)?;
     daemon.request("POST", &format!("/api/v1/vms/{name}/force-stop"), None)?;
     daemon.request("DELETE", &format!("/api/v1/vms/{name}"), None)?;
     Ok(Boot {
