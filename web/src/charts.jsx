@@ -67,6 +67,7 @@ export function toSeries(readings) {
   const t = [];
   const cpu = [];
   const mem = [];
+  const guest = [];
   const diskR = [];
   const diskW = [];
   const netR = [];
@@ -79,12 +80,13 @@ export function toSeries(readings) {
     t.push(b.at / 1000);
     cpu.push(((b.cpu_seconds - a.cpu_seconds) / dt) * 100);
     mem.push(b.resident_bytes);
+    guest.push(b.guest_memory_used_bytes ?? null);
     diskR.push((b.disk_read_bytes - a.disk_read_bytes) / dt);
     diskW.push((b.disk_written_bytes - a.disk_written_bytes) / dt);
     netR.push((b.net_received_bytes - a.net_received_bytes) / dt);
     netS.push((b.net_sent_bytes - a.net_sent_bytes) / dt);
   }
-  return { t, cpu, mem, diskR, diskW, netR, netS };
+  return { t, cpu, mem, guest, diskR, diskW, netR, netS };
 }
 
 export { POINTS };

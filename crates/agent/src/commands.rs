@@ -38,6 +38,7 @@ const COMMANDS: &[&str] = &[
     "guest-fsfreeze-thaw",
     "guest-fsfreeze-status",
     "guest-get-fsinfo",
+    "guest-set-time",
 ];
 
 /// Output of a process, as much as is kept, and whether more came.
@@ -123,6 +124,7 @@ impl Agent {
             "guest-fsfreeze-thaw" => Ok(json!(self.freezer.thaw())),
             "guest-fsfreeze-status" => Ok(json!(self.freezer.status())),
             "guest-get-fsinfo" => Ok(crate::filesystems::fsinfo()),
+            "guest-set-time" => set_time(args),
             other => Err((
                 "CommandNotFound",
                 format!("The command {other} has not been found"),
@@ -331,6 +333,30 @@ impl Agent {
         };
         let _ = Command::new(program).spawn();
     }
+}
+
+/// `guest-set-time`: the clock set to `time` (nanoseconds since the
+/// epoch), or, without it, to the hardware clock (the RTC, as QGA does).
+fn set_time(args: &Value) -> Answer {
+    let unix_ms = match args.get("time") {
+        Some(time) => {
+            let nanos = time
+                .as_i64()
+                .ok_or_else(|| ("InvalidParameter", "'time' is not an integer".to_owned()))?;
+            nanos / 1_000_000
+        }
+        None => {
+            let rtc = std::fs::read_to_string("/sys/class/rtc/rtc0/since_epoch")
+                .map_err(|err| generic(format!("no hardware clock to read: {err}")))?;
+            let secs: i64 = rtc
+                .trim()
+                .parse()
+                .map_err(|_| generic("the hardware clock says no time"))?;
+            secs * 1000
+        }
+    };
+    crate::identity::set_clock(unix_ms).map_err(generic)?;
+    Ok(json!({}))
 }
 
 fn capture_into(

@@ -107,27 +107,45 @@ fn thaw_all(frozen: &mut Frozen) -> usize {
     count
 }
 
-/// `guest-get-fsinfo`: each block-device filesystem, as QGA answers it
-/// (name, mount point, type, used and total bytes from `statvfs`).
-pub fn fsinfo() -> serde_json::Value {
+/// Each block-device filesystem and how full it is (`statvfs`), with
+/// the device it is on.
+pub fn usage() -> Vec<(String, quetzal_qga::port::Filesystem)> {
     let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let found = block_mounts(&table)
+    block_mounts(&table)
         .into_iter()
         .filter_map(|mount| {
             let stat = nix::sys::statvfs::statvfs(&mount.path).ok()?;
             let block = stat.fragment_size();
             let used = stat.blocks().saturating_sub(stat.blocks_free()) * block;
-            Some(serde_json::json!({
-                "name": mount.device.trim_start_matches("/dev/"),
-                "mountpoint": mount.path,
-                "type": mount.kind,
-                "used-bytes": used,
-                "total-bytes": stat.blocks() * block,
-                "disk": [],
-            }))
+            let filesystem = quetzal_qga::port::Filesystem {
+                mountpoint: mount.path.to_string_lossy().into_owned(),
+                fs_type: mount.kind.to_owned(),
+                used_bytes: used,
+                total_bytes: stat.blocks() * block,
+            };
+            Some((
+                mount.device.trim_start_matches("/dev/").to_owned(),
+                filesystem,
+            ))
         })
-        .collect();
-    serde_json::Value::Array(found)
+        .collect()
+}
+
+/// `guest-get-fsinfo`: [`usage`] as QGA answers it.
+pub fn fsinfo() -> serde_json::Value {
+    usage()
+        .into_iter()
+        .map(|(device, fs)| {
+            serde_json::json!({
+                "name": device,
+                "mountpoint": fs.mountpoint,
+                "type": fs.fs_type,
+                "used-bytes": fs.used_bytes,
+                "total-bytes": fs.total_bytes,
+                "disk": [],
+            })
+        })
+        .collect()
 }
 
 /// A filesystem mounted from a block device.

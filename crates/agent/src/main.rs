@@ -1,12 +1,19 @@
 //! `quetzal-agent`: the guest side of the guest agent. It finds the
 //! virtio-serial port `org.qemu.guest_agent.0`, answers the QEMU guest
 //! agent protocol's commands Quetzal uses on it (see [`commands`]), and
-//! keeps serving across host reconnects. It is built statically (no
+//! keeps serving across host reconnects. Beside it, on Quetzal's own
+//! port `org.quetzal.agent.0`, it pushes telemetry, keeps declared
+//! services running and takes a new identity after a clone (see
+//! [`port`]). It is built statically (no
 //! libc needed in the guest), so the same binary runs in `tiny`'s busybox
 //! and in Debian.
 
 mod commands;
 mod filesystems;
+mod identity;
+mod port;
+mod services;
+mod telemetry;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -19,6 +26,11 @@ fn main() {
         "quetzal-agent {}: looking for {QGA_PORT}",
         env!("CARGO_PKG_VERSION")
     );
+    // Quetzal's own port, beside QGA: telemetry, the service watchdog
+    // and the clone hook.
+    let (events, reported) = std::sync::mpsc::sync_channel(32);
+    let declared = services::start(events);
+    std::thread::spawn(move || port::serve(declared, reported));
     loop {
         if let Some(device) = find_port(QGA_PORT)
             && let Err(err) = serve(&device)
@@ -30,7 +42,7 @@ fn main() {
 }
 
 /// The device of the virtio-serial port named `name`.
-fn find_port(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_port(name: &str) -> Option<PathBuf> {
     let ports = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
     ports.flatten().find_map(|port| {
         let named = std::fs::read_to_string(port.path().join("name")).ok()?;

@@ -164,6 +164,30 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(max_length = 65536)]
     pub user_data: Option<String>,
+    /// Services the guest's agent keeps running (quetzal-agent only).
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub services: Vec<WatchedService>,
+}
+
+/// A service the guest agent keeps running: a systemd `unit`, or a
+/// `command` it runs itself with `/bin/sh -c` (exactly one of them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchedService {
+    /// How its events name it.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9_.@:-]{1,64}$")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 4096)]
+    pub command: Option<String>,
 }
 
 fn default_cpus() -> u32 {
@@ -175,7 +199,7 @@ fn default_memory() -> u64 {
 }
 
 /// A VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Vm {
     pub name: String,
     pub state: VmState,
@@ -216,6 +240,25 @@ pub struct Vm {
     /// What its cloud-init seed carries, for a VM of a cloud-init image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
+    /// The services its guest agent keeps running.
+    #[serde(default)]
+    pub services: Vec<WatchedService>,
+    /// Memory in use as the guest itself counts it, while it runs and
+    /// says so (its agent's telemetry, else the balloon's statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory: Option<GuestMemory>,
+}
+
+/// A running guest's memory, as the guest counts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestMemory {
+    /// Total less available (what `free` calls used).
+    pub used_bytes: u64,
+    /// What the guest's kernel has (a little less than allocated).
+    pub total_bytes: u64,
+    /// `agent` (quetzal-agent's telemetry) or `balloon` (the
+    /// virtio-balloon driver's statistics).
+    pub source: String,
 }
 
 /// A VM's cloud-init seed, as `vm show` tells it (never the user-data
@@ -233,7 +276,7 @@ pub struct CloudInit {
 }
 
 /// A running VM's guest agent, as the node sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Agent {
     /// Whether the node is talking to it now.
     pub connected: bool,
@@ -253,6 +296,13 @@ pub struct Agent {
     /// said (`guest-get-fsinfo`, every 15 s).
     #[serde(default)]
     pub filesystems: Vec<GuestFilesystem>,
+    /// The 1, 5 and 15 minute load averages, from quetzal-agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<[f64; 3]>,
+    /// Whether quetzal-agent's own port is connected (telemetry, the
+    /// service watchdog); stock agents never open it.
+    #[serde(default)]
+    pub port_connected: bool,
 }
 
 /// One filesystem inside a guest.
@@ -407,13 +457,16 @@ pub enum EventKind {
     /// The guest stopped answering (its agent silent while it runs), or
     /// its watchdog device fired.
     Hung,
+    /// A service its agent watches died and was restarted (or could not
+    /// be).
+    Service,
     /// A kind this client does not know (from a newer daemon).
     #[serde(other)]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 26] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::Creating,
         EventKind::Created,
         EventKind::CreateFailed,
@@ -439,6 +492,7 @@ impl EventKind {
         EventKind::Suppressed,
         EventKind::Agent,
         EventKind::Hung,
+        EventKind::Service,
         EventKind::Other,
     ];
 
@@ -468,6 +522,7 @@ impl EventKind {
             EventKind::Address => "address",
             EventKind::Suppressed => "suppressed",
             EventKind::Agent => "agent",
+            EventKind::Service => "service",
             EventKind::Hung => "hung",
             EventKind::Other => "other",
         }
@@ -626,6 +681,10 @@ pub struct VmStats {
     /// On managed networks (the TAP's counters); zero on user-mode.
     pub net_received_bytes: u64,
     pub net_sent_bytes: u64,
+    /// Memory the guest itself uses, where its agent or balloon driver
+    /// says.
+    #[serde(default)]
+    pub guest_memory_used_bytes: Option<u64>,
 }
 
 /// `POST /api/v1/session`: the dashboard's login.

@@ -19,7 +19,7 @@ use crate::operation::{self, Outcome, WaitArgs};
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create a VM (stopped, unless --start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs.
     List {
         /// Only VMs in this state (running, stopped, paused, crashed…).
@@ -134,6 +134,15 @@ pub struct CreateArgs {
     /// cloud-init user-data: a #cloud-config YAML file or a script.
     #[arg(long, value_name = "FILE")]
     user_data: Option<PathBuf>,
+    /// A systemd unit the guest agent restarts whenever it is inactive or
+    /// failed (quetzal-agent only); may be repeated.
+    #[arg(long = "watch-unit", value_name = "UNIT")]
+    watch_units: Vec<String>,
+    /// A command (NAME=COMMAND, run with /bin/sh -c) the guest agent runs
+    /// and starts again whenever it exits (quetzal-agent only); may be
+    /// repeated.
+    #[arg(long = "watch-command", value_name = "NAME=COMMAND")]
+    watch_commands: Vec<String>,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -216,7 +225,27 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             }
             let (ssh_keys, user_data) =
                 cloud_init_files(&args.ssh_keys, args.user_data.as_deref())?;
+            let mut services: Vec<quetzal_api::WatchedService> = args
+                .watch_units
+                .iter()
+                .map(|unit| quetzal_api::WatchedService {
+                    name: unit.strip_suffix(".service").unwrap_or(unit).to_owned(),
+                    unit: Some(unit.clone()),
+                    command: None,
+                })
+                .collect();
+            for watched in &args.watch_commands {
+                let (name, command) = watched.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--watch-command must be NAME=COMMAND, not '{watched}'")
+                })?;
+                services.push(quetzal_api::WatchedService {
+                    name: name.to_owned(),
+                    unit: None,
+                    command: Some(command.to_owned()),
+                });
+            }
             let body = json!({
+                "services": services,
                 "name": args.name,
                 "image": args.image,
                 "ssh_keys": ssh_keys,
@@ -392,8 +421,29 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
                     cloud.hostname
                 );
             }
+            for service in &vm.services {
+                let run = match (&service.unit, &service.command) {
+                    (Some(unit), _) => format!("unit {unit}"),
+                    (None, Some(command)) => format!("command {command}"),
+                    (None, None) => "nothing".to_owned(),
+                };
+                println!("Watching  {}: {run}", service.name);
+            }
+            if let Some(memory) = &vm.guest_memory {
+                #[allow(clippy::cast_precision_loss)]
+                let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+                println!(
+                    "Guest mem {:.0} of {:.0} MiB used (from its {})",
+                    mib(memory.used_bytes),
+                    mib(memory.total_bytes),
+                    memory.source
+                );
+            }
             if let Some(agent) = &vm.agent {
                 println!("Agent     {}", describe_agent(agent));
+                if let Some([one, five, fifteen]) = agent.load {
+                    println!("Load      {one:.2} {five:.2} {fifteen:.2}");
+                }
                 for fs in &agent.filesystems {
                     // Whole GiB and tenths: sizes far below 2^52 bytes.
                     #[allow(clippy::cast_precision_loss)]

@@ -331,3 +331,95 @@ fn a_snapshot_of_a_running_guest_with_an_agent_is_quiesced_and_the_guest_thawed(
     assert_eq!(String::from_utf8_lossy(&status.stdout), "after\n");
     cli.ok(&["vm", "stop", "calm", "--force"]);
 }
+
+/// `MemTotal` and `MemTotal - MemAvailable` in bytes, from a guest's
+/// `/proc/meminfo`.
+fn meminfo(text: &str) -> (f64, f64) {
+    let field = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            * 1024.0
+    };
+    let total = field("MemTotal:");
+    (total, total - field("MemAvailable:"))
+}
+
+#[test]
+fn the_agent_reports_memory_and_load_and_keeps_a_declared_command_running() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    cli.ok(&[
+        "vm",
+        "create",
+        "kept",
+        "--watch-command",
+        "ticker=echo $$ > /run/ticker.pid; exec sleep 100000",
+        "--start",
+    ]);
+    wait_until("the agent's telemetry", || {
+        show(&cli, "kept")["guest_memory"]["source"] == "agent"
+    });
+
+    // Memory as the guest counts it, within 5% of its own /proc/meminfo
+    // (telemetry is at most 5 s old; an idle tiny guest hardly moves).
+    wait_until("guest memory figures that match the guest's", || {
+        let vm = show(&cli, "kept");
+        let own = exec(&daemon, "kept", &["cat", "/proc/meminfo"]);
+        let (total, used) = meminfo(&String::from_utf8_lossy(&own.stdout));
+        let ours = |key: &str| vm["guest_memory"][key].as_f64().unwrap();
+        (ours("total_bytes") - total).abs() <= total * 0.05
+            && (ours("used_bytes") - used).abs() <= used * 0.05
+    });
+    let vm = show(&cli, "kept");
+    assert_eq!(vm["agent"]["port_connected"], true, "{vm}");
+    assert_eq!(
+        vm["agent"]["load"].as_array().map(Vec::len),
+        Some(3),
+        "{vm}"
+    );
+    assert_eq!(vm["services"][0]["name"], "ticker", "{vm}");
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    assert!(
+        metrics.contains(r#"quetzal_vm_guest_memory_used_bytes{vm="kept",source="agent"}"#),
+        "{metrics}"
+    );
+    let (_, stats) = daemon.request("GET", "/api/v1/vms/kept/stats", None);
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["guest_memory_used_bytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+
+    // The declared command runs; killed, it is started again and the
+    // host hears why.
+    let pid = || {
+        let out = exec(&daemon, "kept", &["cat", "/run/ticker.pid"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    wait_until("the watched command", || !pid().is_empty());
+    let first = pid();
+    let killed = exec(&daemon, "kept", &["kill", "-9", &first]);
+    assert!(killed.status.success(), "{killed:?}");
+    wait_until("the service event", || {
+        events(&daemon, "kept")
+            .iter()
+            .any(|(kind, _)| kind == "service")
+    });
+    let (_, cause) = events(&daemon, "kept")
+        .into_iter()
+        .find(|(kind, _)| kind == "service")
+        .unwrap();
+    assert_eq!(
+        cause,
+        "service ticker restarted: it was killed by signal 9 (restarts: 1)"
+    );
+    wait_until("the restarted command's pid", || {
+        let now = pid();
+        !now.is_empty() && now != first
+    });
+    cli.ok(&["vm", "stop", "kept"]);
+}

@@ -101,6 +101,35 @@ fn exec(daemon: &Daemon, cli: &Cli, name: &str, command: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// Run in the guest with its agent stopped: floods both agent channels.
+const FLOOD: &str = "systemctl stop quetzal-agent
+for port in org.qemu.guest_agent.0 org.quetzal.agent.0; do
+  (head -c 16M /dev/urandom
+   printf '{\"return\": \"'; head -c 8M /dev/zero | tr '\\0' a; printf '\"}\\n'
+   yes '{\"telemetry\":{\"memory_total_bytes\":1,\"memory_used_bytes\":1,\"load\":[0,0,0],\"uptime_secs\":1}}' | head -n 50000
+   yes '{\"service\":{\"name\":\"spam\",\"what\":\"restarted\",\"detail\":\"x\",\"restarts\":1}}' | head -n 5000
+  ) > /dev/virtio-ports/$port &
+done
+wait
+echo done > /run/flood-done
+systemctl start quetzal-agent";
+
+/// `MemTotal` and `MemTotal - MemAvailable` in bytes, from a guest's
+/// `/proc/meminfo`.
+fn meminfo(text: &str) -> (f64, f64) {
+    let field = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            * 1024.0
+    };
+    let total = field("MemTotal:");
+    (total, total - field("MemAvailable:"))
+}
+
 #[test]
 fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machine() {
     debian();
@@ -110,7 +139,9 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
     let user_data = daemon.data.path().join("user-data");
     std::fs::write(
         &user_data,
-        "#cloud-config\nwrite_files:\n  - path: /etc/quetzal-test\n    content: from user-data\n",
+        "#cloud-config\nwrite_files:\n  - path: /etc/quetzal-test\n    content: from user-data\n\
+         \x20 - path: /etc/systemd/system/demo.service\n    content: |\n\
+         \x20     [Service]\n      ExecStart=/bin/sleep infinity\n",
     )
     .unwrap();
 
@@ -128,6 +159,8 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
         &format!("{}.pub", key.display()),
         "--user-data",
         user_data.to_str().unwrap(),
+        "--watch-unit",
+        "demo.service",
         "--start",
     ]);
     let address = ssh_ready(&cli, "deb-1", &key);
@@ -224,6 +257,56 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
         metrics.contains(r#"quetzal_vm_guest_filesystem_used_bytes{vm="deb-1",mountpoint="/"}"#),
         "{metrics}"
     );
+    // Memory as the guest counts it (quetzal-agent's telemetry), within
+    // 5% of its own /proc/meminfo.
+    wait_until_for(
+        "guest memory that matches the guest's",
+        DEBIAN_TIMEOUT,
+        || {
+            let ours = show(&cli, "deb-1")["guest_memory"].clone();
+            let (total, used) = meminfo(&exec(&daemon, &cli, "deb-1", &["cat", "/proc/meminfo"]));
+            ours["source"] == "agent"
+                && near(&ours["total_bytes"], total)
+                && near(&ours["used_bytes"], used)
+        },
+    );
+
+    // The declared unit (which has no Restart= of its own) is started by
+    // the agent's watchdog; killed, it is back, and the host is told.
+    let main_pid = || {
+        exec(
+            &daemon,
+            &cli,
+            "deb-1",
+            &["systemctl", "show", "-P", "MainPID", "demo"],
+        )
+    };
+    wait_until_for("the watched unit running", DEBIAN_TIMEOUT, || {
+        main_pid().trim().parse::<u32>().is_ok_and(|pid| pid > 0)
+    });
+    let first = main_pid();
+    exec(
+        &daemon,
+        &cli,
+        "deb-1",
+        &["systemctl", "kill", "-s", "KILL", "demo"],
+    );
+    let killed_at = std::time::Instant::now();
+    let restarted =
+        |events: &str| events.contains("service demo restarted: it was failed (signal)");
+    wait_until_for("the watchdog's event", DEBIAN_TIMEOUT, || {
+        restarted(&cli.ok(&["events"]))
+    });
+    eprintln!(
+        "the killed unit's restart was reported {:?} after the kill",
+        killed_at.elapsed()
+    );
+    let second = main_pid();
+    assert!(
+        second.trim().parse::<u32>().unwrap() > 0 && second != first,
+        "{first} then {second}"
+    );
+
     let failing = cli.output(&[
         "vm",
         "exec",
@@ -258,6 +341,48 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
         "deb-1",
         &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
     );
+
+    // A hostile guest: with its agent stopped, something else floods both
+    // channels with random bytes, an endless string, and thousands of
+    // well-formed messages (telemetry, service events). The daemon keeps
+    // answering, its memory stays bounded, the events are rate-limited,
+    // and the agent is back once it runs again.
+    let resident = || {
+        let (_, metrics) = daemon.request("GET", "/metrics", None);
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("quetzal_daemon_resident_bytes "))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let before = resident();
+    exec(
+        &daemon,
+        &cli,
+        "deb-1",
+        &["systemd-run", "--unit=flood", "sh", "-c", FLOOD],
+    );
+    let mut peak = before;
+    wait_until_for("the flood's end", DEBIAN_TIMEOUT, || {
+        // The API answers all along.
+        peak = peak.max(resident());
+        cli.output(&["vm", "exec", "deb-1", "--", "cat", "/run/flood-done"])
+            .stdout
+            .starts_with(b"done")
+    });
+    assert!(
+        peak - before < 64.0 * 1024.0 * 1024.0,
+        "quetzald grew from {before} to {peak} bytes"
+    );
+    let log = cli.ok(&["events"]);
+    assert!(
+        log.contains("guest agent lost"),
+        "the flood never reached the host: {log}"
+    );
+    let spam = log.matches("service spam").count();
+    assert!(spam <= 25, "{spam} spam events logged");
+    assert!(exec(&daemon, &cli, "deb-1", &["echo", "back"]).contains("back"));
 
     // A quiesced snapshot while a process keeps writing to an SQLite
     // database; after going back to it the database is whole. (Readers

@@ -211,6 +211,10 @@ impl EngineVm for AnyVm {
         each!(self, vm => vm.disk_bytes().await.map_err(AnyError::from))
     }
 
+    async fn balloon_memory(&self) -> Result<Option<(u64, u64)>, AnyError> {
+        each!(self, vm => vm.balloon_memory().await.map_err(AnyError::from))
+    }
+
     fn log_tail(&self) -> String {
         each!(self, vm => vm.log_tail())
     }

@@ -116,6 +116,9 @@ pub struct Layout {
     /// The guest agent's channel (a Unix socket speaking QGA), if the
     /// engine gives VMs one.
     pub agent: Option<std::path::PathBuf>,
+    /// Quetzal's own agent port (a Unix socket, JSON lines), if the engine
+    /// gives VMs one.
+    pub port: Option<std::path::PathBuf>,
 }
 
 /// CPU time and memory of a VM's engine process.
@@ -223,6 +226,11 @@ pub trait EngineVm: Send + Sync + 'static {
     fn usage(&self) -> Option<Usage>;
     /// Bytes read and written by its disks.
     fn disk_bytes(&self) -> impl Future<Output = Result<(u64, u64), Self::Error>> + Send;
+    /// The guest's total and used memory as its balloon driver reports
+    /// them; `None` where it has none (or has not reported yet).
+    fn balloon_memory(
+        &self,
+    ) -> impl Future<Output = Result<Option<(u64, u64)>, Self::Error>> + Send;
     /// The last lines its process wrote about itself (why it failed).
     fn log_tail(&self) -> String;
     /// What runs its memory snapshots, beside whoever owns the VM.

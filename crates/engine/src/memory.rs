@@ -168,6 +168,7 @@ impl Engine for MemoryEngine {
             console_log: run_dir.join("console.log"),
             vnc: run_dir.join("vnc.sock"),
             agent: None,
+            port: None,
         }
     }
 
@@ -333,6 +334,10 @@ impl EngineVm for MemoryVm {
 
     async fn disk_bytes(&self) -> Result<(u64, u64), MemoryError> {
         Ok((0, 0))
+    }
+
+    async fn balloon_memory(&self) -> Result<Option<(u64, u64)>, MemoryError> {
+        Ok(None)
     }
 
     fn log_tail(&self) -> String {

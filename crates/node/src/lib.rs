@@ -18,6 +18,7 @@ pub mod listener;
 pub mod net;
 pub mod node;
 pub mod ratelimit;
+pub mod services;
 pub mod store;
 pub mod supervisor;
 pub mod tls;

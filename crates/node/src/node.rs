@@ -400,6 +400,7 @@ impl Node {
             disk_written_bytes: s.disk_written_bytes,
             net_received_bytes: s.net_received_bytes,
             net_sent_bytes: s.net_sent_bytes,
+            guest_memory_used_bytes: guest::guest_memory(&live).map(|m| m.used_bytes),
         })
     }
 

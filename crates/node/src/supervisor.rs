@@ -115,6 +115,10 @@ pub struct Live {
     run_state: watch::Receiver<RunState>,
     /// Its guest agent's link, when the engine gives the VM a channel.
     pub agent: Option<crate::agent::AgentLink>,
+    /// Quetzal's own agent port, when the engine gives the VM one.
+    pub port: Option<crate::agent::port::PortLink>,
+    /// Total and used memory as the guest's balloon driver last said.
+    balloon: watch::Receiver<Option<(u64, u64)>>,
 }
 
 impl Live {
@@ -137,6 +141,12 @@ impl Live {
             .ok()
     }
 
+    /// The guest's total and used memory from its balloon driver, where
+    /// it has one that reported.
+    pub fn balloon_memory(&self) -> Option<(u64, u64)> {
+        *self.balloon.borrow()
+    }
+
     /// Whether the vCPUs run now, as the engine last reported.
     pub fn run_state(&self) -> RunState {
         self.run_state.borrow().clone()
@@ -155,7 +165,8 @@ impl Live {
 
 /// Starts supervising `vm`, whose console is `console` and whose vCPUs
 /// are `paused` or not. `generation` tells this run of the VM from later
-/// ones.
+/// ones. Its guest agent is told to watch `services`.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn<V: EngineVm>(
     node: Arc<Node>,
     name: String,
@@ -164,6 +175,7 @@ pub fn spawn<V: EngineVm>(
     console: UnixStream,
     layout: quetzal_engine::Layout,
     paused: bool,
+    services: &[quetzal_api::WatchedService],
 ) -> Live {
     let console_log = layout.console_log;
     let agent = layout.agent.map(|socket| {
@@ -176,6 +188,20 @@ pub fn spawn<V: EngineVm>(
         });
         crate::agent::AgentLink::start(name.clone(), socket, news)
     });
+    let port = layout.port.map(|socket| {
+        let node = Arc::downgrade(&node);
+        let vm = name.clone();
+        let news: crate::agent::port::ServiceNews = Box::new(move |event| {
+            if let Some(node) = node.upgrade() {
+                let cause = format!(
+                    "service {} {}: {} (restarts: {})",
+                    event.name, event.what, event.detail, event.restarts
+                );
+                node.note_from_guest(&vm, quetzal_api::EventKind::Service, &cause);
+            }
+        });
+        crate::agent::port::PortLink::start(socket, crate::services::to_port(services), news)
+    });
     let contact = agent.as_ref().map(crate::agent::AgentLink::contact);
     let (commands_tx, commands) = mpsc::channel(8);
     let (stats_tx, stats) = mpsc::channel(8);
@@ -183,6 +209,7 @@ pub fn spawn<V: EngineVm>(
     let (console_in_tx, console_in) = mpsc::channel(64);
     let (exited_tx, exited) = watch::channel(None);
     let (run_state_tx, run_state) = watch::channel(RunState { paused, why: None });
+    let (balloon_tx, balloon) = watch::channel(None);
     let live = Live {
         generation,
         pid: vm.pid(),
@@ -193,6 +220,8 @@ pub fn spawn<V: EngineVm>(
         exited,
         run_state,
         agent,
+        port,
+        balloon,
     };
     let task = Task {
         vm,
@@ -204,6 +233,7 @@ pub fn spawn<V: EngineVm>(
         console_out,
         console_in,
         run_state: run_state_tx,
+        balloon: balloon_tx,
         generation,
         console_log,
     };
@@ -214,6 +244,9 @@ pub fn spawn<V: EngineVm>(
     });
     live
 }
+
+/// How often the balloon's memory statistics are read.
+const BALLOON_EVERY: Duration = Duration::from_secs(5);
 
 struct Task<V: EngineVm> {
     vm: V,
@@ -226,6 +259,7 @@ struct Task<V: EngineVm> {
     console_out: broadcast::Sender<Vec<u8>>,
     console_in: mpsc::Receiver<Vec<u8>>,
     run_state: watch::Sender<RunState>,
+    balloon: watch::Sender<Option<(u64, u64)>>,
     generation: u64,
     /// Where the engine logs the console, kept bounded
     /// ([`crate::consolelog`]).
@@ -272,8 +306,13 @@ impl<V: EngineVm> Task<V> {
         let mut since_check = 0;
         let mut ending: Option<Exit> = None;
         let mut hang_check = tokio::time::interval(Duration::from_secs(1));
+        let mut balloon_check = tokio::time::interval(BALLOON_EVERY);
         loop {
             tokio::select! {
+                _ = balloon_check.tick(), if ending.is_none() => {
+                    let memory = self.vm.balloon_memory().await.ok().flatten();
+                    self.balloon.send_replace(memory);
+                }
                 _ = hang_check.tick(), if self.contact.is_some() && ending.is_none() => {
                     let now = crate::store::now_millis();
                     let last = self.contact.as_ref().and_then(crate::agent::Contact::last);

@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod port;
+
 use base64::Engine as _;
 
 /// The virtio-serial port the guest agent listens on (as with stock

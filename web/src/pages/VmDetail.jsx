@@ -168,13 +168,29 @@ function Summary({ vm }) {
           <dd>{time(vm.created_at)}</dd>
           <dt>Guest agent</dt>
           <dd data-testid="agent">{agentText(vm.agent)}</dd>
+          <dt>Guest memory</dt>
+          <dd data-testid="guest-memory">
+            {vm.guest_memory
+              ? `${bytes(vm.guest_memory.used_bytes)} used of ${bytes(vm.guest_memory.total_bytes)} (${mib(vm.memory_mib)} allocated; from its ${vm.guest_memory.source})`
+              : '–'}
+          </dd>
+          <dt>Guest disks</dt>
+          <dd data-testid="guest-disks">
+            {(vm.agent?.filesystems ?? []).map((fs) => `${fs.mountpoint} ${bytes(fs.used_bytes)} of ${bytes(fs.total_bytes)}`).join(' · ') || '–'}
+          </dd>
         </dl>
       </div>
       {vm.agent?.connected ? <RunCommand vm={vm.name} /> : null}
       {vm.state === 'running' ? (
         <div class="charts">
           <Chart title="CPU" series={[['CPU %', '#10a37f']]} data={[s.t, s.cpu]} format={(v) => `${v.toFixed(0)}%`} floor={10} />
-          <Chart title="Memory (QEMU resident)" series={[['RSS', '#6366f1']]} data={[s.t, s.mem]} format={bytes} floor={64 * 1024 * 1024} />
+          <Chart
+            title="Memory"
+            series={[['guest used', '#10a37f'], ['QEMU resident', '#6366f1'], ['allocated', '#94a3b8']]}
+            data={[s.t, s.guest, s.mem, s.t.map(() => vm.memory_mib * 1024 * 1024)]}
+            format={bytes}
+            floor={64 * 1024 * 1024}
+          />
           <Chart
             title="Disk"
             series={[['read', '#0ea5e9'], ['write', '#f59e0b']]}
@@ -200,7 +216,8 @@ function Summary({ vm }) {
 function agentText(agent) {
   if (!agent) return '–';
   if (!agent.connected) return 'not connected';
-  return [agent.version, agent.os, agent.hostname].filter(Boolean).join(' · ');
+  const load = agent.load ? `load ${agent.load.map((l) => l.toFixed(2)).join(' ')}` : null;
+  return [agent.version, agent.os, agent.hostname, load].filter(Boolean).join(' · ');
 }
 
 /** Base64 (from the API) as text, bytes that are not UTF-8 shown as such. */

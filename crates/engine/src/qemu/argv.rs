@@ -140,22 +140,24 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     }
 
     // The guest agent's channel: a virtio-serial port named as stock
-    // qemu-guest-agent expects, on a socket the node connects to.
-    push(&[
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            escape(&paths.agent)
-        ),
-        "-device",
-        &format!(
-            "virtserialport,bus=vser0.0,chardev=agent,name={}",
-            quetzal_qga::QGA_PORT
-        ),
-    ]);
+    // qemu-guest-agent expects, and Quetzal's own beside it, each on a
+    // socket the node connects to.
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    for (id, socket, name) in [
+        ("agent", &paths.agent, quetzal_qga::QGA_PORT),
+        ("port", &paths.port, quetzal_qga::port::QUETZAL_PORT),
+    ] {
+        push(&[
+            "-chardev",
+            &format!("socket,id={id},path={},server=on,wait=off", escape(socket)),
+            "-device",
+            &format!("virtserialport,bus=vser0.0,chardev={id},name={name}"),
+        ]);
+    }
 
+    // A balloon, for now only for the memory statistics its driver in
+    // the guest reports (how much memory a guest without an agent uses).
+    push(&["-device", "virtio-balloon-pci,id=balloon0"]);
     // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
     // then turns into a shutdown with reason guest-panic.
     push(&["-device", "pvpanic"]);
@@ -270,6 +272,25 @@ mod tests {
 
         assert!(
             args.contains("-device i6300esb -action watchdog=reset"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn gives_every_guest_both_agent_ports_and_a_balloon_for_memory_figures() {
+        let kernel = kernel();
+
+        let args = text(&argv(&spec(kernel.path(), Accel::Tcg), &paths()));
+
+        for port in ["org.qemu.guest_agent.0", "org.quetzal.agent.0"] {
+            assert!(args.contains(&format!("name={port}")), "{args}");
+        }
+        assert!(
+            args.contains("chardev=port,name=org.quetzal.agent.0"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-device virtio-balloon-pci,id=balloon0"),
             "{args}"
         );
     }

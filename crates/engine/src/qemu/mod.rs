@@ -78,6 +78,8 @@ pub struct RunPaths {
     pub vnc: PathBuf,
     /// The guest agent's virtio-serial port (QGA).
     pub agent: PathBuf,
+    /// Quetzal's own virtio-serial port (telemetry, service watchdog).
+    pub port: PathBuf,
     /// QEMU's pid, written by the process itself before it execs.
     pub pidfile: PathBuf,
 }
@@ -103,6 +105,7 @@ impl RunPaths {
             log: dir.join("qemu.log"),
             vnc: dir.join("vnc.sock"),
             agent: dir.join("qga.sock"),
+            port: dir.join("port.sock"),
             pidfile: dir.join("qemu.pid"),
         }
     }
@@ -178,6 +181,7 @@ impl Engine for QemuEngine {
             console_log: paths.console_log,
             vnc: paths.vnc,
             agent: Some(paths.agent),
+            port: Some(paths.port),
         }
     }
 
@@ -380,7 +384,7 @@ fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
         source,
     };
     std::fs::create_dir_all(&paths.dir).map_err(failed)?;
-    for stale in [&paths.qmp, &paths.console, &paths.agent] {
+    for stale in [&paths.qmp, &paths.console, &paths.agent, &paths.port] {
         match std::fs::remove_file(stale) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -620,6 +624,10 @@ impl EngineVm for QemuVm {
 
     async fn disk_bytes(&self) -> Result<(u64, u64), QemuError> {
         QemuVm::disk_bytes(self).await
+    }
+
+    async fn balloon_memory(&self) -> Result<Option<(u64, u64)>, QemuError> {
+        Ok(self.qmp.balloon_memory().await?)
     }
 
     fn log_tail(&self) -> String {

@@ -153,6 +153,16 @@ impl QmpClient {
         Ok((sum("rd_bytes"), sum("wr_bytes")))
     }
 
+    /// The guest's total and used memory, as its balloon driver last
+    /// reported (`stat-total-memory`, less `stat-available-memory`);
+    /// `None` until a driver has reported both. Asks the driver to report
+    /// every few seconds first (setting it again is harmless).
+    pub async fn balloon_memory(&self) -> Result<Option<(u64, u64)>, QmpError> {
+        self.execute(Command::BalloonPollEvery { secs: 5 }).await?;
+        let value = self.execute(Command::BalloonStats).await?;
+        Ok(balloon_memory(&value))
+    }
+
     /// Runs a job-starting command and waits until the job concludes;
     /// its error, if any, becomes [`QmpError::Refused`].
     pub async fn run_job(&self, command: Command, job_id: &str) -> Result<(), QmpError> {
@@ -260,4 +270,35 @@ async fn read_loop(
         .lock()
         .expect("the pending map is never left poisoned: no code panics while holding it")
         .clear();
+}
+
+/// Total and used bytes from a `guest-stats` answer; QEMU reports a
+/// statistic the guest never sent as -1, and a stats block never updated
+/// with `last-update` 0.
+fn balloon_memory(value: &Value) -> Option<(u64, u64)> {
+    if value["last-update"].as_u64().unwrap_or(0) == 0 {
+        return None;
+    }
+    let total = value["stats"]["stat-total-memory"].as_u64()?;
+    let available = value["stats"]["stat-available-memory"].as_u64()?;
+    (total > 0).then(|| (total, total.saturating_sub(available)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balloon_figures_count_only_once_the_guest_reported_them() {
+        let reported = serde_json::json!({"last-update": 1700000000, "stats": {
+            "stat-total-memory": 1000, "stat-available-memory": 600, "stat-free-memory": 500}});
+        let never = serde_json::json!({"last-update": 0, "stats": {
+            "stat-total-memory": -1, "stat-available-memory": -1}});
+        let partly = serde_json::json!({"last-update": 5, "stats": {
+            "stat-total-memory": 1000, "stat-available-memory": -1}});
+
+        assert_eq!(balloon_memory(&reported), Some((1000, 400)));
+        assert_eq!(balloon_memory(&never), None);
+        assert_eq!(balloon_memory(&partly), None);
+    }
 }

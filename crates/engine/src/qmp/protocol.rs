@@ -37,6 +37,13 @@ pub enum Command {
     JobDismiss {
         id: String,
     },
+    /// How often the balloon driver in the guest reports its memory
+    /// statistics (0: never).
+    BalloonPollEvery {
+        secs: u32,
+    },
+    /// The balloon driver's last memory statistics.
+    BalloonStats,
 }
 
 /// The arguments of the snapshot jobs (QEMU 6.0+).
@@ -51,6 +58,9 @@ pub struct SnapshotJob {
     pub vmstate: Option<String>,
     pub devices: Vec<String>,
 }
+
+/// The QOM path of the balloon device (`-device virtio-balloon-pci,id=balloon0`).
+pub const BALLOON: &str = "/machine/peripheral/balloon0";
 
 /// One entry of `query-jobs`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -75,6 +85,8 @@ impl Command {
             Command::SnapshotDelete(_) => "snapshot-delete",
             Command::QueryJobs => "query-jobs",
             Command::JobDismiss { .. } => "job-dismiss",
+            Command::BalloonPollEvery { .. } => "qom-set",
+            Command::BalloonStats => "qom-get",
         }
     }
 
@@ -84,6 +96,12 @@ impl Command {
             | Command::SnapshotLoad(job)
             | Command::SnapshotDelete(job) => serde_json::to_value(job),
             Command::JobDismiss { id } => Ok(serde_json::json!({ "id": id })),
+            Command::BalloonPollEvery { secs } => Ok(serde_json::json!({
+                "path": BALLOON, "property": "guest-stats-polling-interval", "value": secs,
+            })),
+            Command::BalloonStats => Ok(serde_json::json!({
+                "path": BALLOON, "property": "guest-stats",
+            })),
             _ => return None,
         };
         Some(value.expect("strings and lists of strings always serialize"))

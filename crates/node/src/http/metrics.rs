@@ -141,6 +141,31 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
             }
         }
     }
+    for (metric, help, pick) in [
+        (
+            "quetzal_vm_guest_memory_used_bytes",
+            "Memory the guest uses (total less available), as it says.",
+            (|m| m.used_bytes) as fn(&quetzal_api::GuestMemory) -> u64,
+        ),
+        (
+            "quetzal_vm_guest_memory_total_bytes",
+            "Memory the guest's kernel has, as it says.",
+            |m| m.total_bytes,
+        ),
+    ] {
+        family(&mut out, metric, "gauge", help);
+        for vm in &vms {
+            if let Some(memory) = &vm.guest_memory {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{vm=\"{}\",source=\"{}\"}} {}",
+                    vm.name,
+                    memory.source,
+                    pick(memory)
+                );
+            }
+        }
+    }
     let own = quetzal_engine::Usage::of_this_process();
     family(
         &mut out,

@@ -54,6 +54,7 @@ impl Node {
         // Keys and user-data are checked before anything is built or made.
         CloudConfig::new(None, request.ssh_keys.clone(), request.user_data.clone())
             .map_err(invalid)?;
+        crate::services::check(&request.services).map_err(invalid)?;
         let guard = self.slot(name.as_str()).lock().await;
         if let Some(image) = self.image_to_build(&request)? {
             if self.store().get(name.as_str())?.is_some() {
@@ -170,6 +171,7 @@ impl Node {
             revision: 0,
             nic: 0,
             cloud_init,
+            services: request.services.clone(),
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),

@@ -15,6 +15,26 @@ pub const MAX_EXEC_SECS: u64 = 3600;
 /// How long one agent call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A running guest's memory as it counts it: its agent's telemetry
+/// where that is fresh, else its balloon driver's statistics.
+pub(super) fn guest_memory(live: &crate::supervisor::Live) -> Option<quetzal_api::GuestMemory> {
+    let now = crate::store::now_millis();
+    let port = live.port.as_ref().map(|port| port.status());
+    if let Some(telemetry) = port.as_ref().and_then(|port| port.fresh(now)) {
+        return Some(quetzal_api::GuestMemory {
+            used_bytes: telemetry.memory_used_bytes,
+            total_bytes: telemetry.memory_total_bytes,
+            source: "agent".to_owned(),
+        });
+    }
+    let (total, used) = live.balloon_memory()?;
+    Some(quetzal_api::GuestMemory {
+        used_bytes: used,
+        total_bytes: total,
+        source: "balloon".to_owned(),
+    })
+}
+
 impl Node {
     /// `vm` with its agent's state, while it runs; the addresses the
     /// agent reports replace the leases' (a guest may have more, or a
@@ -26,9 +46,16 @@ impl Node {
             .expect("never poisoned: no panics while held")
             .get(&vm.name)
             .cloned();
-        let status = slot
-            .and_then(|slot| slot.live())
+        let live = slot.and_then(|slot| slot.live());
+        let status = live
+            .as_ref()
             .and_then(|live| live.agent.as_ref().map(|agent| agent.status()));
+        let port = live
+            .as_ref()
+            .and_then(|live| live.port.as_ref().map(|port| port.status()))
+            .unwrap_or_default();
+        let telemetry = port.fresh(crate::store::now_millis()).cloned();
+        vm.guest_memory = live.as_deref().and_then(guest_memory);
         if let Some(status) = status {
             // A user-mode NIC's address is reachable from nowhere: none is
             // shown, whatever the guest says.
@@ -42,7 +69,22 @@ impl Node {
                 last_contact_at: status.last_contact_at,
                 os: status.os,
                 hostname: status.hostname,
-                filesystems: status.filesystems,
+                // The port's telemetry is the fresher (every 5 s).
+                filesystems: match &telemetry {
+                    Some(telemetry) => telemetry
+                        .filesystems
+                        .iter()
+                        .map(|fs| quetzal_api::GuestFilesystem {
+                            mountpoint: fs.mountpoint.clone(),
+                            fs_type: fs.fs_type.clone(),
+                            used_bytes: fs.used_bytes,
+                            total_bytes: fs.total_bytes,
+                        })
+                        .collect(),
+                    None => status.filesystems,
+                },
+                load: telemetry.as_ref().map(|telemetry| telemetry.load),
+                port_connected: port.connected,
             });
         }
         vm

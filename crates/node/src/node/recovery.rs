@@ -234,6 +234,7 @@ impl Node {
             console,
             self.layout(&record)?,
             paused,
+            &record.services,
         );
         slot.set_live(Some(Arc::new(live)));
         self.change(

@@ -183,6 +183,7 @@ impl Node {
                     console,
                     self.layout(record)?,
                     false,
+                    &record.services,
                 );
                 slot.set_live(Some(Arc::new(live)));
                 self.change(

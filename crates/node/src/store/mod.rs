@@ -150,6 +150,7 @@ const MIGRATIONS: &[&str] = &[
     );",
     "ALTER TABLE vms ADD COLUMN cloud_init TEXT;",
     "ALTER TABLE snapshots ADD COLUMN quiesced INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE vms ADD COLUMN services TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

@@ -49,6 +49,8 @@ pub struct VmRecord {
     /// What its cloud-init seed says; `None` for a VM of an image without
     /// cloud-init.
     pub cloud_init: Option<CloudConfig>,
+    /// The services its guest agent keeps running.
+    pub services: Vec<quetzal_api::WatchedService>,
 }
 
 impl VmRecord {
@@ -76,6 +78,8 @@ impl VmRecord {
             addresses: Vec::new(),
             agent: None,
             cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
+            services: self.services.clone(),
+            guest_memory: None,
         }
     }
 }
@@ -154,9 +158,9 @@ impl VmStore for SqliteStore {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic, engine, cloud_init)
+                network, mac, nic, engine, cloud_init, services)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16)",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17)",
             params![
                 vm.name,
                 vm.image,
@@ -176,6 +180,7 @@ impl VmStore for SqliteStore {
                 vm.cloud_init
                     .as_ref()
                     .map(|c| serde_json::to_string(c).expect("a cloud config serializes")),
+                serde_json::to_string(&vm.services).expect("services serialize"),
             ],
         );
         match inserted {
@@ -332,7 +337,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic, engine, cloud_init FROM vms";
+    network, mac, revision, nic, engine, cloud_init, services FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -341,6 +346,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
     let image_dir: String = row.get(2)?;
     let name: String = row.get(0)?;
     let cloud_init: Option<String> = row.get(20)?;
+    let services: String = row.get(21)?;
     let parsed = (|| {
         let labels: BTreeMap<String, String> = serde_json::from_str(&labels)
             .map_err(|e| StoreError::Corrupt(format!("labels of {name}: {e}")))?;
@@ -352,9 +358,11 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
             .ok_or_else(|| StoreError::Corrupt(format!("restart policy of {name}: {policy}")))?;
         let state = VmState::parse(&state)
             .ok_or_else(|| StoreError::Corrupt(format!("state of {name}: {state}")))?;
-        Ok((labels, restart_policy, state, cloud_init))
+        let services = serde_json::from_str(&services)
+            .map_err(|e| StoreError::Corrupt(format!("services of {name}: {e}")))?;
+        Ok((labels, restart_policy, state, cloud_init, services))
     })();
-    let (labels, restart_policy, state, cloud_init) = match parsed {
+    let (labels, restart_policy, state, cloud_init, services) = match parsed {
         Ok(parsed) => parsed,
         Err(err) => return Ok(Err(err)),
     };
@@ -380,6 +388,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         revision: row.get(17)?,
         nic: row.get(18)?,
         cloud_init,
+        services,
     }))
 }
 
@@ -439,6 +448,11 @@ mod tests {
                 ssh_keys: vec!["ssh-ed25519 AAAA x".to_owned()],
                 user_data: Some("#cloud-config\n".to_owned()),
             }),
+            services: vec![quetzal_api::WatchedService {
+                name: "web".to_owned(),
+                unit: Some("nginx.service".to_owned()),
+                command: None,
+            }],
         }
     }
 

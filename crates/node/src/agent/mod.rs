@@ -9,6 +9,8 @@
 //! with back-off. Nothing the guest sends can make it hold more than one
 //! bounded message.
 
+pub mod port;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

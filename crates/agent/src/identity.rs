@@ -1,0 +1,176 @@
+//! The clone hook: a guest that was copied (an instant clone resumes its
+//! template's memory) becomes a machine of its own. Each step runs, in an
+//! order where each finds what the one before set: the clock (the copy's
+//! is its template's), a new machine-id, the host name, new SSH host keys,
+//! and a DHCP renew (the new name and identity reach the DHCP server).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use quetzal_qga::port::{Reidentified, Reidentify, Step};
+
+pub fn reidentify(request: &Reidentify) -> Reidentified {
+    let steps = [
+        ("clock", set_clock(request.unix_ms)),
+        ("machine-id", new_machine_id()),
+        ("hostname", set_hostname(&request.hostname)),
+        ("ssh-host-keys", new_ssh_host_keys()),
+        ("dhcp", renew_dhcp()),
+    ];
+    Reidentified {
+        id: request.id,
+        steps: steps
+            .into_iter()
+            .map(|(step, outcome)| Step {
+                step: step.to_owned(),
+                outcome: outcome.unwrap_or_else(|why| format!("failed: {why}")),
+            })
+            .collect(),
+    }
+}
+
+type Outcome = Result<String, String>;
+
+fn ok() -> Outcome {
+    Ok("ok".to_owned())
+}
+
+pub fn set_clock(unix_ms: i64) -> Outcome {
+    let spec = nix::sys::time::TimeSpec::new(
+        unix_ms.div_euclid(1000),
+        unix_ms.rem_euclid(1000) * 1_000_000,
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec)
+        .map_err(|err| err.to_string())?;
+    ok()
+}
+
+fn new_machine_id() -> Outcome {
+    let etc = Path::new("/etc/machine-id");
+    if !etc.exists() {
+        return Ok("skipped: no /etc/machine-id".to_owned());
+    }
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut random))
+        .map_err(|err| format!("/dev/urandom: {err}"))?;
+    let id: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(etc, format!("{id}\n")).map_err(|err| format!("/etc/machine-id: {err}"))?;
+    // D-Bus keeps its own copy where it is not a link to systemd's.
+    let dbus = Path::new("/var/lib/dbus/machine-id");
+    if dbus.symlink_metadata().is_ok_and(|meta| meta.is_file()) {
+        std::fs::write(dbus, format!("{id}\n"))
+            .map_err(|err| format!("{}: {err}", dbus.display()))?;
+    }
+    ok()
+}
+
+fn valid_hostname(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+}
+
+fn set_hostname(name: &str) -> Outcome {
+    if !valid_hostname(name) {
+        return Err(format!("{name:?} is not a host name"));
+    }
+    nix::unistd::sethostname(name).map_err(|err| err.to_string())?;
+    if Path::new("/etc/hostname").exists() {
+        std::fs::write("/etc/hostname", format!("{name}\n"))
+            .map_err(|err| format!("/etc/hostname: {err}"))?;
+    }
+    ok()
+}
+
+fn new_ssh_host_keys() -> Outcome {
+    let dir = Path::new("/etc/ssh");
+    if !dir.join("sshd_config").exists() {
+        return Ok("skipped: no sshd".to_owned());
+    }
+    for entry in std::fs::read_dir(dir)
+        .map_err(|err| err.to_string())?
+        .flatten()
+    {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("ssh_host_") && (name.ends_with("_key") || name.ends_with("_key.pub")) {
+            std::fs::remove_file(entry.path()).map_err(|err| format!("{name}: {err}"))?;
+        }
+    }
+    // sshd reads its keys for each connection it forks: new ones serve
+    // the next login.
+    run(Command::new("ssh-keygen").arg("-A"))
+}
+
+fn renew_dhcp() -> Outcome {
+    let links: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.flatten()
+                .map(|link| link.file_name().to_string_lossy().into_owned())
+                .filter(|name| name != "lo")
+                .collect()
+        })
+        .unwrap_or_default();
+    if links.is_empty() {
+        return Ok("skipped: no network interface".to_owned());
+    }
+    if Path::new("/usr/bin/networkctl").exists() {
+        return run(Command::new("networkctl").arg("renew").args(&links));
+    }
+    // busybox's udhcpc renews its lease on SIGUSR1.
+    let udhcpc = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "udhcpc")
+        })
+        .collect::<Vec<_>>();
+    if udhcpc.is_empty() {
+        return Ok("skipped: no DHCP client found".to_owned());
+    }
+    for pid in udhcpc {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .map_err(|err| format!("udhcpc {pid}: {err}"))?;
+    }
+    ok()
+}
+
+fn run(command: &mut Command) -> Outcome {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| format!("{:?}: {err}", command.get_program()))?;
+    if output.status.success() {
+        return ok();
+    }
+    let said = String::from_utf8_lossy(&output.stderr);
+    Err(said.trim().chars().take(200).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_host_names_are_set() {
+        assert!(valid_hostname("desk-17"));
+        for bad in [
+            "",
+            "-lead",
+            "a.b",
+            "has space",
+            &"x".repeat(64),
+            "semi;colon",
+        ] {
+            assert!(!valid_hostname(bad), "{bad}");
+        }
+    }
+}
