@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use quetzal_testkit::{Cli, Daemon, wait_until, wait_until_for};
+use quetzal_testkit::{Cli, Daemon, guest_memory_matches, wait_until, wait_until_for};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
@@ -332,22 +332,6 @@ fn a_snapshot_of_a_running_guest_with_an_agent_is_quiesced_and_the_guest_thawed(
     cli.ok(&["vm", "stop", "calm", "--force"]);
 }
 
-/// `MemTotal` and `MemTotal - MemAvailable` in bytes, from a guest's
-/// `/proc/meminfo`.
-fn meminfo(text: &str) -> (f64, f64) {
-    let field = |name: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-            * 1024.0
-    };
-    let total = field("MemTotal:");
-    (total, total - field("MemAvailable:"))
-}
-
 #[test]
 fn the_agent_reports_memory_and_load_and_keeps_a_declared_command_running() {
     let daemon = Daemon::start(Path::new(QUETZALD));
@@ -367,12 +351,9 @@ fn the_agent_reports_memory_and_load_and_keeps_a_declared_command_running() {
     // Memory as the guest counts it, within 5% of its own /proc/meminfo
     // (telemetry is at most 5 s old; an idle tiny guest hardly moves).
     wait_until("guest memory figures that match the guest's", || {
-        let vm = show(&cli, "kept");
+        let ours = show(&cli, "kept")["guest_memory"].clone();
         let own = exec(&daemon, "kept", &["cat", "/proc/meminfo"]);
-        let (total, used) = meminfo(&String::from_utf8_lossy(&own.stdout));
-        let ours = |key: &str| vm["guest_memory"][key].as_f64().unwrap();
-        (ours("total_bytes") - total).abs() <= total * 0.05
-            && (ours("used_bytes") - used).abs() <= used * 0.05
+        guest_memory_matches(&ours, "agent", &String::from_utf8_lossy(&own.stdout))
     });
     let vm = show(&cli, "kept");
     assert_eq!(vm["agent"]["port_connected"], true, "{vm}");

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use quetzal_testkit::{Cli, DEBIAN_TIMEOUT, Daemon, debian, wait_until_for};
+use quetzal_testkit::{Cli, DEBIAN_TIMEOUT, Daemon, debian, guest_memory_matches, wait_until_for};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
@@ -141,23 +141,10 @@ fn an_imported_cloud_image_boots_by_itself_and_its_stock_agent_serves_exec_and_f
     // No Quetzal code in the guest: its memory use comes from the
     // balloon driver's statistics, within 5% of the guest's own
     // /proc/meminfo.
-    let near = |ours: &Value, theirs: f64| (ours.as_f64().unwrap() - theirs).abs() <= theirs * 0.05;
     wait_until_for("guest memory from the balloon", DEBIAN_TIMEOUT, || {
         let ours = show(&cli, "stock-1")["guest_memory"].clone();
-        let own = String::from_utf8_lossy(&exec(&["cat", "/proc/meminfo"]).stdout).into_owned();
-        let field = |name: &str| -> f64 {
-            let line = own.lines().find(|l| l.starts_with(name)).unwrap();
-            line.split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<f64>()
-                .unwrap()
-                * 1024.0
-        };
-        let total = field("MemTotal:");
-        ours["source"] == "balloon"
-            && near(&ours["total_bytes"], total)
-            && near(&ours["used_bytes"], total - field("MemAvailable:"))
+        let own = exec(&["cat", "/proc/meminfo"]);
+        guest_memory_matches(&ours, "balloon", &String::from_utf8_lossy(&own.stdout))
     });
     assert_eq!(show(&cli, "stock-1")["agent"]["port_connected"], false);
     // A 1 MiB file in and out, unchanged.

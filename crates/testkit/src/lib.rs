@@ -766,3 +766,22 @@ impl Cli {
         console.command(command)
     }
 }
+
+/// Whether a VM's `guest_memory` (as `vm show --output json` has it) came
+/// from `source` and is within 5% of what the guest's own `/proc/meminfo`
+/// says: `MemTotal`, and `MemTotal - MemAvailable` used.
+pub fn guest_memory_matches(ours: &serde_json::Value, source: &str, meminfo: &str) -> bool {
+    let field = |name: &str| -> Option<f64> {
+        let line = meminfo.lines().find(|line| line.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+    };
+    let (Some(total), Some(available)) = (field("MemTotal:"), field("MemAvailable:")) else {
+        return false;
+    };
+    let near = |key: &str, theirs: f64| {
+        ours[key]
+            .as_f64()
+            .is_some_and(|ours| (ours - theirs).abs() <= theirs * 0.05)
+    };
+    ours["source"] == source && near("total_bytes", total) && near("used_bytes", total - available)
+}

@@ -153,6 +153,14 @@ fn sanitize(message: ToHost) -> ToHost {
     }
 }
 
+/// A clone hook sent, waiting for its answer.
+struct Waiting {
+    id: u64,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Reidentified, AgentError>>,
+}
+
 async fn write(stream: &mut UnixStream, message: &ToGuest) -> bool {
     matches!(
         tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line(message))).await,
@@ -179,10 +187,9 @@ async fn run(
         backoff = Duration::from_millis(200);
         let mut framer = Framer::new(MAX_PORT_MESSAGE);
         let mut buffer = vec![0u8; 16 * 1024];
-        let mut waiting: Option<(u64, oneshot::Sender<Result<Reidentified, AgentError>>)> = None;
-        let mut deadline = tokio::time::Instant::now();
-        let mut reidentify_timeout = Duration::ZERO;
+        let mut waiting: Option<Waiting> = None;
         loop {
+            let deadline = waiting.as_ref().map(|w| w.deadline);
             tokio::select! {
                 read = stream.read(&mut buffer) => {
                     let Ok(read @ 1..) = read else { break };
@@ -207,10 +214,10 @@ async fn run(
                             }
                             ToHost::Service(event) => news(&event),
                             ToHost::Reidentified(answer) => {
-                                if waiting.as_ref().is_some_and(|(id, _)| *id == answer.id)
-                                    && let Some((_, reply)) = waiting.take()
+                                if waiting.as_ref().is_some_and(|w| w.id == answer.id)
+                                    && let Some(w) = waiting.take()
                                 {
-                                    let _ = reply.send(Ok(answer));
+                                    let _ = w.reply.send(Ok(answer));
                                 }
                             }
                         }
@@ -228,22 +235,25 @@ async fn run(
                         let _ = request.reply.send(Err(AgentError::Unavailable));
                         break;
                     }
-                    deadline = tokio::time::Instant::now() + request.timeout;
-                    reidentify_timeout = request.timeout;
-                    waiting = Some((id, request.reply));
+                    waiting = Some(Waiting {
+                        id,
+                        deadline: tokio::time::Instant::now() + request.timeout,
+                        timeout: request.timeout,
+                        reply: request.reply,
+                    });
                 }
-                _ = tokio::time::sleep_until(deadline), if waiting.is_some() => {
-                    if let Some((_, reply)) = waiting.take() {
-                        let _ = reply.send(Err(AgentError::Timeout {
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    if let Some(w) = waiting.take() {
+                        let _ = w.reply.send(Err(AgentError::Timeout {
                             command: "reidentify".to_owned(),
-                            timeout: reidentify_timeout,
+                            timeout: w.timeout,
                         }));
                     }
                 }
             }
         }
-        if let Some((_, reply)) = waiting.take() {
-            let _ = reply.send(Err(AgentError::Unavailable));
+        if let Some(w) = waiting.take() {
+            let _ = w.reply.send(Err(AgentError::Unavailable));
         }
         tokio::time::sleep(backoff).await;
     }
