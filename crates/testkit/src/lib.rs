@@ -746,7 +746,7 @@ impl Cli {
         let deadline = Instant::now() + GUEST_TIMEOUT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.ends_with(PROMPT) {
+            if at_prompt(&text) {
                 break;
             }
             if Instant::now() > deadline {
@@ -767,6 +767,19 @@ impl Cli {
     }
 }
 
+/// Whether a tiny console's output ends at its shell prompt: [`PROMPT`],
+/// the line editor's cursor query after `tiny:/# `, also with a stray ESC
+/// between the two (seen once after a console client left mid-query; the
+/// editor ignores a lone ESC, so the shell still reads the next line).
+fn at_prompt(text: &str) -> bool {
+    let Some(before_query) = text.strip_suffix("\u{1b}[6n") else {
+        return false;
+    };
+    before_query
+        .trim_end_matches('\u{1b}')
+        .ends_with(PROMPT.trim_end_matches("\u{1b}[6n"))
+}
+
 /// Whether a VM's `guest_memory` (as `vm show --output json` has it) came
 /// from `source` and is within 5% of what the guest's own `/proc/meminfo`
 /// says: `MemTotal`, and `MemTotal - MemAvailable` used.
@@ -784,4 +797,17 @@ pub fn guest_memory_matches(ours: &serde_json::Value, source: &str, meminfo: &st
             .is_some_and(|ours| (ours - theirs).abs() <= theirs * 0.05)
     };
     ours["source"] == source && near("total_bytes", total) && near("used_bytes", total - available)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_is_found_also_with_a_stray_escape_before_its_cursor_query() {
+        assert!(at_prompt("calm\r\ntiny:/# \u{1b}[6n"));
+        assert!(at_prompt("flooded\r\ntiny:/# \u{1b}\u{1b}[6n"));
+        assert!(!at_prompt("tiny:/# "));
+        assert!(!at_prompt("tiny:/# echo hi\u{1b}[6n"));
+    }
 }
