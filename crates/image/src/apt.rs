@@ -23,7 +23,7 @@ pub fn run(command: &mut Command) -> Result<String, ImageError> {
         if source.kind() == std::io::ErrorKind::NotFound {
             ImageError::MissingTool {
                 tool: program.clone(),
-                package: package_of(&program),
+                package: package_of(&program).to_owned(),
             }
         } else {
             ImageError::Tool {
@@ -52,13 +52,18 @@ pub fn run(command: &mut Command) -> Result<String, ImageError> {
 }
 
 /// The Debian package that provides a tool we run.
-pub fn package_of(tool: &str) -> &'static str {
+pub fn package_of(tool: &str) -> &str {
     match tool {
         "apt-get" | "apt-cache" => "apt",
         "dpkg-deb" => "dpkg",
         "mkfs.ext4" => "e2fsprogs",
         "qemu-img" => "qemu-utils",
-        _ => "the package that provides it",
+        "mmdebstrap" => "mmdebstrap",
+        "grub-mkimage" => "grub-common",
+        "chroot" => "coreutils",
+        "genisoimage" => "genisoimage",
+        // The rest are packaged under their own name.
+        other => other,
     }
 }
 
@@ -71,7 +76,7 @@ pub fn require_tools(tools: &[&str]) -> Result<(), ImageError> {
         if !found {
             return Err(ImageError::MissingTool {
                 tool: (*tool).to_owned(),
-                package: package_of(tool),
+                package: package_of(tool).to_owned(),
             });
         }
     }
@@ -186,5 +191,12 @@ mod tests {
         let result = require_tools(&["definitely-not-a-tool-quetzal"]);
 
         assert!(matches!(result, Err(ImageError::MissingTool { .. })));
+        assert_eq!(package_of("grub-mkimage"), "grub-common");
+        assert_eq!(
+            require_tools(&["mmdebstrap-not-here"])
+                .unwrap_err()
+                .to_string(),
+            "mmdebstrap-not-here is not installed: install Debian's mmdebstrap-not-here package, or run ./scripts/setup"
+        );
     }
 }

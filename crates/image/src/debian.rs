@@ -107,7 +107,7 @@ pub(crate) fn plan() -> Result<Plan, ImageError> {
         if !Path::new(GRUB_DIR).join(file).is_file() {
             return Err(ImageError::MissingTool {
                 tool: format!("{GRUB_DIR}/{file}"),
-                package: "grub-pc-bin",
+                package: "grub-pc-bin".to_owned(),
             });
         }
     }
