@@ -153,8 +153,9 @@ fn a_schema_driven_fuzzer_finds_no_server_error_and_no_undocumented_answer() {
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&run.stderr)
+        "{report}{}\nquetzald's log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        daemon.stderr.text()
     );
     let tested = format!("Tested: {operations}");
     assert!(
