@@ -276,6 +276,63 @@ fn restart_policy_brings_back_a_killed_qemu() {
 }
 
 #[test]
+fn a_guest_kernel_panic_is_a_crash_and_the_restart_policy_brings_it_back() {
+    let daemon = daemon();
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    ok(
+        &daemon,
+        &[
+            "vm",
+            "create",
+            "brittle",
+            "--restart",
+            "on-failure",
+            "--start",
+        ],
+    );
+    let (_, before) = api(&daemon, "GET", "/api/v1/vms/brittle", None);
+    let pid = before["pid"].as_u64().unwrap();
+    // At a prompt (the shell answers), then a panic typed at it: the
+    // kernel reports it through pvpanic and QEMU stays alive, so only the
+    // node's handling of GUEST_PANICKED brings the guest back.
+    cli.in_guest("brittle", "true");
+    let mut console = Quetzal::spawn(
+        Path::new(QUETZAL),
+        daemon.data.path(),
+        &["vm", "console", "brittle"],
+    );
+    console.send_line("echo c > /proc/sysrq-trigger");
+
+    wait_until("the restart", || {
+        let (_, vm) = api(&daemon, "GET", "/api/v1/vms/brittle", None);
+        vm["state"] == "running" && vm["pid"].as_u64() != Some(pid)
+    });
+    drop(console);
+    assert_eq!(
+        last_kinds(&daemon, "brittle", 4),
+        ["crashed", "restarting", "starting", "restarted"]
+    );
+    let (_, page) = api(&daemon, "GET", "/api/v1/events?vm=brittle&limit=100", None);
+    let crashed = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "crashed")
+        .unwrap()
+        .clone();
+    assert!(
+        crashed["cause"]
+            .as_str()
+            .unwrap()
+            .contains("the guest kernel panicked"),
+        "{crashed}"
+    );
+    // A new boot: its shell answers again.
+    assert_eq!(cli.in_guest("brittle", "echo back").trim(), "back");
+    ok(&daemon, &["vm", "stop", "brittle", "--force"]);
+}
+
+#[test]
 fn a_vm_with_policy_never_stays_crashed() {
     let daemon = daemon();
     ok(&daemon, &["vm", "create", "fragile", "--start"]);
