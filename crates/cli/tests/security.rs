@@ -811,3 +811,64 @@ fn a_kept_alive_https_connection_stays_usable_after_idling() {
     std::thread::sleep(std::time::Duration::from_secs(35));
     assert_eq!(answer(&mut stream), "HTTP/1.1 200 OK");
 }
+
+/// Reads one answer (head and a `Content-Length` body) off a kept-alive
+/// connection: its head, lowercased.
+fn answer_on(stream: &mut quetzal_testkit::Https) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the answer's head ends");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head
+}
+
+#[test]
+fn an_answer_given_before_the_body_arrived_closes_its_kept_alive_connection() {
+    let daemon = https_daemon();
+    let auth = bearer(&admin(&daemon));
+    let mut stream = daemon.https();
+    stream
+        .sock
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+
+    // A request whose body came with its head is read whole: the
+    // connection stays open for the next one.
+    let body = r#"{"name":"one"}"#;
+    write!(
+        stream,
+        "POST /api/v1/vms/none/snapshots HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let kept = answer_on(&mut stream);
+    assert!(kept.starts_with("http/1.1 404"), "{kept}");
+    assert!(!kept.contains("connection: close"), "{kept}");
+
+    // The head of one whose body has not come yet, refused for its content
+    // type without reading the body: the answer says the connection ends
+    // (hyper cannot reuse it), so a client with a pool does not send its
+    // next request into a closed connection.
+    write!(
+        stream,
+        "POST /api/v1/vms/none/snapshots HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.flush().unwrap();
+    let closing = answer_on(&mut stream);
+    assert!(closing.starts_with("http/1.1 4"), "{closing}");
+    assert!(closing.contains("connection: close"), "{closing}");
+}

@@ -10,6 +10,7 @@ pub mod guard;
 use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
 mod operations;
+mod unread;
 pub mod viewers;
 mod vnc;
 pub mod web;
@@ -597,6 +598,7 @@ pub fn router(state: AppState) -> Router {
         .fallback_service(unknown.with_state(state.clone()))
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(unread::close_if_unread))
 }
 
 /// The largest request body the API reads (every body is a small JSON
