@@ -595,6 +595,18 @@ pub struct CreateSnapshot {
         max_length = 63
     )]
     pub name: String,
+    /// Freeze the guest's filesystems through its agent while a running
+    /// VM's snapshot is taken (and thaw them afterwards), so what is on
+    /// its disks is consistent; `false` takes a crash-consistent one. A
+    /// guest without an agent that can freeze gets a crash-consistent
+    /// snapshot either way; the snapshot's `quiesced` says which it got.
+    #[serde(default = "quiesce_by_default")]
+    #[schema(default = true)]
+    pub quiesce: bool,
+}
+
+fn quiesce_by_default() -> bool {
+    true
 }
 
 /// A snapshot of a VM: its disks, and its memory when taken while running.

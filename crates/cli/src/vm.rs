@@ -723,6 +723,10 @@ pub enum SnapshotCommand {
     Create {
         vm: String,
         name: String,
+        /// Do not freeze the guest's filesystems through its agent: a
+        /// crash-consistent snapshot.
+        #[arg(long)]
+        no_quiesce: bool,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -750,22 +754,24 @@ pub enum SnapshotCommand {
 
 async fn snapshot(client: &Client, command: SnapshotCommand) -> anyhow::Result<()> {
     match command {
-        SnapshotCommand::Create { vm, name, wait } => {
+        SnapshotCommand::Create {
+            vm,
+            name,
+            no_quiesce,
+            wait,
+        } => {
             let path = format!("/api/v1/vms/{}/snapshots", encode(&vm));
-            let body = json!({ "name": name });
+            let body = json!({ "name": name, "quiesce": !no_quiesce });
             let what = "taking the snapshot";
             if let Outcome::Done =
                 operation::run(client, Method::POST, &path, Some(&body), wait, what).await?
             {
                 let list: SnapshotList = client.call_as(Method::GET, &path, None).await?;
-                let with_memory = list
-                    .snapshots
-                    .iter()
-                    .any(|s: &Snapshot| s.name == name && s.with_memory);
-                let kind = if with_memory {
-                    "disks and memory"
-                } else {
-                    "disks only"
+                let taken = list.snapshots.iter().find(|s: &&Snapshot| s.name == name);
+                let kind = match taken {
+                    Some(s) if s.with_memory && s.quiesced => "disks and memory, quiesced",
+                    Some(s) if s.with_memory => "disks and memory",
+                    _ => "disks only",
                 };
                 println!("snapshot {name} of {vm} taken ({kind})");
             }

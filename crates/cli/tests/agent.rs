@@ -329,7 +329,61 @@ fn a_snapshot_of_a_running_guest_with_an_agent_is_quiesced_and_the_guest_thawed(
     assert!(wrote.status.success(), "{wrote:?}");
     let status = exec(&daemon, "calm", &["cat", "/root/after"]);
     assert_eq!(String::from_utf8_lossy(&status.stdout), "after\n");
+    // Asked not to: crash-consistent, and said so.
+    let told = cli.ok(&["vm", "snapshot", "create", "calm", "rough", "--no-quiesce"]);
+    assert_eq!(
+        told.trim(),
+        "snapshot rough of calm taken (disks and memory)",
+        "{told}"
+    );
+    let list: Value =
+        serde_json::from_str(&cli.ok(&["vm", "snapshot", "list", "calm", "--output", "json"]))
+            .unwrap();
+    let rough = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "rough")
+        .unwrap();
+    assert_eq!(rough["quiesced"], false, "{list}");
     cli.ok(&["vm", "stop", "calm", "--force"]);
+}
+
+#[test]
+fn a_guest_frozen_by_a_daemon_that_died_mid_snapshot_is_thawed_by_its_agent() {
+    let mut daemon = Daemon::start_armed(
+        Path::new(QUETZALD),
+        quetzal_testkit::DataDir::new(),
+        "snapshot-frozen=return",
+    );
+    let cli = running_with_agent(&daemon, "stranded");
+
+    // The daemon freezes the guest's filesystems and dies before it can
+    // thaw them; the guest runs on, frozen.
+    let taken = cli.output(&["vm", "snapshot", "create", "stranded", "never"]);
+    assert!(!taken.status.success(), "{taken:?}");
+    assert!(!daemon.wait_for_death().success());
+
+    // Nothing on the host thaws it (a restarted daemon re-attaches, it
+    // does not thaw): a write to the frozen disk returns only once the
+    // agent's own timer (10 s) has thawed it, well inside exec's timeout.
+    let daemon = daemon.restart(Path::new(QUETZALD));
+    wait_until("the guest agent", || {
+        show(&cli, "stranded")["agent"]["connected"] == true
+    });
+    let wrote = Command::new(QUETZAL)
+        .args(["vm", "exec", "stranded", "--timeout", "60", "--"])
+        .args([
+            "sh",
+            "-c",
+            "echo thawed > /root/after && sync && cat /root/after",
+        ])
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{wrote:?}");
+    assert_eq!(String::from_utf8_lossy(&wrote.stdout), "thawed\n");
+    cli.ok(&["vm", "stop", "stranded", "--force"]);
 }
 
 #[test]

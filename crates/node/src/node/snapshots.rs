@@ -87,7 +87,8 @@ impl Node {
                         // frozen for the snapshot, thawed on every path
                         // (and by the agent itself after 10 s).
                         let freezer = live.agent.as_ref().filter(|agent| {
-                            record.state == VmState::Running
+                            request.quiesce
+                                && record.state == VmState::Running
                                 && agent.status().commands.iter().any(|c| c == FREEZE)
                         });
                         if let Some(agent) = freezer {
@@ -96,6 +97,9 @@ impl Node {
                                 Err(err) => tracing::warn!(vm = %vm, error = %err,
                                     "cannot freeze the guest's filesystems; the snapshot is not quiesced"),
                             }
+                            // Dying here leaves the guest frozen: only its
+                            // agent's own timer thaws it.
+                            quetzal_engine::failpoint::crash("snapshot-frozen");
                         }
                         let saved = live
                             .call(Command::Snapshot(SnapshotJob::Save, name.to_string()))
