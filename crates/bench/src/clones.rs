@@ -55,7 +55,12 @@ fn api(
 /// A request that starts an operation (`202`), waited for until it
 /// succeeds (`GET …/wait`, which answers when it ends: no polling that
 /// would compete with the copy for the two cores): what a user waits for.
-fn api_op(daemon: &Daemon, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<()> {
+pub(crate) fn api_op(
+    daemon: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<()> {
     let answer = api(daemon, method, path, body, 202)?;
     let started: serde_json::Value = serde_json::from_str(&answer)?;
     let id = started["operation"]["id"]

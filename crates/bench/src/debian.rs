@@ -5,7 +5,9 @@
 //! and times from the start request to: the login prompt on the serial
 //! console, the agent connected (`vm show`), SSH answering with the VM's
 //! key (real `ssh`); then `POST /api/v1/vms/{name}/exec` of `/bin/true`
-//! through each agent.
+//! through each agent, and snapshots with and without quiescing. Then,
+//! per run, each disk in plain QEMU for `guest-ping` straight on the
+//! agent's port (`ping.rs`).
 
 use std::path::Path;
 use std::process::Command;
@@ -14,11 +16,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use quetzal_image::ImageStore;
 
+use quetzal_engine::spec::DiskFormat;
+
 use crate::agent::time_execs;
+use crate::clones::api_op;
 use crate::node::{Daemon, PREFIX, scratch_data};
 use crate::stats::{millis, percentile, summary};
 
 const EXECS: usize = 30;
+const PINGS: usize = 200;
+/// Snapshots of each kind per boot, taken alternately.
+const SNAPSHOTS: usize = 2;
 const TIMEOUT: Duration = Duration::from_secs(400);
 const STOCK: &str = "bench-stock";
 
@@ -28,6 +36,8 @@ struct Boot {
     agent: Duration,
     ssh: Duration,
     execs: Vec<Duration>,
+    quiesced: Vec<Duration>,
+    unquiesced: Vec<Duration>,
 }
 
 pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
@@ -77,6 +87,12 @@ pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
         )?);
     }
     drop(daemon);
+    let (mut our_pings, mut stock_pings) = (Vec::new(), Vec::new());
+    let stock_image = store.get(STOCK)?;
+    for _ in 0..runs {
+        our_pings.extend(pings(&debian, scratch.path())?);
+        stock_pings.extend(pings(&stock_image, scratch.path())?);
+    }
     store.remove(STOCK)?;
 
     let column = |boots: &[Boot], pick: fn(&Boot) -> Duration| {
@@ -127,6 +143,38 @@ pub fn run(runs: usize, bin: &Path) -> anyhow::Result<()> {
     println!(
         "| exec p50, quetzal-agent / stock | {:.2}× | |",
         ours_50.as_secs_f64() / stock_50.as_secs_f64()
+    );
+    let (pings_50, pings_99) = (percentile(&our_pings, 50), percentile(&our_pings, 99));
+    let (stock_pings_50, stock_pings_99) =
+        (percentile(&stock_pings, 50), percentile(&stock_pings, 99));
+    println!(
+        "| `guest-ping` on the port (plain QEMU), {PINGS} per boot: p50 / p99 | {:.2} / {:.2} ms | {:.2} / {:.2} ms |",
+        millis(pings_50),
+        millis(pings_99),
+        millis(stock_pings_50),
+        millis(stock_pings_99)
+    );
+    println!(
+        "| ping p50, quetzal-agent / stock | {:.2}× | |",
+        pings_50.as_secs_f64() / stock_pings_50.as_secs_f64()
+    );
+    let all = |boots: &[Boot], pick: fn(&Boot) -> &Vec<Duration>| {
+        summary(
+            &boots
+                .iter()
+                .flat_map(|b| pick(b).clone())
+                .collect::<Vec<_>>(),
+        )
+    };
+    println!(
+        "| snapshot (disks and memory), quiesced, {SNAPSHOTS} per boot | {} | {} |",
+        all(&ours, |b| &b.quiesced),
+        all(&stock, |b| &b.quiesced)
+    );
+    println!(
+        "| snapshot (disks and memory), not quiesced, {SNAPSHOTS} per boot | {} | {} |",
+        all(&ours, |b| &b.unquiesced),
+        all(&stock, |b| &b.unquiesced)
     );
     Ok(())
 }
@@ -185,6 +233,26 @@ fn boot(
         Ok(login.is_some() && agent.is_some() && ssh.is_some())
     })?;
     let execs = time_execs(daemon, name, EXECS)?;
+    let (mut quiesced, mut unquiesced) = (Vec::new(), Vec::new());
+    let snapshots = format!("/api/v1/vms/{name}/snapshots");
+    for i in 0..SNAPSHOTS {
+        for (quiesce, times) in [(true, &mut quiesced), (false, &mut unquiesced)] {
+            let snapshot = format!("s{i}-{quiesce}");
+            let body = serde_json::json!({ "name": snapshot, "quiesce": quiesce }).to_string();
+            let start = Instant::now();
+            api_op(daemon, "POST", &snapshots, Some(&body))?;
+            times.push(start.elapsed());
+            let (_, list) = daemon.request("GET", &snapshots, None)?;
+            let list: serde_json::Value = serde_json::from_str(&list)?;
+            let taken = list["snapshots"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["name"] == snapshot.as_str()))
+                .context("the snapshot just taken")?;
+            if taken["quiesced"] != quiesce {
+                bail!("{name}: snapshot {snapshot} is not what was asked: {taken}");
+            }
+        }
+    }
     daemon.request("POST", &format!("/api/v1/vms/{name}/force-stop"), None)?;
     daemon.request("DELETE", &format!("/api/v1/vms/{name}"), None)?;
     Ok(Boot {
@@ -192,7 +260,18 @@ fn boot(
         agent: agent.unwrap_or_default(),
         ssh: ssh.unwrap_or_default(),
         execs,
+        quiesced,
+        unquiesced,
     })
+}
+
+/// `guest-ping` round trips to the agent of `image`'s disk in plain QEMU.
+fn pings(image: &quetzal_image::Image, scratch: &Path) -> anyhow::Result<Vec<Duration>> {
+    let format = match image.manifest.root_disk_format.as_str() {
+        "raw" => DiskFormat::Raw,
+        _ => DiskFormat::Qcow2,
+    };
+    crate::ping::pings(&image.root_disk(), format, scratch, PINGS)
 }
 
 /// Whether `file` holds `needle` now.

@@ -22,6 +22,7 @@ mod clones;
 mod dashboard;
 mod debian;
 mod node;
+mod ping;
 mod stats;
 mod tls;
 

@@ -350,6 +350,36 @@ fn a_snapshot_of_a_running_guest_with_an_agent_is_quiesced_and_the_guest_thawed(
 }
 
 #[test]
+fn a_guest_reverted_to_a_snapshot_gets_the_hosts_time() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = running_with_agent(&daemon, "timely");
+    // Its clock in 2001 when the snapshot is taken, as if taken long ago.
+    let set = exec(&daemon, "timely", &["date", "-s", "@1000000000"]);
+    assert!(set.status.success(), "{set:?}");
+    cli.ok(&["vm", "snapshot", "create", "timely", "past"]);
+
+    cli.ok(&["vm", "snapshot", "revert", "timely", "past"]);
+
+    let date = exec(&daemon, "timely", &["date", "+%s"]);
+    let guest: i64 = String::from_utf8_lossy(&date.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let host = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    assert!(
+        (host - guest).abs() < 30,
+        "the guest says {guest}, the host {host}"
+    );
+    cli.ok(&["vm", "stop", "timely", "--force"]);
+}
+
+#[test]
 fn a_guest_frozen_by_a_daemon_that_died_mid_snapshot_is_thawed_by_its_agent() {
     let mut daemon = Daemon::start_armed(
         Path::new(QUETZALD),

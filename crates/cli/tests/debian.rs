@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use quetzal_testkit::{
-    Cli, DEBIAN_TIMEOUT, Daemon, DataDir, debian, guest_memory_matches, wait_until_for,
+    Cli, DEBIAN_TIMEOUT, Daemon, DataDir, Quetzal, assert_no_process_mentions, debian,
+    guest_memory_matches, wait_until_for,
 };
 use serde_json::Value;
 
@@ -506,4 +507,33 @@ fn keys_and_user_data_that_cloud_init_cannot_use_are_refused() {
     assert_eq!(body["error"]["code"], "invalid_request", "{body}");
     // Nothing was made.
     assert_eq!(cli.ok(&["vm", "list", "--output", "json"]).trim(), "[]");
+}
+
+#[test]
+fn quetzal_run_boots_the_debian_image_by_its_kernel_to_a_login_prompt() {
+    debian();
+    let data = DataDir::new();
+    let vm = Quetzal::spawn(
+        Path::new(QUETZAL),
+        data.path(),
+        &[
+            "run", "--image", "debian", "--cpus", "2", "--memory", "1024",
+        ],
+    );
+
+    let login = vm.stdout.wait_for_after(0, "login: ", DEBIAN_TIMEOUT);
+
+    // The image's kernel and command line, handed to QEMU: GRUB, which
+    // would add BOOT_IMAGE=, did not run.
+    let console = vm.stdout.text();
+    assert!(
+        console.contains("Command line: root=LABEL=debian-root ro"),
+        "{}",
+        &console[..login.min(console.len())]
+    );
+    assert!(!console.contains("BOOT_IMAGE="));
+    vm.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut vm = vm;
+    assert_eq!(vm.wait(), 128 + 15);
+    assert_no_process_mentions(&data.path().display().to_string());
 }

@@ -3,7 +3,9 @@
 //! with Quetzal's agent taken out and Debian's stock `qemu-guest-agent`
 //! let run) imported with `quetzal image import`, booted by its GRUB, and
 //! driven through the stock agent: `vm exec`, `vm cp`, its addresses and
-//! host name. Then `image rm`, refused while a VM uses the image.
+//! host name. Then `image rm`, refused while a VM uses the image. And a
+//! UEFI-only disk (GPT, an EFI system partition, GRUB for UEFI) imported
+//! as `uefi` and booted by OVMF.
 
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
@@ -176,6 +178,100 @@ fn an_imported_cloud_image_boots_by_itself_and_its_stock_agent_serves_exec_and_f
     cli.ok(&["image", "rm", "stock"]);
     assert!(!images.join("stock").exists());
     cli.fails(&["image", "rm", "stock"], "no image named stock");
+}
+
+/// What the UEFI-only disk's bootloader prints on the serial console.
+const UEFI_MARK: &str = "quetzal-uefi: GRUB for UEFI, from the disk";
+
+/// A disk that only UEFI boots: a GPT with one EFI system partition whose
+/// fallback bootloader (`EFI/BOOT/BOOTX64.EFI`) is GRUB for UEFI with its
+/// config inside (`grub-mkstandalone`): it prints [`UEFI_MARK`] on the
+/// serial port and powers off. No BIOS boot code anywhere.
+fn uefi_only_disk(dir: &Path) -> PathBuf {
+    let config = dir.join("grub.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "serial --unit=0 --speed=115200\nterminal_output --append serial_com0\necho \"{UEFI_MARK}\"\nhalt\n"
+        ),
+    )
+    .unwrap();
+    let loader = dir.join("BOOTX64.EFI");
+    run(Command::new("grub-mkstandalone")
+        .args([
+            "-O",
+            "x86_64-efi",
+            "--locales=",
+            "--fonts=",
+            "--themes=",
+            "-o",
+        ])
+        .arg(&loader)
+        .arg(format!("boot/grub/grub.cfg={}", config.display())));
+    let esp = dir.join("esp.img");
+    run(Command::new("mkfs.vfat").arg("-C").arg(&esp).arg("32768"));
+    run(Command::new("mmd")
+        .arg("-i")
+        .arg(&esp)
+        .args(["::EFI", "::EFI/BOOT"]));
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&esp)
+        .arg(&loader)
+        .arg("::EFI/BOOT/BOOTX64.EFI"));
+    let disk = dir.join("uefi.raw");
+    let file = std::fs::File::create(&disk).unwrap();
+    file.set_len(40 << 20).unwrap();
+    drop(file);
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        sfdisk.stdin.as_mut().unwrap(),
+        b"label: gpt\nstart=2048, size=65536, type=U\n",
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    run(Command::new("dd")
+        .arg(format!("if={}", esp.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=512", "seek=2048", "conv=notrunc", "status=none"]));
+    disk
+}
+
+#[test]
+fn a_uefi_only_disk_is_imported_as_uefi_and_ovmf_boots_its_own_bootloader() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    let scratch = daemon.data.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let images = daemon.data.path().join("images");
+    std::fs::remove_file(&images).unwrap();
+    std::fs::create_dir(&images).unwrap();
+    let disk = uefi_only_disk(&scratch);
+
+    let imported = cli.output(&["image", "import", "efi-only", disk.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&imported.stderr);
+    assert!(imported.status.success(), "{said}");
+    assert!(said.contains("uefi firmware"), "{said}");
+    cli.ok(&["vm", "create", "efi-1", "--image", "efi-only", "--start"]);
+
+    // OVMF found the bootloader on the disk's EFI system partition; it
+    // ran, printed and powered the VM off.
+    let console = daemon.data.path().join("vms/efi-1/console.log");
+    wait_until_for("the disk's own bootloader", DEBIAN_TIMEOUT, || {
+        std::fs::read_to_string(&console).is_ok_and(|log| log.contains(UEFI_MARK))
+    });
+    wait_until_for("the guest to power off", DEBIAN_TIMEOUT, || {
+        show(&cli, "efi-1")["state"] == "stopped"
+    });
+    // Its own UEFI variables, next to its disk.
+    assert!(daemon.data.path().join("vms/efi-1/uefi-vars.fd").is_file());
+    cli.ok(&["vm", "rm", "efi-1"]);
+    cli.ok(&["image", "rm", "efi-only"]);
 }
 
 #[test]

@@ -203,11 +203,14 @@ impl Node {
                         }
                         // The guest resumes where it was frozen: thaw it now
                         // rather than after its agent's own 10 s.
-                        if snapshot.quiesced
-                            && record.state == VmState::Running
+                        if record.state == VmState::Running
                             && let Some(agent) = &live.agent
                         {
-                            thaw(agent, &vm).await;
+                            if snapshot.quiesced {
+                                thaw(agent, &vm).await;
+                            }
+                            // Its clock is the snapshot's: set it to now.
+                            set_clock(agent, &vm).await;
                         }
                     }
                     On::Disk(..) if snapshot.with_memory => {
@@ -300,6 +303,29 @@ fn failed(vm: &str) -> impl FnOnce(CallError) -> SnapshotError + '_ {
 const FREEZE: &str = "guest-fsfreeze-freeze";
 /// How long a freeze may take (every filesystem flushes its dirty data).
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets the guest's clock to the host's (after it went back in time), if
+/// its agent can; a failure is logged (the guest's NTP, if any, corrects
+/// it later).
+async fn set_clock(agent: &crate::agent::AgentLink, vm: &str) {
+    if !agent
+        .status()
+        .commands
+        .iter()
+        .any(|c| c == "guest-set-time")
+    {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    if let Err(err) = agent
+        .call("guest-set-time", json!({ "time": now }), FREEZE_TIMEOUT)
+        .await
+    {
+        tracing::warn!(vm = %vm, error = %err, "cannot set the guest's clock");
+    }
+}
 
 /// Thaws the guest's filesystems; a failure is logged (the agent thaws by
 /// itself after 10 s).
