@@ -196,7 +196,7 @@ mod tests {
             require_tools(&["mmdebstrap-not-here"])
                 .unwrap_err()
                 .to_string(),
-            "mmdebstrap-not-here is not installed: install Debian's mmdebstrap-not-here package, or run ./scripts/setup"
+            "mmdebstrap-not-here is not installed (install the mmdebstrap-not-here package)"
         );
     }
 }

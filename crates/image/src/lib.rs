@@ -52,7 +52,7 @@ pub enum ImageError {
     Unknown { name: String },
     #[error("image '{name}' is not built yet; run: quetzal image build {name}")]
     NotBuilt { name: String },
-    #[error("{tool} is not installed: install Debian's {package} package, or run ./scripts/setup")]
+    #[error("{tool} is not installed (install the {package} package)")]
     MissingTool { tool: String, package: String },
     #[error("{tool} failed: {message}")]
     Tool { tool: String, message: String },
