@@ -350,6 +350,22 @@ pub struct ExecResult {
     pub truncated: bool,
 }
 
+/// What the guest's agent did to become a new machine
+/// (`POST /api/v1/vms/{name}/reidentify`), step by step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Reidentified {
+    pub steps: Vec<ReidentifyStep>,
+}
+
+/// One step of a re-identification: `clock`, `machine-id`, `hostname`,
+/// `ssh-host-keys` or `dhcp`, and how it went (`ok`, `skipped: …` where
+/// the guest has no such thing, `failed: …`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReidentifyStep {
+    pub step: String,
+    pub outcome: String,
+}
+
 /// `POST /api/v1/templates`: turn a stopped VM into a template.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -94,6 +94,10 @@ pub enum VmCommand {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Make a running VM's guest a new machine through quetzal-agent: a
+    /// new machine-id and SSH host keys, the VM's name as its host name,
+    /// a DHCP renew, the host's time (what a copied guest needs).
+    Reidentify { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +351,13 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             command,
         } => return exec(&client, &name, timeout, command).await,
         VmCommand::Cp { from, to } => copy(&client, &from, &to).await?,
+        VmCommand::Reidentify { name } => {
+            let path = format!("/api/v1/vms/{}/reidentify", encode(&name));
+            let done: quetzal_api::Reidentified = client.call_as(Method::POST, &path, None).await?;
+            for step in done.steps {
+                println!("{}: {}", step.step, step.outcome);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

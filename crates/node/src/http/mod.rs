@@ -219,6 +219,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         resume_vm,
         clone_vm,
         exec_vm,
+        reidentify_vm,
         files::read,
         files::write,
         list_templates,
@@ -283,7 +284,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         quetzal_api::GuestFilesystem,
         quetzal_api::CloudInit,
         quetzal_api::Exec,
-        quetzal_api::ExecResult
+        quetzal_api::ExecResult,
+        quetzal_api::Reidentified,
+        quetzal_api::ReidentifyStep
     ))
 )]
 pub struct ApiDoc;
@@ -357,6 +360,12 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/vms/{name}/exec",
             Needs(Operator),
             post(exec_vm),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/vms/{name}/reidentify",
+            Needs(Operator),
+            post(reidentify_vm),
         ),
         route(
             Method::GET,
@@ -911,6 +920,20 @@ async fn exec_vm(
     Body(request): Body<quetzal_api::Exec>,
 ) -> Result<Json<quetzal_api::ExecResult>, ApiError> {
     Ok(Json(app.node.exec(&name, request).await?))
+}
+
+/// Make a running VM's guest a new machine through quetzal-agent (new
+/// machine-id and SSH host keys, the VM's name as host name, a DHCP
+/// renew, the host's time), as a clone of another guest needs; answers
+/// what each step did.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/reidentify", params(contract::NamePath),
+    responses((status = 200, body = quetzal_api::Reidentified), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn reidentify_vm(
+    State(app): State<AppState>,
+    Path(NamePath { name }): Path<NamePath>,
+) -> Result<Json<quetzal_api::Reidentified>, ApiError> {
+    Ok(Json(app.node.reidentify(&name).await?))
 }
 
 /// Clone a stopped VM into a new, stopped VM.

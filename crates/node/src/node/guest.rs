@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use quetzal_api::{Agent, Exec, ExecResult, Vm};
+use quetzal_api::{Agent, Exec, ExecResult, Reidentified, ReidentifyStep, Vm};
 use serde_json::{Value, json};
 
 use super::{Node, NodeError, VmError};
@@ -14,6 +14,9 @@ pub const DEFAULT_EXEC_SECS: u64 = 30;
 pub const MAX_EXEC_SECS: u64 = 3600;
 /// How long one agent call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a re-identification may take (new SSH host keys and a DHCP
+/// renew, in a guest under TCG).
+const REIDENTIFY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running guest's memory as it counts it: its agent's telemetry
 /// where that is fresh, else its balloon driver's statistics.
@@ -154,6 +157,37 @@ impl Node {
             }
         })
         .await
+    }
+
+    /// Makes VM `name`'s guest a new machine through quetzal-agent's port
+    /// (the clone hook): the host's time, a new machine-id, the VM's name
+    /// as its host name, new SSH host keys, a DHCP renew. A guest with
+    /// only a stock agent has no port: `agent_unavailable`.
+    pub async fn reidentify(&self, name: &str) -> Result<Reidentified, NodeError> {
+        self.record(name)?;
+        let live = self.slot(name).live();
+        let answer = match live.as_ref().and_then(|live| live.port.as_ref()) {
+            Some(port) => port.reidentify(name, REIDENTIFY_TIMEOUT).await,
+            None => Err(AgentError::Unavailable),
+        };
+        let answer = answer.map_err(|source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        })?;
+        let steps: Vec<ReidentifyStep> = answer
+            .steps
+            .into_iter()
+            .map(|step| ReidentifyStep {
+                step: step.step,
+                outcome: step.outcome,
+            })
+            .collect();
+        let summary: Vec<String> = steps
+            .iter()
+            .map(|s| format!("{} {}", s.step, s.outcome))
+            .collect();
+        tracing::info!(vm = %name, steps = %summary.join(", "), "guest re-identified");
+        Ok(Reidentified { steps })
     }
 
     /// Runs `work` with running VM `name`'s agent link; an unknown VM is
