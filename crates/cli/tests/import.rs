@@ -39,6 +39,15 @@ fn show(cli: &Cli, name: &str) -> Value {
     serde_json::from_str(&cli.ok(&["vm", "show", name, "--output", "json"])).unwrap()
 }
 
+/// This node's own image directory, empty: the shared images are behind a
+/// link, and imports go into the node's own.
+fn own_images(daemon: &Daemon) -> PathBuf {
+    let images = daemon.data.path().join("images");
+    std::fs::remove_file(&images).unwrap();
+    std::fs::create_dir(&images).unwrap();
+    images
+}
+
 fn sha256(path: &Path) -> String {
     quetzal_image::sha256_file(path).unwrap().0
 }
@@ -49,10 +58,7 @@ fn an_imported_cloud_image_boots_by_itself_and_its_stock_agent_serves_exec_and_f
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
     let scratch = daemon.data.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    // The shared images are behind a link: import into this node's own.
-    let images = daemon.data.path().join("images");
-    std::fs::remove_file(&images).unwrap();
-    std::fs::create_dir(&images).unwrap();
+    let images = own_images(&daemon);
     let disk = stock_agent_disk(&scratch);
 
     let imported = cli.output(&[
@@ -248,9 +254,7 @@ fn a_uefi_only_disk_is_imported_as_uefi_and_ovmf_boots_its_own_bootloader() {
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
     let scratch = daemon.data.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let images = daemon.data.path().join("images");
-    std::fs::remove_file(&images).unwrap();
-    std::fs::create_dir(&images).unwrap();
+    own_images(&daemon);
     let disk = uefi_only_disk(&scratch);
 
     let imported = cli.output(&["image", "import", "efi-only", disk.to_str().unwrap()]);
@@ -278,9 +282,7 @@ fn a_uefi_only_disk_is_imported_as_uefi_and_ovmf_boots_its_own_bootloader() {
 fn files_that_are_not_bootable_disks_are_refused_and_leave_nothing() {
     let daemon = Daemon::start(Path::new(QUETZALD));
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
-    let images = daemon.data.path().join("images");
-    std::fs::remove_file(&images).unwrap();
-    std::fs::create_dir(&images).unwrap();
+    let images = own_images(&daemon);
     let text = daemon.data.path().join("notes.txt");
     std::fs::write(&text, "not a disk\n".repeat(1000)).unwrap();
     let blank = daemon.data.path().join("blank.qcow2");
