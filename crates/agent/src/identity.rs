@@ -2,7 +2,8 @@
 //! template's memory) becomes a machine of its own. Each step runs, in an
 //! order where each finds what the one before set: the clock (the copy's
 //! is its template's), a new machine-id, the host name, new SSH host keys,
-//! and a DHCP renew (the new name and identity reach the DHCP server).
+//! the NIC's own MAC address where the host gives one, and a DHCP renew
+//! (the new name, identity and address reach the DHCP server).
 
 use std::io::Read;
 use std::path::Path;
@@ -11,13 +12,16 @@ use std::process::{Command, Stdio};
 use quetzal_qga::port::{Reidentified, Reidentify, Step};
 
 pub fn reidentify(request: &Reidentify) -> Reidentified {
-    let steps = [
+    let mut steps = vec![
         ("clock", set_clock(request.unix_ms)),
         ("machine-id", new_machine_id()),
         ("hostname", set_hostname(&request.hostname)),
         ("ssh-host-keys", new_ssh_host_keys()),
-        ("dhcp", renew_dhcp()),
     ];
+    if let Some(mac) = &request.mac {
+        steps.push(("mac", set_mac(mac)));
+    }
+    steps.push(("dhcp", renew_dhcp()));
     Reidentified {
         id: request.id,
         steps: steps
@@ -100,8 +104,93 @@ fn new_ssh_host_keys() -> Outcome {
         }
     }
     // sshd reads its keys for each connection it forks: new ones serve
-    // the next login.
-    run(Command::new("ssh-keygen").arg("-A"))
+    // the next login. Ed25519 and ECDSA only: an RSA key takes seconds to
+    // make under emulation (what every client has offered for years).
+    for kind in ["ed25519", "ecdsa"] {
+        let key = dir.join(format!("ssh_host_{kind}_key"));
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-f"])
+            .arg(&key))?;
+    }
+    ok()
+}
+
+/// `struct ifreq` with a hardware address, as SIOCSIFHWADDR reads it.
+#[repr(C)]
+struct HwAddrReq {
+    name: [u8; 16],
+    family: u16,
+    data: [u8; 14],
+    _pad: [u8; 8],
+}
+
+const ARPHRD_ETHER: u16 = 1;
+
+nix::ioctl_write_ptr_bad!(siocsifhwaddr, nix::libc::SIOCSIFHWADDR, HwAddrReq);
+
+/// The guest's NICs (devices, not `lo` or virtual ones) and their MACs.
+fn nics() -> Vec<(String, String)> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut nics: Vec<(String, String)> = dir
+        .flatten()
+        .filter(|link| link.path().join("device").exists())
+        .filter_map(|link| {
+            let address = std::fs::read_to_string(link.path().join("address")).ok()?;
+            Some((
+                link.file_name().to_string_lossy().into_owned(),
+                address.trim().to_owned(),
+            ))
+        })
+        .collect();
+    nics.sort();
+    nics
+}
+
+/// Gives the NIC the host's MAC address (a clone resumed with its
+/// template's). virtio-net tells the device, so the host and a later
+/// boot agree.
+fn set_mac(mac: &str) -> Outcome {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|part| u8::from_str_radix(part, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{mac:?} is not a MAC address"))?;
+    if bytes.len() != 6 {
+        return Err(format!("{mac:?} is not a MAC address"));
+    }
+    let nics = nics();
+    if nics
+        .iter()
+        .any(|(_, address)| address.eq_ignore_ascii_case(mac))
+    {
+        return ok();
+    }
+    let [(name, _)] = nics.as_slice() else {
+        return Err(format!("{} NICs; the MAC is set on one only", nics.len()));
+    };
+    let mut request = HwAddrReq {
+        name: [0; 16],
+        family: ARPHRD_ETHER,
+        data: [0; 14],
+        _pad: [0; 8],
+    };
+    request.name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    request.data[..6].copy_from_slice(&bytes);
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|err| err.to_string())?;
+    // SAFETY: SIOCSIFHWADDR reads a `struct ifreq` from the pointer, which
+    // points at one laid out as the kernel expects and lives across the
+    // call.
+    unsafe { siocsifhwaddr(std::os::fd::AsRawFd::as_raw_fd(&socket), &request) }
+        .map_err(|err| format!("{name}: {err}"))?;
+    ok()
 }
 
 fn renew_dhcp() -> Outcome {
@@ -117,7 +206,10 @@ fn renew_dhcp() -> Outcome {
         return Ok("skipped: no network interface".to_owned());
     }
     if Path::new("/usr/bin/networkctl").exists() {
-        return run(Command::new("networkctl").arg("renew").args(&links));
+        // networkd's DHCP client identity comes from the machine-id, read
+        // when it starts: a restart asks with the new one (queued, not
+        // waited for: the lease follows within a second or so).
+        return run(Command::new("systemctl").args(["restart", "--no-block", "systemd-networkd"]));
     }
     // busybox's udhcpc renews its lease on SIGUSR1.
     let udhcpc = std::fs::read_dir("/proc")

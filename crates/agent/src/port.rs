@@ -111,7 +111,10 @@ fn run(
             host_listens = false;
             outbox = Outbox::default();
             framer.reset();
-            std::thread::sleep(Duration::from_millis(500));
+            // Not a busy loop while no host listens; short, because a
+            // clone resumed from its template's state sees one hang-up
+            // just before the host it answers to connects.
+            std::thread::sleep(Duration::from_millis(50));
             continue;
         }
         if !host_listens {
@@ -160,6 +163,9 @@ fn handle(object: &[u8], declared: &Declared) -> Option<ToHost> {
             *declared.lock().expect("never poisoned") = services;
             None
         }
+        ToGuest::Hello {} => Some(ToHost::Hello {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }),
         ToGuest::Reidentify(request) => {
             Some(ToHost::Reidentified(crate::identity::reidentify(&request)))
         }

@@ -190,11 +190,11 @@ pub struct WatchedService {
     pub command: Option<String>,
 }
 
-fn default_cpus() -> u32 {
+pub fn default_cpus() -> u32 {
     1
 }
 
-fn default_memory() -> u64 {
+pub fn default_memory() -> u64 {
     256
 }
 
@@ -247,6 +247,11 @@ pub struct Vm {
     /// says so (its agent's telemetry, else the balloon's statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_memory: Option<GuestMemory>,
+    /// The generation id its guest sees (its `vmgenid`, new on every
+    /// start: an instant clone's differs from its template's), while it
+    /// runs under this daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_id: Option<String>,
 }
 
 /// A running guest's memory, as the guest counts it.
@@ -366,7 +371,8 @@ pub struct ReidentifyStep {
     pub outcome: String,
 }
 
-/// `POST /api/v1/templates`: turn a stopped VM into a template.
+/// `POST /api/v1/templates`: turn a stopped VM into a template, or with
+/// `warm` a running one into a template that keeps its memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
@@ -384,6 +390,10 @@ pub struct CreateTemplate {
         max_length = 63
     )]
     pub from_vm: String,
+    /// Keep the running VM's memory and device state too: VMs made from
+    /// the template are instant clones that resume it, without a boot.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// A template: a read-only disk and the settings clones start from.
@@ -402,6 +412,19 @@ pub struct Template {
     pub disk_sha256: String,
     /// VMs that are linked clones of it.
     pub linked_clones: Vec<String>,
+    /// A warm template's memory (its VMs are instant clones); none for a
+    /// template of a stopped VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmTemplate>,
+}
+
+/// What a warm template keeps of its VM's memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WarmTemplate {
+    /// The sha256 of its RAM file (never written while it exists).
+    pub ram_sha256: String,
+    /// The sha256 of its saved device state.
+    pub state_sha256: String,
 }
 
 /// `POST /api/v1/vms/{name}/clone`: a new VM from a stopped one.

@@ -183,6 +183,10 @@ fn qmp_ready(
                 nics: vec![],
                 graphics: false,
                 confinement: Default::default(),
+                ram: Default::default(),
+                generation_id: quetzal_engine::spec::new_generation_id()
+                    .expect("the kernel's random pool"),
+                restore: None,
             };
             let run_dir: PathBuf = scratch.join(format!("qmp-{run}"));
             let mut vm = QemuEngine::new()

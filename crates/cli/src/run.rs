@@ -211,6 +211,9 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
         nics,
         graphics: false,
         confinement: Default::default(),
+        ram: Default::default(),
+        generation_id: quetzal_engine::spec::new_generation_id()?,
+        restore: None,
     };
     Ok(Prepared {
         spec,

@@ -280,7 +280,8 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
                 }
                 None => serde_json::from_value(answer)?,
             };
-            if args.start {
+            // An instant clone (of a warm template) runs already.
+            if args.start && vm.state != quetzal_api::VmState::Running {
                 vm = action(&client, &vm.name, "start").await?;
             }
             print_vm(&vm, args.output)?;
@@ -617,12 +618,17 @@ pub fn read_token(data: &std::path::Path) -> anyhow::Result<String> {
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
     /// Turn a stopped VM into a template (the VM is consumed; its disk
-    /// becomes the template's read-only base).
+    /// becomes the template's read-only base); with --warm, a running VM
+    /// whose memory is kept too (its clones resume it, without a boot).
     Create {
         name: String,
-        /// The stopped VM.
+        /// The VM: stopped, or running with --warm.
         #[arg(long)]
         from: String,
+        /// Keep the running VM's memory and device state: VMs created
+        /// from the template are instant clones.
+        #[arg(long)]
+        warm: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
         #[command(flatten)]
@@ -650,12 +656,17 @@ pub fn template(command: TemplateCommand) -> anyhow::Result<ExitCode> {
             TemplateCommand::Create {
                 name,
                 from,
+                warm,
                 output,
                 wait,
             } => {
-                let body = json!({ "name": name, "from_vm": from });
+                let body = json!({ "name": name, "from_vm": from, "warm": warm });
                 let path = "/api/v1/templates";
-                let what = "hashing the disk";
+                let what = if warm {
+                    "saving the memory and hashing the files"
+                } else {
+                    "hashing the disk"
+                };
                 if let Outcome::Done =
                     operation::run(&client, Method::POST, path, Some(&body), wait, what).await?
                 {
@@ -704,14 +715,15 @@ fn print_templates(templates: &[Template], output: Output) -> anyhow::Result<()>
                 .unwrap_or(4)
                 .max(4);
             println!(
-                "{:<width$}  {:<6}  {:>4}  {:>8}  {:<10}  LINKED CLONES",
-                "NAME", "IMAGE", "CPUS", "MEMORY", "FROM VM"
+                "{:<width$}  {:<6}  {:<4}  {:>4}  {:>8}  {:<10}  LINKED CLONES",
+                "NAME", "IMAGE", "KIND", "CPUS", "MEMORY", "FROM VM"
             );
             for t in templates {
                 println!(
-                    "{:<width$}  {:<6}  {:>4}  {:>5} MiB  {:<10}  {}",
+                    "{:<width$}  {:<6}  {:<4}  {:>4}  {:>5} MiB  {:<10}  {}",
                     t.name,
                     t.image,
+                    if t.warm.is_some() { "warm" } else { "cold" },
                     t.cpus,
                     t.memory_mib,
                     t.source_vm,

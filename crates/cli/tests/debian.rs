@@ -454,6 +454,7 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
             "machine-id: ok",
             "hostname: ok",
             "ssh-host-keys: ok",
+            "mac: ok",
             "dhcp: ok"
         ],
         "{told}"

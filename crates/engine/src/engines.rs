@@ -195,6 +195,10 @@ impl EngineVm for AnyVm {
         each!(self, vm => EngineVm::wait(vm).await.map_err(AnyError::from))
     }
 
+    async fn save_state(&self, file: &Path) -> Result<(), AnyError> {
+        each!(self, vm => vm.save_state(file).await.map_err(AnyError::from))
+    }
+
     async fn state(&self) -> Result<VmState, AnyError> {
         each!(self, vm => vm.state().await.map_err(AnyError::from))
     }

@@ -119,6 +119,9 @@ pub struct Layout {
     /// Quetzal's own agent port (a Unix socket, JSON lines), if the engine
     /// gives VMs one.
     pub port: Option<std::path::PathBuf>,
+    /// The VM's own RAM file while it runs with one ([`spec::Ram::Shared`]):
+    /// a link to it, or the file itself.
+    pub ram: std::path::PathBuf,
 }
 
 /// CPU time and memory of a VM's engine process.
@@ -235,6 +238,10 @@ pub trait EngineVm: Send + Sync + 'static {
     fn log_tail(&self) -> String;
     /// What runs its memory snapshots, beside whoever owns the VM.
     fn snapshots(&self) -> Self::Snapshots;
+    /// Saves the device state of the paused VM to `file`, without the RAM
+    /// in its shared file: with that file, what an instant clone restores
+    /// ([`VmSpec::restore`]).
+    fn save_state(&self, file: &Path) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// An engine's error, with what the node acts on told apart (the host

@@ -127,10 +127,16 @@ impl Engine for MemoryEngine {
 
     async fn create(
         &self,
-        _spec: &VmSpec,
+        spec: &VmSpec,
         run_dir: &Path,
         _lifetime: Lifetime,
     ) -> Result<MemoryVm, MemoryError> {
+        // Its RAM file, as a real engine's would be: there while it runs.
+        if let crate::spec::Ram::Shared { .. } = spec.ram {
+            std::fs::create_dir_all(run_dir)
+                .and_then(|()| std::fs::write(self.layout(run_dir).ram, spec.name.as_str()))
+                .map_err(|err| MemoryError(err.to_string()))?;
+        }
         let mut shared = self
             .shared
             .lock()
@@ -169,6 +175,7 @@ impl Engine for MemoryEngine {
             vnc: run_dir.join("vnc.sock"),
             agent: None,
             port: None,
+            ram: run_dir.join("ram"),
         }
     }
 
@@ -346,6 +353,11 @@ impl EngineVm for MemoryVm {
 
     fn snapshots(&self) -> MemorySnapshots {
         MemorySnapshots
+    }
+
+    async fn save_state(&self, file: &Path) -> Result<(), MemoryError> {
+        std::fs::write(file, format!("state of {}\n", self.pid))
+            .map_err(|err| MemoryError(err.to_string()))
     }
 }
 

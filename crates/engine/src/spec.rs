@@ -365,6 +365,65 @@ pub struct VmSpec {
     pub graphics: bool,
     /// Who its process runs as and what it may take of the host.
     pub confinement: Confinement,
+    /// What holds the guest's RAM.
+    pub ram: Ram,
+    /// The generation id its guest sees (a GUID; its `vmgenid` device).
+    /// A new one on every start tells a restored clone's kernel it is a
+    /// copy (its RNG reseeds).
+    pub generation_id: String,
+    /// Device state saved by [`crate::EngineVm::save_state`] to restore
+    /// before the vCPUs first run (an instant clone), in place of a boot.
+    pub restore: Option<PathBuf>,
+}
+
+/// What holds a VM's RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Ram {
+    /// Memory of the engine's own process.
+    #[default]
+    Anonymous,
+    /// A file of the VM's own (on tmpfs) that the guest writes through:
+    /// a running VM with it can become a warm template. It goes when the
+    /// VM's process does.
+    Shared { file: PathBuf },
+    /// A warm template's RAM file, mapped copy on write: the guest's
+    /// writes stay private, the file is never written.
+    Template { file: PathBuf },
+}
+
+/// Where the RAM files of every node's running VMs are: on tmpfs, so a
+/// guest's writes to its RAM never go to a disk.
+pub const RAM_ROOT: &str = "/dev/shm/quetzal";
+
+/// The directory of the RAM files of the VMs of data directory `data`
+/// (named by a hash of its path: every node on a host has its own).
+pub fn ram_dir(data: &Path) -> PathBuf {
+    use sha2::Digest;
+    let id = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let id: String = id[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(RAM_ROOT).join(id)
+}
+
+/// A generation id (a random version 4 UUID) from `random`.
+pub fn generation_id(mut random: [u8; 16]) -> String {
+    random[6] = (random[6] & 0x0f) | 0x40;
+    random[8] = (random[8] & 0x3f) | 0x80;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// A new random generation id (from the kernel's random pool).
+pub fn new_generation_id() -> std::io::Result<String> {
+    let mut random = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(generation_id(random))
 }
 
 /// A user and group id.
@@ -384,6 +443,10 @@ pub struct Confinement {
     /// The memory limit of its own cgroup, MiB (none: no cgroup of its
     /// own).
     pub memory_limit_mib: Option<u64>,
+    /// A group it is also in: [`Confinement::TEMPLATE_GID`] for a clone
+    /// of a warm template (QEMU 7.2 opens the template's RAM file for
+    /// writing even to map it copy on write).
+    pub extra_group: Option<u32>,
 }
 
 impl Confinement {
@@ -391,6 +454,8 @@ impl Confinement {
     /// No account needs to exist for it; nothing else on a host uses this
     /// range by convention (it is past what `useradd` hands out).
     pub const FIRST_UID: u32 = 200_000;
+    /// The group that may open warm templates' RAM files.
+    pub const TEMPLATE_GID: u32 = Self::FIRST_UID - 1;
 
     /// What a node gives VM number `id` with `memory_mib` of RAM: when the
     /// node may (it runs as root), a uid and gid of its own and a cgroup
@@ -407,6 +472,7 @@ impl Confinement {
         Confinement {
             user: Some(ids),
             memory_limit_mib: Some(memory_mib + overhead_mib(memory_mib, accel)),
+            extra_group: None,
         }
     }
 }
@@ -528,6 +594,14 @@ mod tests {
             result,
             Err(SpecError::Unreadable { what: "kernel", .. })
         ));
+    }
+
+    #[test]
+    fn a_generation_id_is_a_version_4_uuid() {
+        let id = generation_id([0xff; 16]);
+
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_ne!(new_generation_id().unwrap(), new_generation_id().unwrap());
     }
 
     #[test]

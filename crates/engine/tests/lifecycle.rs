@@ -75,6 +75,9 @@ async fn boot(data: &DataDir) -> Booted {
         nics: vec![],
         graphics: false,
         confinement: Default::default(),
+        ram: Default::default(),
+        generation_id: quetzal_engine::spec::new_generation_id().expect("the kernel's random pool"),
+        restore: None,
     };
     let mut vm = QemuEngine::new()
         .create(&spec, &data.path().join("run"), Lifetime::TiedToCaller)

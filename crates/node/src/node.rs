@@ -213,6 +213,11 @@ impl Node {
         self.data.join("vms").join(name)
     }
 
+    /// Where running VMs' RAM files are.
+    fn ram_dir(&self) -> PathBuf {
+        quetzal_engine::spec::ram_dir(&self.data)
+    }
+
     /// The engine new VMs, disks and templates get.
     fn engine(&self) -> &AnyEngine {
         self.engines.default_engine()

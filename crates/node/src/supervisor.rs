@@ -26,6 +26,8 @@ pub enum Command {
     Kill,
     /// A snapshot job on the snapshot with this tag.
     Snapshot(SnapshotJob, String),
+    /// Saves the paused VM's device state to this file (a warm template).
+    SaveState(std::path::PathBuf),
 }
 
 /// What a snapshot job does.
@@ -119,6 +121,9 @@ pub struct Live {
     pub port: Option<crate::agent::port::PortLink>,
     /// Total and used memory as the guest's balloon driver last said.
     balloon: watch::Receiver<Option<(u64, u64)>>,
+    /// The generation id its guest sees, where the node started it
+    /// (not known of a VM taken over from an earlier daemon).
+    pub generation_id: Option<String>,
 }
 
 impl Live {
@@ -222,6 +227,7 @@ pub fn spawn<V: EngineVm>(
         agent,
         port,
         balloon,
+        generation_id: None,
     };
     let task = Task {
         vm,
@@ -372,6 +378,7 @@ impl<V: EngineVm> Task<V> {
                         }
                         Command::Quit => self.vm.stop().await,
                         Command::Kill => self.vm.kill().await.map(drop),
+                        Command::SaveState(file) => self.vm.save_state(&file).await,
                         // A snapshot job can run for long: it runs beside
                         // this loop, which keeps relaying the console and
                         // answering for stats meanwhile.

@@ -39,6 +39,9 @@ pub enum ToHost {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToGuest {
+    /// The host opened its end: the guest says hello (again). A guest
+    /// resumed from a saved state never saw the port close.
+    Hello {},
     /// The services the VM's spec declares (the guest adds its own, from
     /// its config file). Replaces any earlier list.
     Services(Vec<Service>),
@@ -111,6 +114,10 @@ pub struct Reidentify {
     pub hostname: String,
     /// The host's clock, for the guest's (Unix milliseconds).
     pub unix_ms: i64,
+    /// The MAC address its NIC is to have (an instant clone resumes with
+    /// its template's); none leaves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

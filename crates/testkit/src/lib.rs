@@ -687,6 +687,8 @@ impl Daemon {
 /// were killed; a killed process may take a moment to leave its cgroup).
 pub fn remove_cgroups(data: &Path) {
     quetzal_engine::qemu::sandbox::cgroup::remove_all_blocking(&data.join("vms"));
+    // And their RAM files (on tmpfs: memory until removed).
+    let _ = std::fs::remove_dir_all(quetzal_engine::spec::ram_dir(data));
 }
 
 impl Drop for Daemon {

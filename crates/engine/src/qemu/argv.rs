@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use crate::accel::Accel;
-use crate::spec::{Boot, Machine, NicBackend, TCG_CACHE_MIB, VmSpec};
+use crate::spec::{Boot, Machine, NicBackend, Ram, TCG_CACHE_MIB, VmSpec};
 
 use super::RunPaths;
 use super::sandbox::FIRST_TAP_FD;
@@ -32,6 +32,24 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     ]);
     match spec.machine {
         Machine::Pc => push(&["-machine", "pc"]),
+    }
+    // A file-backed RAM is a backend object the machine takes as its RAM.
+    let ram_file = match &spec.ram {
+        Ram::Anonymous => None,
+        Ram::Shared { file } => Some((file, "on")),
+        Ram::Template { file } => Some((file, "off")),
+    };
+    if let Some((file, share)) = ram_file {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={share}",
+                spec.memory.get(),
+                escape(file)
+            ),
+            "-machine",
+            "memory-backend=ram0",
+        ]);
     }
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -164,6 +182,14 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     // A hardware watchdog for a guest watchdog daemon: when the daemon
     // stops feeding it, QEMU resets the guest (and says so: WATCHDOG).
     push(&["-device", "i6300esb", "-action", "watchdog=reset"]);
+    // A generation id the guest's kernel watches: a new one tells a clone
+    // restored from its template's state that it is a copy.
+    push(&["-device", &format!("vmgenid,guid={}", spec.generation_id)]);
+    // A restored VM waits for its device state (handed over as an fd and
+    // loaded over QMP, where the capabilities are set first).
+    if spec.restore.is_some() {
+        push(&["-incoming", "defer"]);
+    }
 
     args.into_iter().map(OsString::from).collect()
 }
@@ -196,6 +222,9 @@ mod tests {
             nics: vec![],
             graphics: false,
             confinement: Default::default(),
+            ram: Ram::Anonymous,
+            generation_id: "6f5d2a4e-9c1b-4e8a-b7d3-0a1b2c3d4e5f".to_owned(),
+            restore: None,
         }
     }
 
@@ -434,5 +463,49 @@ mod tests {
         let args = text(&argv(&spec, &paths()));
 
         assert!(args.contains("-netdev tap,id=net0,fd=3"));
+    }
+
+    #[test]
+    fn a_shared_ram_file_is_written_through_and_a_template_one_mapped_private() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        assert!(!text(&argv(&spec, &paths())).contains("memory-backend"));
+
+        spec.ram = Ram::Shared {
+            file: PathBuf::from("/dev/shm/q/web-1.ram"),
+        };
+        let shared = text(&argv(&spec, &paths()));
+        spec.ram = Ram::Template {
+            file: PathBuf::from("/t/ram"),
+        };
+        let template = text(&argv(&spec, &paths()));
+
+        assert!(
+            shared.contains(
+                "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/q/web-1.ram,share=on \
+                 -machine memory-backend=ram0"
+            ),
+            "{shared}"
+        );
+        assert!(template.contains("mem-path=/t/ram,share=off"), "{template}");
+    }
+
+    #[test]
+    fn a_restored_vm_waits_for_its_state_and_every_vm_has_a_generation_id() {
+        let kernel = kernel();
+        let mut spec = spec(kernel.path(), Accel::Tcg);
+        let booted = text(&argv(&spec, &paths()));
+
+        spec.restore = Some(PathBuf::from("/t/state"));
+        let restored = text(&argv(&spec, &paths()));
+
+        assert!(!booted.contains("-incoming"));
+        assert!(restored.contains("-incoming defer"), "{restored}");
+        for args in [booted, restored] {
+            assert!(
+                args.contains("-device vmgenid,guid=6f5d2a4e-9c1b-4e8a-b7d3-0a1b2c3d4e5f"),
+                "{args}"
+            );
+        }
     }
 }

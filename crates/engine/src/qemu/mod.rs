@@ -82,6 +82,10 @@ pub struct RunPaths {
     pub port: PathBuf,
     /// QEMU's pid, written by the process itself before it execs.
     pub pidfile: PathBuf,
+    /// A link to the VM's own RAM file, where it has one.
+    pub ram: PathBuf,
+    /// Where QEMU sends its device state when it is saved.
+    pub migration: PathBuf,
 }
 
 impl RunPaths {
@@ -107,6 +111,8 @@ impl RunPaths {
             agent: dir.join("qga.sock"),
             port: dir.join("port.sock"),
             pidfile: dir.join("qemu.pid"),
+            ram: dir.join("ram"),
+            migration: dir.join("migrate.sock"),
         }
     }
 }
@@ -159,8 +165,10 @@ impl Engine for QemuEngine {
 
     async fn adopt(&self, run_dir: &Path, pid: Option<u32>) -> Option<QemuVm> {
         let Some(pid) = self.leftover(run_dir).or(pid) else {
-            // Its QEMU ended while no daemon watched: its cgroup goes now.
+            // Its QEMU ended while no daemon watched: its cgroup and RAM
+            // go now.
             sandbox::cgroup::remove(run_dir);
+            sandbox::remove_ram(&paths_ram(run_dir));
             return None;
         };
         match self.attach(run_dir, pid, 1).await {
@@ -182,6 +190,7 @@ impl Engine for QemuEngine {
             vnc: paths.vnc,
             agent: Some(paths.agent),
             port: Some(paths.port),
+            ram: paths.ram,
         }
     }
 
@@ -275,6 +284,16 @@ impl Engine for QemuEngine {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        if spec.restore.is_some() {
+            // Its device state, from the fd it was handed; RAM that is in
+            // the template's file is not in the stream.
+            qmp.execute(qmp::Command::IgnoreSharedRam).await?;
+            qmp.execute(qmp::Command::MigrateIncoming {
+                uri: format!("fd:{}", sandbox::restore_fd(spec)),
+            })
+            .await?;
+            qmp.migration_done("migrate-incoming").await?;
+        }
         let child = guard.hand_over();
         let qmp_ready = spawned.elapsed();
         tracing::debug!(vm = %spec.name, pid = ?child.id(), ?qmp_ready, "qemu ready");
@@ -343,6 +362,7 @@ impl QemuEngine {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         sandbox::cgroup::remove_when_left(run_dir).await;
+        sandbox::remove_ram(&paths_ram(run_dir));
     }
 
     /// Takes over a QEMU that a previous owner started in `run_dir` with
@@ -376,6 +396,10 @@ impl QemuEngine {
             disks: (0..disks).map(|index| format!("disk{index}")).collect(),
         })
     }
+}
+
+fn paths_ram(run_dir: &Path) -> PathBuf {
+    RunPaths::new(run_dir).ram
 }
 
 fn prepare_run_dir(paths: &RunPaths) -> Result<(), QemuError> {
@@ -513,9 +537,46 @@ impl QemuVm {
                 Ok(None)
             }
         };
-        // Its cgroup goes with it.
+        // Its cgroup and its RAM go with it.
         sandbox::cgroup::remove_when_left(&self.paths.dir).await;
+        sandbox::remove_ram(&self.paths.ram);
         ended
+    }
+
+    /// Saves the device state of the paused VM to `file` (its RAM, in
+    /// its shared file, is not in it): what an instant clone restores.
+    pub async fn save_state(&self, file: &Path) -> Result<(), QemuError> {
+        let socket = &self.paths.migration;
+        let failed = |source| QemuError::RunDir {
+            dir: socket.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket).map_err(failed)?;
+        // QEMU runs as the VM's user; the run directory is closed to
+        // every other.
+        std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .map_err(failed)?;
+        let mut out = tokio::fs::File::create(file).await.map_err(failed)?;
+        let copy = async {
+            let (mut stream, _) = listener.accept().await?;
+            tokio::io::copy(&mut stream, &mut out).await?;
+            tokio::io::AsyncWriteExt::flush(&mut out).await?;
+            out.sync_all().await
+        };
+        let migrate = async {
+            self.qmp.execute(qmp::Command::IgnoreSharedRam).await?;
+            self.qmp
+                .execute(qmp::Command::Migrate {
+                    uri: format!("unix:{}", socket.display()),
+                })
+                .await?;
+            self.qmp.migration_done("migrate").await
+        };
+        let (copied, migrated) = tokio::join!(copy, migrate);
+        let _ = std::fs::remove_file(socket);
+        migrated?;
+        copied.map_err(failed)
     }
 
     /// CPU time and resident memory of the QEMU process, from /proc.
@@ -636,6 +697,10 @@ impl EngineVm for QemuVm {
 
     fn snapshots(&self) -> Snapshots {
         QemuVm::snapshots(self)
+    }
+
+    async fn save_state(&self, file: &Path) -> Result<(), QemuError> {
+        QemuVm::save_state(self, file).await
     }
 
     async fn console(&self) -> Result<UnixStream, QemuError> {

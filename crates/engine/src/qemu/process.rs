@@ -67,18 +67,19 @@ pub fn spawn(
     // Raw numbers for the child; the fds stay open (owned by `handover`)
     // until the child has exec'd.
     let cgroup_procs = handover.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
-    let mut taps = [0 as RawFd; MAX_TAPS];
-    if handover.taps.len() > MAX_TAPS {
+    let mut fds = [0 as RawFd; MAX_FDS];
+    if handover.fds.len() > MAX_FDS {
         return Err(spawn_failed(std::io::Error::other(format!(
-            "{} TAP devices; at most {MAX_TAPS}",
-            handover.taps.len()
+            "{} fds to hand over; at most {MAX_FDS}",
+            handover.fds.len()
         ))));
     }
-    for (slot, tap) in taps.iter_mut().zip(&handover.taps) {
-        *slot = tap.as_raw_fd();
+    for (slot, fd) in fds.iter_mut().zip(&handover.fds) {
+        *slot = fd.as_raw_fd();
     }
-    let tap_count = handover.taps.len();
+    let fd_count = handover.fds.len();
     let user = handover.user;
+    let extra_group = handover.extra_group;
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes async-signal-safe system calls (setsid, getpid, open, write,
     // close, dup2, setgroups, setresgid, setresuid, prctl, getppid); it
@@ -96,17 +97,20 @@ pub fn spawn(
                 let procs = BorrowedFd::borrow_raw(procs);
                 nix::unistd::write(procs, b"0\n")?;
             }
-            // The TAP devices at the fds its command line names (dup2
-            // clears close-on-exec on the copy).
-            for (index, tap) in taps[..tap_count].iter().enumerate() {
+            // The TAP devices (and a state to restore) at the fds its
+            // command line names (dup2 clears close-on-exec on the copy).
+            for (index, fd) in fds[..fd_count].iter().enumerate() {
                 let target = FIRST_TAP_FD + i32::try_from(index).unwrap_or(0);
-                if libc::dup2(*tap, target) < 0 {
+                if libc::dup2(*fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
             // Last, the VM's own user: nothing privileged is left to do.
             if let Some(ids) = user {
-                nix::unistd::setgroups(&[])?;
+                match extra_group {
+                    Some(gid) => nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(gid)])?,
+                    None => nix::unistd::setgroups(&[])?,
+                }
                 let gid = nix::unistd::Gid::from_raw(ids.gid);
                 let uid = nix::unistd::Uid::from_raw(ids.uid);
                 nix::unistd::setresgid(gid, gid, gid)?;
@@ -128,8 +132,8 @@ pub fn spawn(
     child
 }
 
-/// How many TAP devices one QEMU can be handed.
-const MAX_TAPS: usize = 16;
+/// How many fds one QEMU can be handed (TAP devices, a state).
+const MAX_FDS: usize = 16;
 
 /// Writes this process's pid (decimal and a newline) to `path`, making
 /// no allocation: it runs between fork and exec.

@@ -6,7 +6,7 @@
 //! itself then installs its seccomp filter (`-sandbox`, in [`super::argv`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
@@ -14,7 +14,7 @@ use nix::sys::stat::Mode;
 use sha2::{Digest, Sha256};
 
 use super::{QemuError, RunPaths};
-use crate::spec::{Ids, NicBackend, VmSpec};
+use crate::spec::{Ids, NicBackend, Ram, VmSpec};
 
 /// The fd the first TAP device gets in QEMU (`-netdev tap,fd=3`), the next
 /// one 4, and so on.
@@ -26,13 +26,16 @@ const PARKED_FDS: i32 = 64;
 /// What the child takes with it across exec.
 #[derive(Debug, Default)]
 pub struct Handover {
-    /// The VM's TAP devices, in the order of its TAP NICs.
-    pub taps: Vec<OwnedFd>,
+    /// The fds it gets from [`FIRST_TAP_FD`] on: its TAP devices, in the
+    /// order of its TAP NICs, then the device state it restores.
+    pub fds: Vec<OwnedFd>,
     /// Its cgroup's `cgroup.procs`, open for writing: the child joins by
     /// writing `0`.
     pub cgroup_procs: Option<OwnedFd>,
     /// Who the child becomes.
     pub user: Option<Ids>,
+    /// A group it is also in.
+    pub extra_group: Option<u32>,
 }
 
 fn failed(path: &Path) -> impl Fn(std::io::Error) -> QemuError + '_ {
@@ -52,21 +55,79 @@ pub fn prepare(spec: &VmSpec, paths: &RunPaths) -> Result<Handover, QemuError> {
                 .map_err(failed(&disk.path))?;
         }
     }
-    let mut taps = Vec::new();
+    if let Ram::Shared { file } = &spec.ram {
+        share_ram(file, &paths.ram, confinement.user)?;
+    }
+    let mut fds = Vec::new();
     for nic in &spec.nics {
         if let NicBackend::Tap { ifname } = &nic.backend {
-            taps.push(open_tap(ifname)?);
+            fds.push(open_tap(ifname)?);
         }
+    }
+    // The device state to restore, after the TAP devices.
+    if let Some(state) = &spec.restore {
+        let file = std::fs::File::open(state).map_err(failed(state))?;
+        fds.push(park(file.into()).map_err(failed(state))?);
     }
     let cgroup_procs = match confinement.memory_limit_mib {
         Some(limit) => Some(cgroup::create(&paths.dir, limit)?),
         None => None,
     };
     Ok(Handover {
-        taps,
+        fds,
         cgroup_procs,
         user: confinement.user,
+        extra_group: confinement.extra_group,
     })
+}
+
+/// The fd a restored VM reads its device state from: the one after its
+/// TAP devices'.
+pub fn restore_fd(spec: &VmSpec) -> i32 {
+    let taps = spec
+        .nics
+        .iter()
+        .filter(|nic| matches!(nic.backend, NicBackend::Tap { .. }))
+        .count();
+    FIRST_TAP_FD + i32::try_from(taps).unwrap_or(0)
+}
+
+/// Makes the VM's RAM file, empty and its user's alone, and links it
+/// from the run directory as `ram` (what says the file is the VM's own
+/// and goes with it: see [`remove_ram`]).
+fn share_ram(file: &Path, link: &Path, user: Option<Ids>) -> Result<(), QemuError> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(failed(dir))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .map_err(failed(file))?;
+    if let Some(ids) = user {
+        std::os::unix::fs::lchown(file, Some(ids.uid), Some(ids.gid)).map_err(failed(file))?;
+    }
+    match std::fs::remove_file(link) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(failed(link)(err)),
+    }
+    std::os::unix::fs::symlink(file, link).map_err(failed(link))
+}
+
+/// Removes a VM's own RAM file (and its link) once its process is gone;
+/// a template's file, which a clone maps, is not linked and stays.
+pub fn remove_ram(link: &Path) {
+    if let Ok(file) = std::fs::read_link(link) {
+        if let Err(err) = std::fs::remove_file(&file)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %file.display(), error = %err, "cannot remove a VM's RAM file");
+        }
+        let _ = std::fs::remove_file(link);
+    }
 }
 
 /// Gives the run directory and everything directly in it to `ids`; the

@@ -202,6 +202,32 @@ impl QmpClient {
         }
     }
 
+    /// Waits until the current migration (a save or a restore) is done;
+    /// a failed one becomes [`QmpError::Refused`].
+    pub async fn migration_done(&self, command: &'static str) -> Result<(), QmpError> {
+        let deadline = tokio::time::Instant::now() + JOB_TIMEOUT;
+        loop {
+            let value = self.execute(Command::QueryMigrate).await?;
+            match value["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
+                    return Err(QmpError::Refused {
+                        command,
+                        class: "MigrationFailed".to_owned(),
+                        desc: value["error-desc"]
+                            .as_str()
+                            .unwrap_or("the migration failed")
+                            .to_owned(),
+                    });
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(QmpError::Timeout { command });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     /// Sends `quit`. QEMU may close the socket before it answers; both mean
     /// it is going away.
     pub async fn quit(&self) -> Result<(), QmpError> {

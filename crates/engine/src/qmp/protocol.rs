@@ -44,6 +44,19 @@ pub enum Command {
     },
     /// The balloon driver's last memory statistics.
     BalloonStats,
+    /// Migration leaves RAM that is in a shared file out of its stream
+    /// (on the saving and the restoring side alike).
+    IgnoreSharedRam,
+    /// Saves the device state to a migration `uri` (the VM paused).
+    Migrate {
+        uri: String,
+    },
+    /// Restores a VM started with `-incoming defer` from `uri`.
+    MigrateIncoming {
+        uri: String,
+    },
+    /// The state of the current (or last) migration.
+    QueryMigrate,
 }
 
 /// The arguments of the snapshot jobs (QEMU 6.0+).
@@ -87,6 +100,10 @@ impl Command {
             Command::JobDismiss { .. } => "job-dismiss",
             Command::BalloonPollEvery { .. } => "qom-set",
             Command::BalloonStats => "qom-get",
+            Command::IgnoreSharedRam => "migrate-set-capabilities",
+            Command::Migrate { .. } => "migrate",
+            Command::MigrateIncoming { .. } => "migrate-incoming",
+            Command::QueryMigrate => "query-migrate",
         }
     }
 
@@ -102,6 +119,12 @@ impl Command {
             Command::BalloonStats => Ok(serde_json::json!({
                 "path": BALLOON, "property": "guest-stats",
             })),
+            Command::IgnoreSharedRam => Ok(serde_json::json!({
+                "capabilities": [{ "capability": "x-ignore-shared", "state": true }],
+            })),
+            Command::Migrate { uri } | Command::MigrateIncoming { uri } => {
+                Ok(serde_json::json!({ "uri": uri }))
+            }
             _ => return None,
         };
         Some(value.expect("strings and lists of strings always serialize"))

@@ -52,6 +52,7 @@ pub type ServiceNews = Box<dyn Fn(&ServiceEvent) + Send + Sync>;
 
 struct Request {
     hostname: String,
+    mac: Option<String>,
     timeout: Duration,
     reply: oneshot::Sender<Result<Reidentified, AgentError>>,
 }
@@ -98,6 +99,7 @@ impl PortLink {
     pub async fn reidentify(
         &self,
         hostname: &str,
+        mac: Option<&str>,
         timeout: Duration,
     ) -> Result<Reidentified, AgentError> {
         if !self.status().connected {
@@ -107,6 +109,7 @@ impl PortLink {
         self.requests
             .send(Request {
                 hostname: hostname.to_owned(),
+                mac: mac.map(str::to_owned),
                 timeout,
                 reply,
             })
@@ -185,6 +188,11 @@ async fn run(
             continue;
         };
         backoff = Duration::from_millis(200);
+        // A guest that never saw the port close (one resumed from a saved
+        // state) says hello when asked.
+        if !write(&mut stream, &ToGuest::Hello {}).await {
+            continue;
+        }
         let mut framer = Framer::new(MAX_PORT_MESSAGE);
         let mut buffer = vec![0u8; 16 * 1024];
         let mut waiting: Option<Waiting> = None;
@@ -230,6 +238,7 @@ async fn run(
                         id,
                         hostname: request.hostname,
                         unix_ms: crate::store::now_millis(),
+                        mac: request.mac,
                     });
                     if !write(&mut stream, &asked).await {
                         let _ = request.reply.send(Err(AgentError::Unavailable));
@@ -338,10 +347,16 @@ mod tests {
         assert_eq!(telemetry.memory_used_bytes, 400);
         let mut framer = Framer::new(MAX_PORT_MESSAGE);
         let mut buffer = [0u8; 4096];
-        let read = guest.read(&mut buffer).await.unwrap();
-        let told: ToGuest =
-            serde_json::from_slice(&framer.push(&buffer[..read]).unwrap()[0]).unwrap();
-        assert_eq!(told, ToGuest::Services(services));
+        let mut told: Vec<ToGuest> = Vec::new();
+        while told.len() < 2 {
+            let read = guest.read(&mut buffer).await.unwrap();
+            for object in framer.push(&buffer[..read]).unwrap() {
+                told.push(serde_json::from_slice(&object).unwrap());
+            }
+        }
+        // Asked to say hello (a resumed guest never saw the port close),
+        // then given the services for the hello it said.
+        assert_eq!(told, [ToGuest::Hello {}, ToGuest::Services(services)]);
         assert!(
             status
                 .fresh(crate::store::now_millis() + FRESH_MS + 1)
@@ -356,7 +371,7 @@ mod tests {
         let listener = UnixListener::bind(&socket).unwrap();
         let link = PortLink::start(socket, vec![], Box::new(|_| {}));
         assert!(matches!(
-            link.reidentify("x", Duration::from_millis(100)).await,
+            link.reidentify("x", None, Duration::from_millis(100)).await,
             Err(AgentError::Unavailable)
         ));
         let (mut guest, _) = listener.accept().await.unwrap();
@@ -373,7 +388,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
 
-        let answer = link.reidentify("x", Duration::from_millis(200)).await;
+        let answer = link.reidentify("x", None, Duration::from_millis(200)).await;
 
         assert!(
             matches!(answer, Err(AgentError::Timeout { .. })),

@@ -254,6 +254,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         CreateVm,
         CloneVm,
         Template,
+        quetzal_api::WarmTemplate,
         CreateTemplate,
         quetzal_api::Snapshot,
         SnapshotList,

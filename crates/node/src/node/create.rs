@@ -130,7 +130,30 @@ impl Node {
     ) -> Result<Created, NodeError> {
         let name = VmName::new(&request.name).map_err(invalid)?;
         let source = self.disk_source(&request)?;
+        // A linked clone of a warm template is an instant clone: it
+        // resumes the template's memory, so it has the template's CPUs,
+        // RAM and disk size (the guest's kernel knows them).
+        let warm = match (&request.template, request.full_clone) {
+            (Some(template), false) => self
+                .store()
+                .template(template)?
+                .filter(|record| record.warm.is_some()),
+            _ => None,
+        };
+        let (cpus, memory_mib) = match &warm {
+            Some(template) => instant_clone_size(&request, template)?,
+            None => (request.cpus, request.memory_mib),
+        };
         let disk_mib = request.disk_mib.unwrap_or(source.base_mib);
+        if warm.is_some() && disk_mib != source.base_mib {
+            return Err(VmError::Invalid {
+                reason: format!(
+                    "an instant clone's disk has its warm template's size ({} MiB)",
+                    source.base_mib
+                ),
+            }
+            .into());
+        }
         if disk_mib < source.base_mib || disk_mib > MAX_DISK_MIB {
             return Err(VmError::Invalid {
                 reason: format!(
@@ -152,8 +175,8 @@ impl Node {
             state: VmState::Stopped,
             image: source.image.manifest.name.clone(),
             image_dir: source.image.dir.clone(),
-            cpus: request.cpus,
-            memory_mib: request.memory_mib,
+            cpus,
+            memory_mib,
             disk_mib,
             labels: request.labels,
             restart_policy: request.restart_policy,
@@ -172,9 +195,11 @@ impl Node {
             nic: 0,
             cloud_init,
             services: request.services.clone(),
+            restore_from: warm.as_ref().map(|template| template.name.clone()),
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),
+            Some(template) if warm.is_some() => format!("instant clone of template {template}"),
             Some(template) => format!("linked clone of template {template}"),
             None => "created by request".to_owned(),
         };
@@ -189,6 +214,11 @@ impl Node {
             self.make_vm(vm, &source.plan, &cause)?
         };
         match made {
+            Made::Done(_) if warm.is_some() => {
+                let vm = self.start_instant_clone(name.as_str(), &cause).await?;
+                drop(guard);
+                Ok(Created::Vm(Box::new(vm)))
+            }
             Made::Done(vm) => Ok(Created::Vm(vm)),
             Made::Copy(pending) => Ok(Created::Operation(self.copy_in_operation(
                 OperationKind::FullClone,
@@ -265,6 +295,56 @@ impl Node {
                 dir,
             }),
         })
+    }
+
+    /// Starts a new instant clone, with its lock held: its template's
+    /// memory mapped, its device state restored, running at once; then
+    /// the clone hook makes it a machine of its own. One that does not
+    /// start is removed again.
+    async fn start_instant_clone(
+        self: &Arc<Self>,
+        name: &str,
+        cause: &str,
+    ) -> Result<Vm, NodeError> {
+        let slot = self.slot(name);
+        let record = self.record(name)?;
+        if let Err(err) = self
+            .launch(&slot, &record, 0, EventKind::Started, cause, None)
+            .await
+        {
+            let record = self.record(name)?;
+            let removed =
+                self.store()
+                    .delete_vm(name, record.revision, "its instant clone did not start");
+            let dir = self.vm_dir(name);
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(vm = %name, error = %err, "cannot remove the VM's directory");
+            }
+            if let Ok(event) = removed {
+                self.publish(event.into());
+            }
+            self.forget_slot(name);
+            return Err(err);
+        }
+        let live = slot.live().ok_or(VmError::NotRunning {
+            name: name.to_owned(),
+        })?;
+        let record = self.record(name)?;
+        let hooked = self.clone_hook(name, &live, &record.mac).await;
+        let cause = match hooked {
+            Ok(done) => {
+                let steps: Vec<String> = done
+                    .steps
+                    .iter()
+                    .map(|step| format!("{} {}", step.step, step.outcome))
+                    .collect();
+                format!("made a machine of its own: {}", steps.join(", "))
+            }
+            Err(err) => format!("its clone hook failed: {err}"),
+        };
+        tracing::info!(vm = %name, %cause, "instant clone");
+        self.note(name, EventKind::Agent, &cause);
+        self.get(name)
     }
 
     /// Inserts a new VM with a random MAC address that no other VM of the
@@ -407,6 +487,33 @@ pub(super) fn invalid(err: impl std::fmt::Display) -> VmError {
 }
 
 /// The CLI's wording (`--cpus`) becomes the API's (`cpus`).
+/// An instant clone's CPUs and RAM: its warm template's. A request that
+/// asks for other figures than the defaults is refused.
+fn instant_clone_size(
+    request: &CreateVm,
+    template: &crate::store::TemplateRecord,
+) -> Result<(u32, u64), NodeError> {
+    let asked = |value: u64, default: u64, template: u64| value == default || value == template;
+    if !asked(
+        u64::from(request.cpus),
+        u64::from(quetzal_api::default_cpus()),
+        u64::from(template.cpus),
+    ) || !asked(
+        request.memory_mib,
+        quetzal_api::default_memory(),
+        template.memory_mib,
+    ) {
+        return Err(VmError::Invalid {
+            reason: format!(
+                "an instant clone has its warm template's {} CPUs and {} MiB of memory",
+                template.cpus, template.memory_mib
+            ),
+        }
+        .into());
+    }
+    Ok((template.cpus, template.memory_mib))
+}
+
 fn cpus_message(message: &str) -> String {
     message.replace("--cpus", "cpus")
 }

@@ -328,6 +328,13 @@ pub enum TemplateError {
         action: &'static str,
         state: VmState,
     },
+    #[error("cannot make a warm template of a VM that is {}; start it first", state.as_str())]
+    NotRunning { state: VmState },
+    #[error(
+        "VM {vm} runs without a RAM file of its own (an instant clone, or started by an older \
+         quetzald); restart it, then make the warm template"
+    )]
+    NoRamFile { vm: String },
     #[error("VM {vm} is a linked clone of template {template}; make a full clone of it first")]
     LinkedClone { vm: String, template: String },
     #[error(
@@ -348,6 +355,8 @@ impl TemplateError {
             | TemplateError::Image(_) => ErrorKind::Invalid,
             TemplateError::Exists { .. }
             | TemplateError::NotStopped { .. }
+            | TemplateError::NotRunning { .. }
+            | TemplateError::NoRamFile { .. }
             | TemplateError::LinkedClone { .. }
             | TemplateError::HasLinkedClones { .. }
             | TemplateError::ImageInUse { .. } => ErrorKind::Conflict,

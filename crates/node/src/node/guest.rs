@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::{Node, NodeError, VmError};
 use crate::agent::{AgentError, AgentLink};
+use crate::supervisor::Live;
 
 /// How long a command may run by default, and at most.
 pub const DEFAULT_EXEC_SECS: u64 = 30;
@@ -59,6 +60,7 @@ impl Node {
             .unwrap_or_default();
         let telemetry = port.fresh(crate::store::now_millis()).cloned();
         vm.guest_memory = live.as_deref().and_then(guest_memory);
+        vm.generation_id = live.as_ref().and_then(|live| live.generation_id.clone());
         if let Some(status) = status {
             // A user-mode NIC's address is reachable from nowhere: none is
             // shown, whatever the guest says.
@@ -164,10 +166,13 @@ impl Node {
     /// as its host name, new SSH host keys, a DHCP renew. A guest with
     /// only a stock agent has no port: `agent_unavailable`.
     pub async fn reidentify(&self, name: &str) -> Result<Reidentified, NodeError> {
-        self.record(name)?;
+        let record = self.record(name)?;
         let live = self.slot(name).live();
         let answer = match live.as_ref().and_then(|live| live.port.as_ref()) {
-            Some(port) => port.reidentify(name, REIDENTIFY_TIMEOUT).await,
+            Some(port) => {
+                port.reidentify(name, Some(&record.mac), REIDENTIFY_TIMEOUT)
+                    .await
+            }
             None => Err(AgentError::Unavailable),
         };
         let answer = answer.map_err(|source| NodeError::Agent {
@@ -188,6 +193,78 @@ impl Node {
             .collect();
         tracing::info!(vm = %name, steps = %summary.join(", "), "guest re-identified");
         Ok(Reidentified { steps })
+    }
+
+    /// Waits until running VM `name`'s guest agent is connected (the
+    /// guest is up), at most `timeout`.
+    pub(super) async fn guest_ready(
+        &self,
+        name: &str,
+        live: &Live,
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
+        let failed = |source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        };
+        let agent = live
+            .agent
+            .as_ref()
+            .ok_or_else(|| failed(AgentError::Unavailable))?;
+        let deadline = Instant::now() + timeout;
+        while !agent.status().connected {
+            if Instant::now() >= deadline {
+                return Err(failed(AgentError::Timeout {
+                    command: "connecting".to_owned(),
+                    timeout,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until VM `name`'s Quetzal port is connected, then runs the
+    /// clone hook there (an instant clone's first minutes: a new MAC,
+    /// machine-id, name, SSH host keys, lease, clock).
+    pub(super) async fn clone_hook(
+        &self,
+        name: &str,
+        live: &Live,
+        mac: &str,
+    ) -> Result<Reidentified, NodeError> {
+        let failed = |source| NodeError::Agent {
+            vm: name.to_owned(),
+            source,
+        };
+        let port = live
+            .port
+            .as_ref()
+            .ok_or_else(|| failed(AgentError::Unavailable))?;
+        let deadline = Instant::now() + REIDENTIFY_TIMEOUT;
+        while !port.status().connected {
+            if Instant::now() >= deadline {
+                return Err(failed(AgentError::Timeout {
+                    command: "connecting".to_owned(),
+                    timeout: REIDENTIFY_TIMEOUT,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let answer = port
+            .reidentify(name, Some(mac), REIDENTIFY_TIMEOUT)
+            .await
+            .map_err(failed)?;
+        Ok(Reidentified {
+            steps: answer
+                .steps
+                .into_iter()
+                .map(|step| ReidentifyStep {
+                    step: step.step,
+                    outcome: step.outcome,
+                })
+                .collect(),
+        })
     }
 
     /// Runs `work` with running VM `name`'s agent link; an unknown VM is

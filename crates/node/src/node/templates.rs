@@ -5,7 +5,7 @@
 
 use quetzal_engine::Engine;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use quetzal_api::{CloneVm, CreateTemplate, CreateVm, Operation, OperationKind, Template, VmState};
@@ -16,7 +16,8 @@ use super::create::Made;
 use super::error::{Fault, TemplateError, VmError};
 use super::{Node, NodeError, Published, now_millis};
 use crate::store::VmRecord;
-use crate::store::{StoreError, TemplateRecord};
+use crate::store::{StoreError, TemplateRecord, WarmFiles};
+use crate::supervisor::Command;
 
 /// How a new VM's disk is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +62,17 @@ pub struct DiskSource {
 impl Node {
     pub(super) fn templates_dir(&self) -> PathBuf {
         self.data.join("templates")
+    }
+
+    /// A warm template's RAM file: what its instant clones map.
+    pub(super) fn template_ram(&self, name: &str) -> PathBuf {
+        self.templates_dir().join(name).join("ram")
+    }
+
+    /// A warm template's saved device state: what its instant clones
+    /// restore.
+    pub(super) fn template_state(&self, name: &str) -> PathBuf {
+        self.templates_dir().join(name).join("state")
     }
 
     pub(super) fn template_disk(&self, name: &str) -> PathBuf {
@@ -128,6 +140,10 @@ impl Node {
             created_at: record.created_at,
             disk_sha256: record.disk_sha256,
             linked_clones,
+            warm: record.warm.map(|warm| quetzal_api::WarmTemplate {
+                ram_sha256: warm.ram_sha256,
+                state_sha256: warm.state_sha256,
+            }),
         })
     }
 
@@ -150,6 +166,7 @@ impl Node {
 
     /// Turns a stopped VM into a template: its disk moves to
     /// `templates/NAME/disk.qcow2` and becomes read-only; the VM is gone.
+    /// With `warm`, a running VM, whose RAM and device state are kept too.
     /// An operation: hashing the disk takes a while.
     pub async fn create_template(
         self: &Arc<Self>,
@@ -161,7 +178,14 @@ impl Node {
         let slot = self.slot(&request.from_vm);
         let lock = slot.lock().await;
         let record = self.record(&request.from_vm)?;
-        if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
+        if request.warm {
+            if !matches!(record.state, VmState::Running | VmState::Paused) {
+                return Err(TemplateError::NotRunning {
+                    state: record.state,
+                }
+                .into());
+            }
+        } else if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
             return Err(TemplateError::NotStopped {
                 action: "make a template of",
                 state: record.state,
@@ -181,7 +205,11 @@ impl Node {
             }
             .into());
         }
+        if request.warm && !self.layout(&record)?.ram.exists() {
+            return Err(TemplateError::NoRamFile { vm: record.name }.into());
+        }
         let node = Arc::clone(self);
+        let warm = request.warm;
         let target = format!("/api/v1/templates/{name}");
         self.operations.start(
             OperationKind::CreateTemplate,
@@ -189,9 +217,88 @@ impl Node {
             false,
             move |_| async move {
                 let _lock = lock;
-                node.templatize(name.as_str(), record).await
+                if !warm {
+                    return node.templatize(name.as_str(), record, None).await;
+                }
+                let (record, files) = node.keep_memory(name.as_str(), &slot, record).await?;
+                node.templatize(name.as_str(), record, Some(files)).await
             },
         )
+    }
+
+    /// The first half of a warm template, with the VM's lock held: once
+    /// its agent says the guest is up, the guest's disks are synced, the
+    /// VM paused, its device state saved and its RAM file copied into
+    /// the template's directory; then its process ends. Any step that
+    /// fails resumes the VM and leaves no template files.
+    async fn keep_memory(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &super::Slot,
+        record: VmRecord,
+    ) -> Result<(VmRecord, WarmFiles), NodeError> {
+        let dir = self.templates_dir().join(name);
+        // A directory without a template is left from a create cut short.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(Fault::io(&dir))?;
+        let kept = async {
+            let live = slot.live().ok_or(TemplateError::NotRunning {
+                state: VmState::Stopped,
+            })?;
+            self.guest_ready(&record.name, &live, WARM_READY_TIMEOUT)
+                .await?;
+            // What the guest has cached for its disks reaches them; the
+            // saved RAM has it too, but a clone that boots later reads
+            // only the disk.
+            self.exec(
+                &record.name,
+                quetzal_api::Exec {
+                    command: "sync".to_owned(),
+                    args: vec![],
+                    stdin_b64: None,
+                    timeout_secs: Some(60),
+                },
+            )
+            .await?;
+            live.call(Command::Pause).await.map_err(Fault::Engine)?;
+            let saved = async {
+                let state = self.template_state(name);
+                live.call(Command::SaveState(state.clone()))
+                    .await
+                    .map_err(Fault::Engine)?;
+                let ram = std::fs::read_link(self.layout(&record)?.ram)
+                    .map_err(Fault::io(&self.layout(&record)?.ram))?;
+                let to = self.template_ram(name);
+                let (ram_sha256, state_sha256) = tokio::task::spawn_blocking(move || {
+                    let ram = copy_sparse(&ram, &to).map_err(Fault::io(&to))?;
+                    let state = quetzal_image::sha256_file(&state).map_err(Fault::Image)?;
+                    Ok::<_, NodeError>((ram, state.0))
+                })
+                .await
+                .map_err(Fault::task("copying the RAM"))??;
+                Ok::<_, NodeError>(WarmFiles {
+                    ram_sha256,
+                    state_sha256,
+                })
+            }
+            .await;
+            if saved.is_err() {
+                let _ = live.call(Command::Resume).await;
+            }
+            saved
+        }
+        .await;
+        let files = match kept {
+            Ok(files) => files,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err);
+            }
+        };
+        quetzal_engine::failpoint::crash("warm-saved");
+        // Paused, saved and copied: its process ends (never to run again).
+        self.shut_down(slot, &record, None).await?;
+        Ok((self.record(&record.name)?, files))
     }
 
     /// The work of [`Node::create_template`], with the VM's lock held.
@@ -199,12 +306,15 @@ impl Node {
         &self,
         name: &str,
         record: crate::store::VmRecord,
+        warm: Option<WarmFiles>,
     ) -> Result<(), NodeError> {
         let dir = self.templates_dir().join(name);
         let disk = self.template_disk(name);
         let vm_disk = self.vm_disk(&record)?;
-        // A directory without a template is left from a create cut short.
-        let _ = std::fs::remove_dir_all(&dir);
+        if warm.is_none() {
+            // A directory without a template is left from a create cut short.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         let linked = std::fs::create_dir_all(&dir)
             // A hard link: until the store says otherwise, the VM keeps its disk.
             .and_then(|()| std::fs::hard_link(&vm_disk, &disk))
@@ -237,6 +347,7 @@ impl Node {
             source_vm: record.name.clone(),
             created_at: now_millis(),
             disk_sha256: sha256,
+            warm,
         };
         let templatized = self.store().templatize(&template);
         let event = match templatized {
@@ -259,6 +370,9 @@ impl Node {
             Some(nix::unistd::getegid().as_raw()),
         );
         let _ = std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o444));
+        if template.warm.is_some() {
+            seal_memory(&self.template_ram(name), &self.template_state(name));
+        }
         if let Err(err) = std::fs::remove_dir_all(self.vm_dir(&record.name)) {
             tracing::warn!(vm = %record.name, error = %err, "cannot remove the VM's directory");
         }
@@ -399,4 +513,63 @@ impl Node {
             Made::Done(_) => Err(Fault::Broken("a clone of a VM is always a copy").into()),
         }
     }
+}
+
+/// How long a warm template waits for its VM's guest agent to answer.
+const WARM_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Copies a RAM file, leaving holes where its pages are zero (RAM a
+/// guest never touched), and answers the sha256 of its content.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const PAGE: usize = 4096;
+    let mut input = std::fs::File::open(from)?;
+    let size = input.metadata()?.len();
+    let mut output = std::fs::File::create(to)?;
+    let mut hash = sha2::Sha256::new();
+    let mut chunk = vec![0u8; 256 * PAGE];
+    loop {
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match input.read(&mut chunk[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hash.update(&chunk[..filled]);
+        for page in chunk[..filled].chunks(PAGE) {
+            if page.iter().all(|&byte| byte == 0) {
+                output.seek(SeekFrom::Current(page.len() as i64))?;
+            } else {
+                output.write_all(page)?;
+            }
+        }
+    }
+    output.set_len(size)?;
+    output.sync_all()?;
+    Ok(hash
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
+}
+
+/// A warm template's memory files become the daemon's, never written
+/// again: the device state read-only; the RAM file also open to the group
+/// its clones' QEMU processes are in (QEMU 7.2 opens it for writing even
+/// to map it copy on write; nothing writes it).
+fn seal_memory(ram: &Path, state: &Path) {
+    let privileged = nix::unistd::geteuid().is_root();
+    let (group, mode) = if privileged {
+        (quetzal_engine::spec::Confinement::TEMPLATE_GID, 0o660)
+    } else {
+        (nix::unistd::getegid().as_raw(), 0o600)
+    };
+    let _ = std::os::unix::fs::lchown(ram, Some(nix::unistd::geteuid().as_raw()), Some(group));
+    let _ = std::fs::set_permissions(ram, std::fs::Permissions::from_mode(mode));
+    let _ = std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o400));
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::spec::{
-    Confinement, Cpus, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, VmName, VmSpec,
+    Confinement, Cpus, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, Ram, VmName, VmSpec,
+    new_generation_id,
 };
 use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
@@ -170,12 +171,12 @@ impl Node {
             },
         )?;
         match self.boot(record, load_snapshot).await {
-            Ok((vm, console)) => {
+            Ok((vm, console, generation_id)) => {
                 let generation = self
                     .generation
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let pid = vm.pid();
-                let live = supervisor::spawn(
+                let mut live = supervisor::spawn(
                     Arc::clone(self),
                     name.to_owned(),
                     generation,
@@ -185,6 +186,7 @@ impl Node {
                     false,
                     &record.services,
                 );
+                live.generation_id = Some(generation_id);
                 slot.set_live(Some(Arc::new(live)));
                 self.change(
                     name,
@@ -226,7 +228,7 @@ impl Node {
         &self,
         record: &VmRecord,
         load_snapshot: Option<&str>,
-    ) -> Result<(AnyVm, tokio::net::UnixStream), NodeError> {
+    ) -> Result<(AnyVm, tokio::net::UnixStream, String), NodeError> {
         let vm = record;
         let engine = self.engine_of(vm)?;
         let image = Image::open(&record.image_dir).map_err(Fault::Image)?;
@@ -244,6 +246,20 @@ impl Node {
         if let Some(config) = &vm.cloud_init {
             disks.push(write_seed(vm, config, &dir).await?);
         }
+        // An instant clone's first start maps its template's RAM and
+        // restores its device state; every other start boots, with RAM in
+        // a file of its own (so the VM can become a warm template).
+        let restore = vm
+            .restore_from
+            .as_ref()
+            .map(|template| (self.template_ram(template), self.template_state(template)));
+        let ram = match &restore {
+            Some((file, _)) => Ram::Template { file: file.clone() },
+            None => Ram::Shared {
+                file: self.ram_dir().join(format!("{}.ram", vm.name)),
+            },
+        };
+        let generation_id = new_generation_id().map_err(Fault::Random)?;
         let spec = VmSpec {
             name: VmName::new(&vm.name).map_err(Fault::Spec)?,
             cpus: Cpus::new(vm.cpus).map_err(Fault::Spec)?,
@@ -263,12 +279,18 @@ impl Node {
             }],
             graphics: true,
             // Its own uid and cgroup when this daemon may give them.
-            confinement: Confinement::for_vm(
-                record.nic,
-                vm.memory_mib,
-                self.accel,
-                nix::unistd::geteuid().is_root(),
-            ),
+            confinement: Confinement {
+                extra_group: restore.as_ref().map(|_| Confinement::TEMPLATE_GID),
+                ..Confinement::for_vm(
+                    record.nic,
+                    vm.memory_mib,
+                    self.accel,
+                    nix::unistd::geteuid().is_root(),
+                )
+            },
+            ram,
+            generation_id: generation_id.clone(),
+            restore: restore.map(|(_, state)| state),
         };
         quetzal_engine::failpoint::crash("start-before-spawn");
         let mut engine_vm = engine
@@ -295,7 +317,7 @@ impl Node {
         }
         .await;
         match started {
-            Ok(console) => Ok((engine_vm, console)),
+            Ok(console) => Ok((engine_vm, console, generation_id)),
             Err(err) => {
                 let _ = engine_vm.kill().await;
                 Err(err)
@@ -305,7 +327,7 @@ impl Node {
 
     /// Stops a running VM: the power button, up to `graceful` for the guest
     /// to shut down, then quit, then kill. `None` skips the power button.
-    async fn shut_down(
+    pub(super) async fn shut_down(
         &self,
         slot: &Slot,
         record: &VmRecord,

@@ -23,7 +23,7 @@ pub use access::{AccessStore, AuditRecord, AuditStore, SessionRecord, TokenRecor
 pub use networks::{NetworkRecord, NetworkStore};
 pub use operations::{Failure, OperationRecord, OperationStore};
 pub use snapshots::{SnapshotRecord, SnapshotStore};
-pub use templates::{TemplateRecord, TemplateStore};
+pub use templates::{TemplateRecord, TemplateStore, WarmFiles};
 pub use vms::{Change, VmRecord, VmStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +151,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN cloud_init TEXT;",
     "ALTER TABLE snapshots ADD COLUMN quiesced INTEGER NOT NULL DEFAULT 0;",
     "ALTER TABLE vms ADD COLUMN services TEXT NOT NULL DEFAULT '[]';",
+    "ALTER TABLE templates ADD COLUMN warm TEXT;
+    ALTER TABLE vms ADD COLUMN restore_from TEXT REFERENCES templates (name);",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

@@ -20,6 +20,17 @@ pub struct TemplateRecord {
     pub source_vm: String,
     pub created_at: i64,
     pub disk_sha256: String,
+    /// A warm template's memory: its RAM file and device state beside
+    /// the disk (`None`: a template of a stopped VM).
+    pub warm: Option<WarmFiles>,
+}
+
+/// What a warm template keeps of its VM's memory, with the sha256s its
+/// files had when it was made.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarmFiles {
+    pub ram_sha256: String,
+    pub state_sha256: String,
 }
 
 /// Templates, and the VMs that are linked clones of them. A template is
@@ -60,7 +71,7 @@ impl TemplateStore for SqliteStore {
         let tx = self.conn.transaction().map_err(sql)?;
         let inserted = tx.execute(
             "INSERT INTO templates (name, image, image_dir, cpus, memory_mib, disk_mib, source_vm,
-                created_at, disk_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                created_at, disk_sha256, warm) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 template.name,
                 template.image,
@@ -71,6 +82,10 @@ impl TemplateStore for SqliteStore {
                 template.source_vm,
                 template.created_at,
                 template.disk_sha256,
+                template
+                    .warm
+                    .as_ref()
+                    .map(|warm| serde_json::to_string(warm).expect("two strings serialize")),
             ],
         );
         match inserted {
@@ -138,7 +153,7 @@ impl TemplateStore for SqliteStore {
 
 const SELECT_TEMPLATE: &str =
     "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, source_vm,
-    created_at, disk_sha256 FROM templates";
+    created_at, disk_sha256, warm FROM templates";
 
 fn read_template(row: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
     let image_dir: String = row.get(2)?;
@@ -152,5 +167,16 @@ fn read_template(row: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRecord> {
         source_vm: row.get(6)?,
         created_at: row.get(7)?,
         disk_sha256: row.get(8)?,
+        warm: row
+            .get::<_, Option<String>>(9)?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|err| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    9,
+                    rusqlite::types::Type::Text,
+                    err.into(),
+                )
+            })?,
     })
 }

@@ -51,6 +51,9 @@ pub struct VmRecord {
     pub cloud_init: Option<CloudConfig>,
     /// The services its guest agent keeps running.
     pub services: Vec<quetzal_api::WatchedService>,
+    /// The warm template whose memory and device state its first start
+    /// restores (an instant clone); cleared once it has run.
+    pub restore_from: Option<String>,
 }
 
 impl VmRecord {
@@ -80,6 +83,7 @@ impl VmRecord {
             cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
             services: self.services.clone(),
             guest_memory: None,
+            generation_id: None,
         }
     }
 }
@@ -158,9 +162,9 @@ impl VmStore for SqliteStore {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic, engine, cloud_init, services)
+                network, mac, nic, engine, cloud_init, services, restore_from)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17)",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17, ?18)",
             params![
                 vm.name,
                 vm.image,
@@ -181,6 +185,7 @@ impl VmStore for SqliteStore {
                     .as_ref()
                     .map(|c| serde_json::to_string(c).expect("a cloud config serializes")),
                 serde_json::to_string(&vm.services).expect("services serialize"),
+                vm.restore_from,
             ],
         );
         match inserted {
@@ -217,7 +222,9 @@ impl VmStore for SqliteStore {
         let tx = self.conn.transaction().map_err(sql)?;
         let updated = tx
             .execute(
+                // A VM that has run restores no template's state again.
                 "UPDATE vms SET state = ?3, pid = ?4, started_at = ?5, restarts = ?6,
+                    restore_from = CASE WHEN ?3 = 'running' THEN NULL ELSE restore_from END,
                     revision = revision + 1 WHERE name = ?1 AND revision = ?2",
                 params![
                     name,
@@ -337,7 +344,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic, engine, cloud_init, services FROM vms";
+    network, mac, revision, nic, engine, cloud_init, services, restore_from FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -389,6 +396,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         nic: row.get(18)?,
         cloud_init,
         services,
+        restore_from: row.get(22)?,
     }))
 }
 
@@ -453,7 +461,55 @@ mod tests {
                 unit: Some("nginx.service".to_owned()),
                 command: None,
             }],
+            restore_from: None,
         }
+    }
+
+    #[test]
+    fn an_instant_clone_restores_its_warm_template_only_until_it_has_run() {
+        use crate::store::{TemplateRecord, WarmFiles};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store
+            .insert_vm(&record("src"), EventKind::Created, "x")
+            .unwrap();
+        let template = TemplateRecord {
+            name: "warm".to_owned(),
+            image: "debian".to_owned(),
+            image_dir: PathBuf::from("/images/debian/x"),
+            cpus: 1,
+            memory_mib: 512,
+            disk_mib: 3072,
+            source_vm: "src".to_owned(),
+            created_at: 2,
+            disk_sha256: "d".repeat(64),
+            warm: Some(WarmFiles {
+                ram_sha256: "a".repeat(64),
+                state_sha256: "b".repeat(64),
+            }),
+        };
+        store.templatize(&template).unwrap();
+        let clone = VmRecord {
+            linked_to: Some("warm".to_owned()),
+            restore_from: Some("warm".to_owned()),
+            ..record("clone")
+        };
+        store
+            .insert_vm(&clone, EventKind::Created, "instant clone")
+            .unwrap();
+
+        store
+            .change("clone", 1, VmState::Starting, &started("start"))
+            .unwrap();
+        let starting = store.get("clone").unwrap().unwrap();
+        store
+            .change("clone", 2, VmState::Running, &started("started"))
+            .unwrap();
+        let running = store.get("clone").unwrap().unwrap();
+
+        assert_eq!(store.template("warm").unwrap().unwrap(), template);
+        assert_eq!(starting.restore_from.as_deref(), Some("warm"));
+        assert_eq!(running.restore_from, None);
     }
 
     #[test]
