@@ -12,12 +12,17 @@ use std::process::{Command, Stdio};
 use quetzal_qga::port::{Reidentified, Reidentify, Step};
 
 pub fn reidentify(request: &Reidentify) -> Reidentified {
-    let mut steps = vec![
+    let mut steps = Vec::new();
+    // First: everything after draws random numbers (a machine-id, keys).
+    if let Some(seed) = &request.seed {
+        steps.push(("entropy", reseed(seed)));
+    }
+    steps.extend([
         ("clock", set_clock(request.unix_ms)),
         ("machine-id", new_machine_id()),
         ("hostname", set_hostname(&request.hostname)),
         ("ssh-host-keys", new_ssh_host_keys()),
-    ];
+    ]);
     if let Some(mac) = &request.mac {
         steps.push(("mac", set_mac(mac)));
     }
@@ -47,6 +52,29 @@ pub fn set_clock(unix_ms: i64) -> Outcome {
     );
     nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec)
         .map_err(|err| err.to_string())?;
+    ok()
+}
+
+nix::ioctl_none_bad!(rndreseedcrng, nix::request_code_none!(b'R', 0x07));
+
+/// Mixes the host's random bytes into the kernel's pool and reseeds the
+/// generator from it: a clone resumed from its template's memory would
+/// otherwise draw the same numbers as every other clone (a kernel with a
+/// VMGENID driver reseeds by itself; Debian's cloud kernel has none).
+fn reseed(seed_hex: &str) -> Outcome {
+    let seed: Vec<u8> = (0..seed_hex.len() / 2)
+        .map(|i| u8::from_str_radix(seed_hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "the seed is not hex".to_owned())?;
+    let mut urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|err| format!("/dev/urandom: {err}"))?;
+    std::io::Write::write_all(&mut urandom, &seed).map_err(|err| format!("/dev/urandom: {err}"))?;
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is /dev/urandom,
+    // open for the whole call.
+    unsafe { rndreseedcrng(std::os::fd::AsRawFd::as_raw_fd(&urandom)) }
+        .map_err(|err| format!("RNDRESEEDCRNG: {err}"))?;
     ok()
 }
 

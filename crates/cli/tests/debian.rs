@@ -450,6 +450,7 @@ fn a_debian_vm_takes_its_key_name_and_user_data_and_a_clone_becomes_a_new_machin
     assert_eq!(
         told.lines().collect::<Vec<_>>(),
         [
+            "entropy: ok",
             "clock: ok",
             "machine-id: ok",
             "hostname: ok",

@@ -118,6 +118,11 @@ pub struct Reidentify {
     /// its template's); none leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Random bytes from the host (hex) for the guest's random pool,
+    /// which a clone resumed with its template's memory shares with every
+    /// other clone until it is reseeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

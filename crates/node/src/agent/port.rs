@@ -239,6 +239,7 @@ async fn run(
                         hostname: request.hostname,
                         unix_ms: crate::store::now_millis(),
                         mac: request.mac,
+                        seed: crate::node::random_hex(32).ok(),
                     });
                     if !write(&mut stream, &asked).await {
                         let _ = request.reply.send(Err(AgentError::Unavailable));
