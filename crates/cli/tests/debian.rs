@@ -35,8 +35,16 @@ fn key_pair(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn ssh_with(options: &[&str], address: &str, command: &str) -> Output {
-    Command::new("ssh")
+    // A connection caught by an address change (the clone hook renews the
+    // lease) is never answered again: `timeout` ends what ConnectTimeout
+    // and the keep-alives do not cover (the key exchange).
+    Command::new("timeout")
+        .args(["--kill-after=5", "60", "ssh"])
         .args([
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
             "-o",
             "BatchMode=yes",
             "-o",
