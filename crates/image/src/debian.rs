@@ -19,7 +19,7 @@ use crate::{
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 3;
+pub const RECIPE: u32 = 4;
 
 pub const SUITE: &str = "bookworm";
 
@@ -73,8 +73,11 @@ pub const ROOT_DISK_MIB: u64 = 3072;
 const PARTITION_START: u64 = 2048;
 
 /// The kernel command line (of GRUB's entry, and of a direct boot): the
-/// last `console=` is `/dev/console`, the serial port.
-pub const APPEND: &str = "root=LABEL=debian-root ro console=tty0 console=ttyS0,115200";
+/// last `console=` is `/dev/console`, the serial port. `no_timer_check`
+/// as in `tiny`'s: a loaded TCG host must not fail the kernel's timer
+/// check.
+pub const APPEND: &str =
+    "root=LABEL=debian-root ro console=tty0 console=ttyS0,115200 no_timer_check";
 
 /// GRUB's modules in the core image: enough to read an ext4 partition of
 /// an MBR disk and boot Linux from it, with its menu on the serial port.
