@@ -78,12 +78,18 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         "chardev:console",
     ]);
 
+    // A screen, and a USB tablet: an absolute pointer, so the guest's
+    // cursor is where the VNC client's is (a PS/2 mouse only moves).
     if spec.graphics {
         push(&[
             "-vga",
             "std",
             "-vnc",
             &format!("unix:{}", escape(&paths.vnc)),
+            "-device",
+            "qemu-xhci,id=usb",
+            "-device",
+            "usb-tablet,bus=usb.0",
         ]);
     }
 
@@ -435,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn graphics_add_a_vga_served_over_vnc_on_a_unix_socket_only() {
+    fn graphics_add_a_vga_served_over_vnc_on_a_unix_socket_only_and_a_tablet() {
         let kernel = kernel();
         let mut spec = spec(kernel.path(), Accel::Tcg);
         assert!(!text(&argv(&spec, &paths())).contains("-vnc"));
@@ -445,6 +451,10 @@ mod tests {
 
         assert!(
             args.contains("-vga std -vnc unix:/run/q/web-1/vnc.sock"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-device qemu-xhci,id=usb -device usb-tablet,bus=usb.0"),
             "{args}"
         );
     }
