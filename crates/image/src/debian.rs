@@ -1,8 +1,10 @@
-//! The `debian` image: Debian 12 installed by `mmdebstrap` from Debian's
-//! archive (systemd, openssh-server, cloud-init, Debian's cloud kernel,
-//! `quetzal-agent`), on a qcow2 disk with an MBR partition table and GRUB
-//! for BIOS — it boots the way a downloaded cloud image does. The kernel
-//! and initrd are also kept beside the disk, for a direct boot.
+//! The `debian` and `desktop` images: Debian 12 installed by `mmdebstrap`
+//! from Debian's archive (systemd, openssh-server, cloud-init, a Debian
+//! kernel, `quetzal-agent`), on a qcow2 disk with an MBR partition table
+//! and GRUB for BIOS — they boot the way a downloaded cloud image does.
+//! The kernel and initrd are also kept beside the disk, for a direct boot.
+//! `desktop` is `debian` with Debian's generic kernel (DRM, VMGENID, the
+//! i6300esb watchdog), Xorg and Xfce logged in on the screen.
 //!
 //! No mount is needed: the filesystem is written into the disk file by
 //! `mkfs.ext4 -d` at the partition's offset, and GRUB's boot sector and
@@ -17,10 +19,6 @@ use crate::{
     find_file, now_unix, record, sha256_bytes, sha256_file,
 };
 
-/// Bumped whenever what this file produces changes, so cached images are
-/// rebuilt.
-pub const RECIPE: u32 = 4;
-
 pub const SUITE: &str = "bookworm";
 
 /// The archive, its updates and its security updates.
@@ -30,19 +28,86 @@ const SOURCES: &[&str] = &[
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ];
 
-pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// What sets one Debian image apart from the other.
+#[derive(Debug)]
+pub struct Flavor {
+    pub name: &'static str,
+    /// Bumped whenever what this file makes of the flavor changes, so
+    /// cached images are rebuilt.
+    pub recipe: u32,
+    pub kernel_package: &'static str,
+    /// Installed beside [`PACKAGES`].
+    pub packages: &'static [&'static str],
+    /// Packages whose versions name the build, beside the kernel's,
+    /// systemd's and cloud-init's.
+    pub versioned: &'static [&'static str],
+    /// The size of the disk the guest sees; the root filesystem is all of
+    /// it after the first megabyte.
+    pub disk_mib: u64,
+    /// The kernel command line (of GRUB's entry, and of a direct boot).
+    pub append: &'static str,
+    /// A graphical session logged in on the screen.
+    pub desktop: bool,
+}
 
-/// Installed on top of `apt`'s minimal set (Essential and apt).
-/// `qemu-guest-agent` is there but masked: `quetzal-agent` owns the
-/// channel; unmasking the stock one (and removing ours) is how a test
-/// shows the node needs no Quetzal code in a guest.
+/// A server: SSH, cloud-init and the agent, on Debian's cloud kernel (the
+/// smallest, fastest to boot). The last `console=` is `/dev/console`, the
+/// serial port. `no_timer_check` as in `tiny`'s: a loaded TCG host must
+/// not fail the kernel's timer check.
+pub const DEBIAN: Flavor = Flavor {
+    name: "debian",
+    recipe: 4,
+    kernel_package: "linux-image-cloud-amd64",
+    packages: &[],
+    versioned: &[],
+    disk_mib: 3072,
+    append: "root=LABEL=debian-root ro console=tty0 console=ttyS0,115200 no_timer_check",
+    desktop: false,
+};
+
+/// A desktop: Xorg (its modesetting driver on the kernel's bochs DRM
+/// driver for QEMU's standard VGA; libinput for the USB tablet's
+/// absolute pointer) and Xfce's core (window manager, panel, desktop,
+/// settings, terminal), logged in by LightDM as the default user, on
+/// Debian's generic kernel. Compressed swap in RAM (zswap) is on.
+pub const DESKTOP: Flavor = Flavor {
+    name: "desktop",
+    recipe: 2,
+    kernel_package: "linux-image-amd64",
+    packages: &[
+        "xserver-xorg-core",
+        "xserver-xorg-input-libinput",
+        "x11-xserver-utils",
+        "lightdm",
+        "lightdm-gtk-greeter",
+        "xfce4-session",
+        "xfwm4",
+        "xfce4-panel",
+        "xfdesktop4",
+        "xfce4-settings",
+        "xfce4-terminal",
+        "dbus-user-session",
+        "fonts-dejavu-core",
+        "xdotool",
+    ],
+    versioned: &["xserver-xorg-core", "xfce4-session"],
+    disk_mib: 4096,
+    append: "root=LABEL=debian-root ro console=tty0 console=ttyS0,115200 no_timer_check \
+             zswap.enabled=1",
+    desktop: true,
+};
+
+/// Installed on top of `apt`'s minimal set (Essential and apt), with the
+/// flavor's kernel and packages. `qemu-guest-agent` is there but masked:
+/// `quetzal-agent` owns the channel; unmasking the stock one (and
+/// removing ours) is how a test shows the node needs no Quetzal code in a
+/// guest.
 const PACKAGES: &[&str] = &[
     "systemd-sysv",
     "systemd-resolved",
     "udev",
     "dbus",
     "initramfs-tools",
-    KERNEL_PACKAGE,
     "openssh-server",
     "cloud-init",
     "qemu-guest-agent",
@@ -64,20 +129,9 @@ pub const DEFAULT_USER: &str = "debian";
 /// command line name.
 pub const LABEL: &str = "debian-root";
 
-/// The size of the disk the guest sees; the root filesystem is all of it
-/// after the first megabyte.
-pub const ROOT_DISK_MIB: u64 = 3072;
-
 /// Where the root partition starts, in 512-byte sectors: 1 MiB, leaving
 /// room for GRUB's core image after the boot sector.
 const PARTITION_START: u64 = 2048;
-
-/// The kernel command line (of GRUB's entry, and of a direct boot): the
-/// last `console=` is `/dev/console`, the serial port. `no_timer_check`
-/// as in `tiny`'s: a loaded TCG host must not fail the kernel's timer
-/// check.
-pub const APPEND: &str =
-    "root=LABEL=debian-root ro console=tty0 console=ttyS0,115200 no_timer_check";
 
 /// GRUB's modules in the core image: enough to read an ext4 partition of
 /// an MBR disk and boot Linux from it, with its menu on the serial port.
@@ -96,8 +150,8 @@ const GRUB_MODULES: &[&str] = &[
 ];
 const GRUB_DIR: &str = "/usr/lib/grub/i386-pc";
 
-/// What the next build of `debian` is made of, from apt's package lists.
-pub(crate) fn plan() -> Result<Plan, ImageError> {
+/// What the next build of `flavor` is made of, from apt's package lists.
+pub(crate) fn plan(flavor: &'static Flavor) -> Result<Plan, ImageError> {
     apt::require_tools(&[
         "mmdebstrap",
         "apt-cache",
@@ -114,42 +168,47 @@ pub(crate) fn plan() -> Result<Plan, ImageError> {
             });
         }
     }
-    let kernel_meta = apt::show(KERNEL_PACKAGE)?;
+    let kernel_meta = apt::show(flavor.kernel_package)?;
     let kernel_name = kernel_meta
         .depends
         .iter()
         .find(|dep| dep.starts_with("linux-image-"))
         .ok_or_else(|| ImageError::PackageUnknown {
-            package: KERNEL_PACKAGE.to_owned(),
+            package: flavor.kernel_package.to_owned(),
             message: "it depends on no linux-image package".to_owned(),
         })?;
     let kernel = apt::show(kernel_name)?;
-    let systemd = apt::show("systemd")?;
-    let cloud_init = apt::show("cloud-init")?;
+    let mut versions = Vec::new();
+    for package in ["systemd", "cloud-init"].iter().chain(flavor.versioned) {
+        versions.push((*package, apt::show(package)?.version));
+    }
     let (_, agent) = agent::load()?;
     let agent_sha = sha256_bytes(&agent);
-    let id = build_id(&[
+    let mut parts = vec![
         SUITE,
         kernel.name.trim_start_matches("linux-image-"),
         &kernel.version,
-        "systemd",
-        &systemd.version,
-        "cloud-init",
-        &cloud_init.version,
-        "agent",
-        agent_sha.get(..12).unwrap_or(&agent_sha),
-        &format!("r{RECIPE}"),
-    ]);
+    ];
+    for (package, version) in &versions {
+        parts.extend([*package, version.as_str()]);
+    }
+    let recipe = format!("r{}", flavor.recipe);
+    parts.extend(["agent", agent_sha.get(..12).unwrap_or(&agent_sha), &recipe]);
+    if flavor.desktop {
+        parts.insert(0, flavor.name);
+    }
+    let id = build_id(&parts);
     let made_id = id.clone();
     Ok(Plan {
         id,
         make: Box::new(move |name, work, progress| {
-            build(name, &made_id, (agent, agent_sha), work, progress)
+            build(flavor, name, &made_id, (agent, agent_sha), work, progress)
         }),
     })
 }
 
 fn build(
+    flavor: &Flavor,
     name: &str,
     id: &str,
     (agent, agent_sha): (Vec<u8>, String),
@@ -160,14 +219,20 @@ fn build(
     let out = work.join("out");
     std::fs::create_dir_all(&out).map_err(|err| ImageError::io(&out, err))?;
 
+    let packages: Vec<&str> = PACKAGES
+        .iter()
+        .chain(flavor.packages)
+        .chain([&flavor.kernel_package])
+        .copied()
+        .collect();
     progress(&format!(
         "installing Debian {SUITE} with mmdebstrap ({} packages and their dependencies)",
-        PACKAGES.len()
+        packages.len()
     ));
     let mut mmdebstrap = Command::new("mmdebstrap");
     mmdebstrap
         .args(["--quiet", "--variant=apt", "--mode=root"])
-        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!("--include={}", packages.join(",")))
         // Keep the downloaded .debs, to record their sha256.
         .args(["--skip=essential/unlink", "--skip=cleanup/apt/cache"])
         .arg(SUITE)
@@ -177,19 +242,20 @@ fn build(
 
     progress("configuring the guest (cloud-init, agent, network, GRUB)");
     let mut packages = installed_packages(&root)?;
-    configure(&root, &agent)?;
+    configure(flavor, &root, &agent)?;
     packages.push(PackageRecord {
         name: "quetzal-agent".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         sha256: agent_sha,
     });
     for (file, prefix) in [("vmlinuz", "vmlinuz-"), ("initrd.img", "initrd.img-")] {
-        let from = find_file(&root.join("boot"), prefix, KERNEL_PACKAGE)?;
+        let from = find_file(&root.join("boot"), prefix, flavor.kernel_package)?;
         let to = out.join(file);
         std::fs::copy(&from, &to).map_err(|err| ImageError::io(&to, err))?;
     }
 
-    progress(&format!("building the {ROOT_DISK_MIB} MiB root disk"));
+    let disk_mib = flavor.disk_mib;
+    progress(&format!("building the {disk_mib} MiB root disk"));
     let core = work.join("core.img");
     apt::run(
         Command::new("grub-mkimage")
@@ -199,10 +265,10 @@ fn build(
     )?;
     let boot_img = read(&Path::new(GRUB_DIR).join("boot.img"))?;
     let core_img = read(&core)?;
-    let sectors = ROOT_DISK_MIB * 2048 - PARTITION_START;
+    let sectors = disk_mib * 2048 - PARTITION_START;
     let area = boot_area(&boot_img, &core_img, PARTITION_START, sectors)?;
     let raw = work.join("root.raw");
-    write_disk(&raw, &area, ROOT_DISK_MIB << 20)?;
+    write_disk(&raw, &area, disk_mib << 20)?;
     apt::run(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", LABEL])
@@ -224,14 +290,14 @@ fn build(
     Ok(Manifest {
         name: name.to_owned(),
         id: id.to_owned(),
-        recipe: RECIPE,
+        recipe: flavor.recipe,
         built_at_unix: now_unix(),
         packages,
         kernel: Some(record(&out, "vmlinuz")?),
         initrd: Some(record(&out, "initrd.img")?),
         root_disk: record(&out, "root.qcow2")?,
         root_disk_format: "qcow2".to_owned(),
-        append: APPEND.to_owned(),
+        append: flavor.append.to_owned(),
         modules: Vec::new(),
         boot: BootFrom::Disk,
         firmware: Firmware::Bios,
@@ -289,16 +355,59 @@ RestartSec=1
 WantedBy=multi-user.target
 ";
 
+/// LightDM logs the default user ([`DEFAULT_USER`], made by cloud-init
+/// before any login, which LightDM waits for) into Xfce on the screen,
+/// with no greeter.
+const LIGHTDM: &str = "\
+[Seat:*]
+autologin-user=debian
+autologin-user-timeout=0
+autologin-session=xfce
+";
+
+/// The screen never blanks: a desktop shown in a browser has no monitor
+/// to save.
+const XORG_NO_BLANKING: &str = "\
+Section \"ServerFlags\"
+    Option \"BlankTime\" \"0\"
+    Option \"StandbyTime\" \"0\"
+    Option \"SuspendTime\" \"0\"
+    Option \"OffTime\" \"0\"
+EndSection
+";
+
+/// systemd feeds the i6300esb watchdog every QEMU VM has (the generic
+/// kernel drives it): a hung kernel stops feeding it, and QEMU resets the
+/// guest. 20 s a stage, and the device has two: about 40 s from the hang.
+const RUNTIME_WATCHDOG: &str = "\
+[Manager]
+RuntimeWatchdogSec=20s
+";
+
+/// A swap file, made by cloud-init on a VM's first boot (`fallocate`:
+/// instant), for zswap to compress into: pages a desktop's memory
+/// pressure pushes out go to compressed RAM first, not to the disk.
+const CLOUD_CFG_SWAP: &str = "\
+swap:
+  filename: /swapfile
+  size: 536870912
+";
+
+/// Where Xfce's panel reads its layout first: there, the panel starts
+/// with Debian's default layout and asks nothing on a first login.
+const PANEL_DEFAULT: &str = "etc/xdg/xfce4/panel/default.xml";
+const PANEL_SKEL: &str = "etc/skel/.config/xfce4/xfconf/xfce-perchannel-xml/xfce4-panel.xml";
+
 /// GRUB boots at once, its menu on the screen and the serial port. It
 /// loads `/vmlinuz` and `/initrd.img`, the links Debian moves to each new
 /// kernel, so a kernel upgraded inside the guest is the one that boots.
-fn grub_cfg() -> String {
+fn grub_cfg(append: &str) -> String {
     format!(
         "set timeout=0\n\
          serial --unit=0 --speed=115200\n\
          terminal_input serial console\n\
          terminal_output serial console\n\
-         linux /vmlinuz {APPEND}\n\
+         linux /vmlinuz {append}\n\
          initrd /initrd.img\n\
          boot\n"
     )
@@ -307,7 +416,7 @@ fn grub_cfg() -> String {
 /// Makes the installed tree a cloud image: no identity of its own (no
 /// machine-id, host keys or host name: each VM's first boot makes them),
 /// its root by label, the agent as a service, GRUB's configuration.
-fn configure(root: &Path, agent: &[u8]) -> Result<(), ImageError> {
+fn configure(flavor: &Flavor, root: &Path, agent: &[u8]) -> Result<(), ImageError> {
     let ssh = root.join("etc/ssh");
     for entry in std::fs::read_dir(&ssh).map_err(|err| ImageError::io(&ssh, err))? {
         let path = entry.map_err(|err| ImageError::io(&ssh, err))?.path();
@@ -328,7 +437,7 @@ fn configure(root: &Path, agent: &[u8]) -> Result<(), ImageError> {
         }
     }
     let fstab = format!("LABEL={LABEL} / ext4 defaults,discard,errors=remount-ro 0 1\n");
-    let grub_cfg = grub_cfg();
+    let grub_cfg = grub_cfg(flavor.append);
     let files: &[(&str, &[u8], u32)] = &[
         ("etc/machine-id", b"", 0o444),
         ("etc/fstab", fstab.as_bytes(), 0o644),
@@ -366,6 +475,9 @@ fn configure(root: &Path, agent: &[u8]) -> Result<(), ImageError> {
     for (path, contents, mode) in files {
         write_file(&root.join(path), contents, *mode)?;
     }
+    if flavor.desktop {
+        configure_desktop(root)?;
+    }
     chroot_systemctl(
         root,
         "enable",
@@ -383,6 +495,40 @@ fn configure(root: &Path, agent: &[u8]) -> Result<(), ImageError> {
             "e2scrub_reap.service",
         ],
     )
+}
+
+/// The graphical session on the screen, swap for zswap, and the
+/// watchdog's feeding.
+fn configure_desktop(root: &Path) -> Result<(), ImageError> {
+    let panel = read(&root.join(PANEL_DEFAULT))?;
+    let files: &[(&str, &[u8], u32)] = &[
+        (
+            "etc/lightdm/lightdm.conf.d/50-quetzal.conf",
+            LIGHTDM.as_bytes(),
+            0o644,
+        ),
+        (
+            "etc/X11/xorg.conf.d/10-quetzal-no-blanking.conf",
+            XORG_NO_BLANKING.as_bytes(),
+            0o644,
+        ),
+        (
+            "etc/systemd/system.conf.d/50-quetzal-watchdog.conf",
+            RUNTIME_WATCHDOG.as_bytes(),
+            0o644,
+        ),
+        (PANEL_SKEL, &panel, 0o644),
+        (
+            "etc/cloud/cloud.cfg.d/91-quetzal-swap.cfg",
+            CLOUD_CFG_SWAP.as_bytes(),
+            0o644,
+        ),
+    ];
+    for (path, contents, mode) in files {
+        write_file(&root.join(path), contents, *mode)?;
+    }
+    chroot_systemctl(root, "enable", &["lightdm.service"])?;
+    chroot_systemctl(root, "set-default", &["graphical.target"])
 }
 
 fn chroot_systemctl(root: &Path, verb: &str, units: &[&str]) -> Result<(), ImageError> {

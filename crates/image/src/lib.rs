@@ -39,7 +39,7 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// The images Quetzal knows how to build.
-pub const IMAGES: &[&str] = &["tiny", "debian"];
+pub const IMAGES: &[&str] = &["tiny", "debian", "desktop"];
 /// The image used when none is named.
 pub const DEFAULT_IMAGE: &str = "tiny";
 
@@ -370,7 +370,8 @@ impl ImageStore {
         let _lock = lock(&image_dir)?;
 
         let plan = match name {
-            "debian" => debian::plan()?,
+            "debian" => debian::plan(&debian::DEBIAN)?,
+            "desktop" => debian::plan(&debian::DESKTOP)?,
             _ => tiny::plan()?,
         };
         if let Ok(current) = self.get(name)
