@@ -33,32 +33,35 @@ pub fn shared_data_dir() -> PathBuf {
     tests_root().join("shared")
 }
 
-/// The `tiny` image, built by the real builder the first time a test needs
-/// it (`scripts/test` builds it up front, so a new recipe is picked up).
-pub fn tiny() -> Image {
+/// Image `name` from the shared data directory, built by the real builder
+/// the first time a test needs it (`scripts/test` builds every image up
+/// front, so a new recipe is picked up).
+fn built(name: &str) -> Image {
     let store = ImageStore::new(&shared_data_dir());
-    if let Ok(image) = store.get("tiny") {
+    if let Ok(image) = store.get(name) {
         return image;
     }
     store
-        .build("tiny", &mut |line| eprintln!("testkit: {line}"))
-        .expect("the tiny image builds");
-    store.get("tiny").expect("the tiny image was just built")
+        .build(name, &mut |line| eprintln!("testkit: {line}"))
+        .unwrap_or_else(|err| panic!("the {name} image builds: {err}"));
+    store
+        .get(name)
+        .unwrap_or_else(|err| panic!("the {name} image was just built: {err}"))
 }
 
-/// The `debian` image, built like [`tiny`] (`scripts/test` builds it up
-/// front: about a minute, from Debian's archive).
+/// The `tiny` image.
+pub fn tiny() -> Image {
+    built("tiny")
+}
+
+/// The `debian` image (about a minute to build, from Debian's archive).
 pub fn debian() -> Image {
-    let store = ImageStore::new(&shared_data_dir());
-    if let Ok(image) = store.get("debian") {
-        return image;
-    }
-    store
-        .build("debian", &mut |line| eprintln!("testkit: {line}"))
-        .expect("the debian image builds");
-    store
-        .get("debian")
-        .expect("the debian image was just built")
+    built("debian")
+}
+
+/// The `desktop` image (a few minutes to build).
+pub fn desktop() -> Image {
+    built("desktop")
 }
 
 /// How long a Debian guest may take to boot (about 30 s alone under TCG
