@@ -68,6 +68,9 @@ fn private_kib_of(pid: u64, file: &Path) -> u64 {
 #[test]
 fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own() {
     debian();
+    // Where the time goes, printed when the test fails or times out.
+    let started = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("instant: {what} after {:.0?}", started.elapsed());
     let daemon = Daemon::start(Path::new(QUETZALD));
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
     let memory_mib: u64 = 512;
@@ -93,6 +96,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         let agent = &show(&cli, "source")["agent"];
         agent["connected"] == true && agent["port_connected"] == true
     });
+    phase("the source booted");
     let source_uptime = uptime(&cli, "source");
     let source_machine_id = exec(&cli, "source", &["cat", "/etc/machine-id"]);
 
@@ -119,6 +123,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         "an instant clone has its warm template's 1 CPUs and 512 MiB",
     );
 
+    phase("the warm template was made");
     let names: Vec<String> = (0..CLONES).map(|i| format!("clone-{i}")).collect();
     for name in &names {
         let made: Value = serde_json::from_str(&cli.ok(&[
@@ -138,6 +143,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         assert_eq!(made["linked_to"], "desk");
     }
 
+    phase("the clones were made");
     let mut macs = HashSet::new();
     let mut machine_ids = HashSet::new();
     let mut generations = HashSet::new();
@@ -166,6 +172,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
             &["sh", "-c", "head -c 32M /dev/urandom > /dev/shm/mine"],
         );
     }
+    phase("each clone was checked");
     assert_eq!(macs.len(), CLONES);
     assert_eq!(machine_ids.len(), CLONES);
     assert_eq!(generations.len(), CLONES);
@@ -178,6 +185,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         addresses.len() == CLONES
     });
 
+    phase("each clone had an address");
     // What the clones wrote is theirs: the template's RAM file is as it
     // was, and each clone holds privately only what it wrote (at least
     // the 32 MiB file), far below its RAM size.
@@ -203,6 +211,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         cli.ok(&["vm", "rm", name]);
     }
     cli.ok(&["template", "rm", "desk"]);
+    phase("the clones and the template were removed");
     assert!(!ram.exists());
     let left: Vec<_> = std::fs::read_dir(&ram_dir)
         .map(|dir| dir.flatten().map(|entry| entry.path()).collect())
