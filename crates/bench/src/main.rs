@@ -12,6 +12,8 @@
 //! - `quetzal-bench agent`: the guest agent's readiness and round trip.
 //! - `quetzal-bench debian`: the debian image's boot to login, agent and
 //!   SSH, and exec through quetzal-agent against stock qemu-guest-agent.
+//! - `quetzal-bench instant`: instant clones of a warm template against a
+//!   cold start and libvirt's define + start; clones per second; memory.
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
@@ -21,6 +23,7 @@ mod boot;
 mod clones;
 mod dashboard;
 mod debian;
+mod instant;
 mod node;
 mod ping;
 mod stats;
@@ -28,7 +31,8 @@ mod tls;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: quetzal-bench boot|node|clones|dashboard|tls|agent|debian [--runs N]";
+const USAGE: &str =
+    "usage: quetzal-bench boot|node|clones|dashboard|tls|agent|debian|instant [--runs N]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -37,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" | "debian" => {
+            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" | "debian" | "instant" => {
                 which = Some(arg)
             }
             other => bail!("unknown argument {other}; {USAGE}"),
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Some("tls") => tls::run(runs, &bin),
         Some("agent") => agent::run(runs, &bin),
         Some("debian") => debian::run(runs, &bin),
+        Some("instant") => instant::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }
