@@ -125,7 +125,7 @@ fn rejects_more_memory_than_the_host_has() {
 fn rejects_an_unknown_image() {
     assert_rejected(
         &["--image", "windows-95"],
-        "unknown image 'windows-95' (Quetzal builds tiny, debian; others come from: quetzal image import NAME FILE)",
+        "unknown image 'windows-95' (Quetzal builds tiny, debian, desktop; others come from: quetzal image import NAME FILE)",
     );
 }
 
