@@ -427,6 +427,167 @@ pub struct WarmTemplate {
     pub state_sha256: String,
 }
 
+/// `POST /api/v1/pools`: desktops kept ready from a template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePool {
+    /// 1-56 letters, digits, `-` or `_`, starting with a letter or digit
+    /// (its desktops are named `NAME-N`).
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,55}$",
+        min_length = 1,
+        max_length = 56
+    )]
+    pub name: String,
+    /// The template its desktops are clones of: instant clones of a warm
+    /// one, booted linked clones of a cold one.
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub template: String,
+    /// How many running desktops wait for users.
+    #[schema(maximum = 1000)]
+    pub spare: u32,
+    /// Desktops in all, spare and assigned (at least `spare`, at least 1).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub max: u32,
+    /// A released desktop stays its user's (given back to them at their
+    /// next assign) instead of being replaced by a fresh clone.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+/// `PATCH /api/v1/pools/{name}`: what is given changes. A new template
+/// replaces the spares at once and assigned desktops when released.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1000)]
+    pub spare: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub max: Option<u32>,
+}
+
+/// `POST /api/v1/pools/{name}/assign`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignDesktop {
+    /// Who gets it [default: the caller's token name, `local` on the
+    /// Unix socket].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub user: Option<String>,
+}
+
+/// A desktop pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Pool {
+    pub name: String,
+    pub template: String,
+    pub spare: u32,
+    pub max: u32,
+    pub persistent: bool,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Spares running now, ready to hand out.
+    pub ready: u32,
+    pub desktops: Vec<PoolDesktop>,
+    /// Why the last desktop it tried to make failed (cleared by the next
+    /// that works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Where a pool's desktop is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DesktopState {
+    /// Being made.
+    Creating,
+    /// Ready, waiting for a user.
+    Spare,
+    /// Handed to its user.
+    Assigned,
+    /// A persistent pool's desktop its user released: theirs again at
+    /// their next assign.
+    Held,
+    #[serde(other)]
+    Unknown,
+}
+
+impl DesktopState {
+    pub const ALL: [DesktopState; 4] = [
+        DesktopState::Creating,
+        DesktopState::Spare,
+        DesktopState::Assigned,
+        DesktopState::Held,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesktopState::Creating => "creating",
+            DesktopState::Spare => "spare",
+            DesktopState::Assigned => "assigned",
+            DesktopState::Held => "held",
+            DesktopState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == text)
+    }
+}
+
+/// One of a pool's desktops: a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolDesktop {
+    pub vm: String,
+    pub state: DesktopState,
+    /// The template it is a clone of.
+    pub template: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_at: Option<i64>,
+    /// The VM's state (none while it is being made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<VmState>,
+    /// The dashboard's full-window page for it, from the dashboard's root.
+    pub path: String,
+}
+
+/// What `POST /api/v1/pools/{name}/assign` handed out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Assigned {
+    pub pool: String,
+    pub vm: String,
+    pub user: String,
+    /// The dashboard's full-window page for it, from the dashboard's root
+    /// (`/#/desktop/VM`).
+    pub path: String,
+}
+
+/// The dashboard path of a desktop's full-window page.
+pub fn desktop_path(vm: &str) -> String {
+    format!("/#/desktop/{vm}")
+}
+
 /// `POST /api/v1/vms/{name}/clone`: a new VM from a stopped one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -499,13 +660,15 @@ pub enum EventKind {
     /// A service its agent watches died and was restarted (or could not
     /// be).
     Service,
+    /// A desktop pool made it, handed it to a user, or took it back.
+    Pool,
     /// A kind this client does not know (from a newer daemon).
     #[serde(other)]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 27] = [
+    pub const ALL: [EventKind; 28] = [
         EventKind::Creating,
         EventKind::Created,
         EventKind::CreateFailed,
@@ -532,6 +695,7 @@ impl EventKind {
         EventKind::Agent,
         EventKind::Hung,
         EventKind::Service,
+        EventKind::Pool,
         EventKind::Other,
     ];
 
@@ -562,6 +726,7 @@ impl EventKind {
             EventKind::Suppressed => "suppressed",
             EventKind::Agent => "agent",
             EventKind::Service => "service",
+            EventKind::Pool => "pool",
             EventKind::Hung => "hung",
             EventKind::Other => "other",
         }

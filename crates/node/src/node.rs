@@ -27,6 +27,7 @@ mod error;
 mod guest;
 mod networks;
 mod operations;
+mod pools;
 mod recovery;
 mod snapshots;
 mod templates;
@@ -34,8 +35,8 @@ mod vms;
 
 pub use create::Created;
 pub use error::{
-    ErrorKind, Fault, NetworkError, NodeError, OperationError, SnapshotError, TemplateError,
-    VmError,
+    ErrorKind, Fault, NetworkError, NodeError, OperationError, PoolError, SnapshotError,
+    TemplateError, VmError,
 };
 pub use guest::MAX_FILE as MAX_GUEST_FILE;
 pub use networks::{DEFAULT_NETWORK, Networks, USER_NETWORK};
@@ -63,6 +64,8 @@ pub enum Published {
     Event(Event),
     /// An operation started, progressed or ended.
     Operation(quetzal_api::Operation),
+    /// A desktop pool, or one of its desktops, changed (its name).
+    Pool(String),
 }
 
 impl From<Event> for Published {
@@ -116,6 +119,7 @@ pub struct Node {
     networks: Networks,
     access: access::Access,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    pool_work: pools::PoolWork,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
     accel: Accel,
@@ -147,6 +151,7 @@ impl Node {
             access: access::Access::open(Arc::clone(&core))?,
             core,
             slots: Mutex::default(),
+            pool_work: pools::PoolWork::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
@@ -156,6 +161,7 @@ impl Node {
         node.networks.read_leases();
         node.recover().await?;
         node.watch_leases();
+        node.watch_pools();
         Ok(node)
     }
 

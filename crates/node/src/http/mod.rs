@@ -879,6 +879,9 @@ async fn stream_events(
                 Published::Operation(op) => SseEvent::default()
                     .event("operation")
                     .json_data(&OperationResponse { operation: op }),
+                Published::Pool(pool) => SseEvent::default()
+                    .event("pool")
+                    .json_data(serde_json::json!({ "pool": pool })),
             };
             sse.ok().map(Ok)
         },

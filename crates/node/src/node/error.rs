@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use quetzal_api::{OperationKind, OperationState, VmState};
+use quetzal_api::{DesktopState, OperationKind, OperationState, VmState};
 use quetzal_engine::DiskError;
 use quetzal_image::ImageError;
 
@@ -68,6 +68,8 @@ pub enum NodeError {
     #[error(transparent)]
     Operation(#[from] OperationError),
     #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
     Access(#[from] super::access::AccessError),
     /// A VM's guest agent.
     #[error("VM {vm}: {source}")]
@@ -88,6 +90,7 @@ impl NodeError {
             NodeError::Template(err) => err.kind(),
             NodeError::Network(err) => err.kind(),
             NodeError::Operation(err) => err.kind(),
+            NodeError::Pool(err) => err.kind(),
             NodeError::Access(err) => err.kind(),
             NodeError::Agent { source, .. } => match source {
                 crate::agent::AgentError::Unavailable
@@ -342,6 +345,8 @@ pub enum TemplateError {
         clones.join(", ")
     )]
     HasLinkedClones { name: String, clones: Vec<String> },
+    #[error("template {name} makes the desktops of pool {}; change or delete the pool first", pools.join(", "))]
+    UsedByPools { name: String, pools: Vec<String> },
 }
 
 impl TemplateError {
@@ -359,6 +364,7 @@ impl TemplateError {
             | TemplateError::NoRamFile { .. }
             | TemplateError::LinkedClone { .. }
             | TemplateError::HasLinkedClones { .. }
+            | TemplateError::UsedByPools { .. }
             | TemplateError::ImageInUse { .. } => ErrorKind::Conflict,
         }
     }
@@ -406,6 +412,44 @@ impl NetworkError {
             NetworkError::NotFound { .. } => ErrorKind::NotFound,
             NetworkError::Invalid { .. } | NetworkError::UserIsReserved => ErrorKind::Invalid,
             _ => ErrorKind::Conflict,
+        }
+    }
+}
+
+/// Desktop pools.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no pool named {name}")]
+    NotFound { name: String },
+    #[error("a pool named {name} already exists")]
+    Exists { name: String },
+    #[error("{reason}")]
+    Invalid { reason: String },
+    #[error("pool {name} has no desktop free: all {max} are taken (raise its max, or release one)")]
+    Full { name: String, max: u32 },
+    #[error("pool {pool} has no desktop {vm}")]
+    NoSuchDesktop { pool: String, vm: String },
+    #[error("desktop {vm} is not assigned (it is {}); only an assigned desktop is released", state.as_str())]
+    NotAssigned { vm: String, state: DesktopState },
+    #[error("pool {name} has desktops its users hold: {}; release them first", desktops.join(", "))]
+    InUse { name: String, desktops: Vec<String> },
+    #[error("pool {name} is making desktop {vm} now; try again when it is made")]
+    Busy { name: String, vm: String },
+    #[error("making desktop {vm} started a copy (operation {operation}) instead of a clone")]
+    Unexpected { vm: String, operation: String },
+}
+
+impl PoolError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PoolError::NotFound { .. } | PoolError::NoSuchDesktop { .. } => ErrorKind::NotFound,
+            PoolError::Invalid { .. } => ErrorKind::Invalid,
+            PoolError::Unexpected { .. } => ErrorKind::Internal,
+            PoolError::Exists { .. }
+            | PoolError::Full { .. }
+            | PoolError::NotAssigned { .. }
+            | PoolError::InUse { .. }
+            | PoolError::Busy { .. } => ErrorKind::Conflict,
         }
     }
 }

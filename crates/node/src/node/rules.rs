@@ -344,3 +344,217 @@ async fn wait_operation(node: &Node, id: &str) -> quetzal_api::Operation {
     .await
     .expect("the operation ends within 10 s")
 }
+
+/// Waits until `check` holds, looking again at each event the node
+/// publishes.
+async fn until(node: &Node, what: &str, mut check: impl FnMut() -> bool) {
+    let mut events = node.subscribe();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while !check() {
+            let _ = events.recv().await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{what} within 10 s");
+}
+
+/// A node with template `name` (cold: the memory engine has no warm
+/// memory) made from a stopped VM.
+async fn with_template(node: &Arc<Node>, name: &str) {
+    let vm = format!("{name}-source");
+    node.create(request(&vm)).await.unwrap();
+    let made = node
+        .create_template(
+            serde_json::from_value(serde_json::json!({"name": name, "from_vm": vm})).unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_operation(node, &made.id).await;
+}
+
+fn pool_request(template: &str, spare: u32, max: u32) -> quetzal_api::CreatePool {
+    serde_json::from_value(serde_json::json!({
+        "name": "lab", "template": template, "spare": spare, "max": max
+    }))
+    .unwrap()
+}
+
+fn ready(node: &Node) -> u32 {
+    node.pool("lab").unwrap().ready
+}
+
+#[test]
+fn a_pool_keeps_its_spares_hands_them_out_and_stops_at_its_max() {
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        with_template(&node, "base").await;
+        node.create_pool(pool_request("base", 2, 3)).unwrap();
+        until(&node, "two spares", || ready(&node) == 2).await;
+
+        let alice = node.assign("lab", "alice").await.unwrap();
+        until(&node, "the spare refilled", || ready(&node) == 2).await;
+        let bob = node.assign("lab", "bob").await.unwrap();
+        let carol = node.assign("lab", "carol").await.unwrap();
+        let full = conflict(node.assign("lab", "dave").await);
+
+        let names = [&alice.vm, &bob.vm, &carol.vm];
+        assert!(names.iter().all(|vm| vm.starts_with("lab-")), "{names:?}");
+        assert_ne!(alice.vm, bob.vm);
+        assert_ne!(bob.vm, carol.vm);
+        assert_eq!(alice.path, format!("/#/desktop/{}", alice.vm));
+        assert!(full.contains("all 3 are taken"), "{full}");
+        let pool = node.pool("lab").unwrap();
+        assert_eq!(pool.desktops.len(), 3);
+        assert_eq!(pool.ready, 0);
+        assert!(
+            pool.desktops
+                .iter()
+                .all(|d| d.state == quetzal_api::DesktopState::Assigned),
+            "{pool:?}"
+        );
+        assert_eq!(node.get(&alice.vm).unwrap().state, VmState::Running);
+
+        // Released: destroyed, and a fresh spare takes its place.
+        node.release("lab", &alice.vm).await.unwrap();
+        assert!(node.get(&alice.vm).is_err(), "the released desktop is gone");
+        until(&node, "a new spare", || ready(&node) == 1).await;
+        let desktops = node.pool("lab").unwrap().desktops;
+        assert!(desktops.iter().all(|d| d.vm != alice.vm));
+        let spare = desktops
+            .iter()
+            .find(|d| d.state == quetzal_api::DesktopState::Spare)
+            .unwrap();
+        let not_assigned = conflict(node.release("lab", &spare.vm).await);
+        assert!(not_assigned.contains("not assigned"), "{not_assigned}");
+    });
+}
+
+#[test]
+fn a_new_template_replaces_the_spares_and_a_persistent_pool_keeps_its_users_desktops() {
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        with_template(&node, "v1").await;
+        with_template(&node, "v2").await;
+        let mut request = pool_request("v1", 2, 4);
+        request.persistent = true;
+        node.create_pool(request).unwrap();
+        until(&node, "two spares", || ready(&node) == 2).await;
+        let alice = node.assign("lab", "alice").await.unwrap();
+
+        node.update_pool(
+            "lab",
+            quetzal_api::UpdatePool {
+                template: Some("v2".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let on = |template: &str| {
+            let pool = node.pool("lab").unwrap();
+            pool.desktops
+                .iter()
+                .filter(|d| d.state == quetzal_api::DesktopState::Spare && d.template == template)
+                .count()
+        };
+        until(&node, "two spares of v2 and none of v1", || {
+            on("v2") == 2 && on("v1") == 0 && ready(&node) == 2
+        })
+        .await;
+        let refused = conflict(node.delete_template("v2").await);
+
+        // Alice's desktop is hers: released, kept; assigned again, hers.
+        node.release("lab", &alice.vm).await.unwrap();
+        let back = node.assign("lab", "alice").await.unwrap();
+        let bob = node.assign("lab", "bob").await.unwrap();
+
+        assert!(refused.contains("pool lab"), "{refused}");
+        assert_eq!(back.vm, alice.vm);
+        assert_ne!(bob.vm, alice.vm);
+        assert_eq!(
+            node.get(&alice.vm).unwrap().linked_to.as_deref(),
+            Some("v1")
+        );
+        assert_eq!(node.get(&bob.vm).unwrap().linked_to.as_deref(), Some("v2"));
+    });
+}
+
+#[test]
+fn pools_and_who_holds_which_survive_a_restart_and_half_made_desktops_go() {
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    let alice = runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        with_template(&node, "base").await;
+        node.create_pool(pool_request("base", 1, 4)).unwrap();
+        until(&node, "one spare", || ready(&node) == 1).await;
+        let alice = node.assign("lab", "alice").await.unwrap();
+        until(&node, "the spare refilled", || ready(&node) == 1).await;
+        alice
+    });
+    // A desktop whose making the daemon's end cut short.
+    let cut_short = {
+        use crate::store::PoolStore;
+        let mut store = crate::store::SqliteStore::open(&data.path().join("quetzal.db")).unwrap();
+        store.reserve_desktop("lab", "base", None).unwrap().vm
+    };
+
+    runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        until(&node, "the half-made desktop gone", || {
+            node.pool("lab")
+                .unwrap()
+                .desktops
+                .iter()
+                .all(|d| d.vm != cut_short)
+        })
+        .await;
+        let pool = node.pool("lab").unwrap();
+        let held = pool.desktops.iter().find(|d| d.vm == alice.vm).unwrap();
+
+        assert_eq!(held.state, quetzal_api::DesktopState::Assigned);
+        assert_eq!(held.user.as_deref(), Some("alice"));
+        assert_eq!(held.vm_state, Some(VmState::Running));
+        assert_eq!(pool.ready, 1);
+        assert_eq!(pool.desktops.len(), 2, "{pool:?}");
+    });
+}
+
+#[test]
+fn bad_pool_requests_get_one_clear_error() {
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        with_template(&node, "base").await;
+        let invalid = |result: Result<quetzal_api::Pool, NodeError>| match result {
+            Err(err) if err.kind() == ErrorKind::Invalid => err.to_string(),
+            other => panic!("expected an invalid request, got {other:?}"),
+        };
+
+        let too_many = invalid(node.create_pool(pool_request("base", 3, 2)));
+        let no_max = invalid(node.create_pool(pool_request("base", 0, 0)));
+        let mut long = pool_request("base", 0, 1);
+        long.name = "p".repeat(57);
+        let long = invalid(node.create_pool(long));
+        let missing = node.create_pool(pool_request("absent", 0, 1)).unwrap_err();
+        node.create_pool(pool_request("base", 0, 1)).unwrap();
+        let twice = conflict(node.create_pool(pool_request("base", 0, 1)));
+        let user = node.assign("lab", "bad user").await.unwrap_err();
+
+        assert!(too_many.contains("cannot be more than max"), "{too_many}");
+        assert!(no_max.contains("max must be between 1"), "{no_max}");
+        assert!(long.contains("at most 56"), "{long}");
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        assert!(twice.contains("already exists"), "{twice}");
+        assert_eq!(user.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            node.release("lab", "lab-9").await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    });
+}

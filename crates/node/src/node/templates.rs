@@ -157,7 +157,7 @@ impl Node {
         self.template_view(record)
     }
 
-    fn template_record(&self, name: &str) -> Result<TemplateRecord, NodeError> {
+    pub(super) fn template_record(&self, name: &str) -> Result<TemplateRecord, NodeError> {
         let found = self.store().template(name)?;
         Ok(found.ok_or_else(|| TemplateError::NotFound {
             name: name.to_owned(),
@@ -384,6 +384,7 @@ impl Node {
     /// Deletes a template that no VM is a linked clone of.
     pub async fn delete_template(&self, name: &str) -> Result<(), NodeError> {
         let template = self.template(name)?;
+        self.check_no_pool_uses(name)?;
         if !template.linked_clones.is_empty() {
             return Err(TemplateError::HasLinkedClones {
                 name: name.to_owned(),

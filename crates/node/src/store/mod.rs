@@ -1,5 +1,5 @@
 //! What the node keeps — VMs and their event log, snapshots, templates,
-//! networks, operations — behind the [`Store`] traits, and their SQLite
+//! networks, operations, desktop pools — behind the [`Store`] traits, and their SQLite
 //! implementation.
 //!
 //! Every state change and its event are written in one transaction, in WAL
@@ -15,6 +15,7 @@ use rusqlite::{Connection, params};
 mod access;
 mod networks;
 mod operations;
+mod pools;
 mod snapshots;
 mod templates;
 mod vms;
@@ -22,6 +23,7 @@ mod vms;
 pub use access::{AccessStore, AuditRecord, AuditStore, SessionRecord, TokenRecord};
 pub use networks::{NetworkRecord, NetworkStore};
 pub use operations::{Failure, OperationRecord, OperationStore};
+pub use pools::{DesktopRecord, PoolRecord, PoolStore};
 pub use snapshots::{SnapshotRecord, SnapshotStore};
 pub use templates::{TemplateRecord, TemplateStore, WarmFiles};
 pub use vms::{Change, VmRecord, VmStore};
@@ -153,6 +155,24 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN services TEXT NOT NULL DEFAULT '[]';",
     "ALTER TABLE templates ADD COLUMN warm TEXT;
     ALTER TABLE vms ADD COLUMN restore_from TEXT REFERENCES templates (name);",
+    "CREATE TABLE pools (
+        name TEXT PRIMARY KEY,
+        template TEXT NOT NULL REFERENCES templates (name),
+        spare INTEGER NOT NULL,
+        max INTEGER NOT NULL,
+        persistent INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        next_index INTEGER NOT NULL
+    );
+    CREATE TABLE desktops (
+        vm TEXT PRIMARY KEY,
+        pool TEXT NOT NULL REFERENCES pools (name),
+        template TEXT NOT NULL,
+        state TEXT NOT NULL,
+        user TEXT,
+        assigned_at INTEGER
+    );
+    CREATE INDEX desktops_by_pool ON desktops (pool);",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite
@@ -164,6 +184,7 @@ pub trait Store:
     + TemplateStore
     + NetworkStore
     + OperationStore
+    + PoolStore
     + AccessStore
     + AuditStore
     + Send
@@ -177,6 +198,7 @@ impl<T> Store for T where
         + TemplateStore
         + NetworkStore
         + OperationStore
+        + PoolStore
         + AccessStore
         + AuditStore
         + Send
