@@ -7,6 +7,7 @@ mod host;
 mod image;
 mod network;
 mod operation;
+mod pool;
 mod run;
 mod trust;
 mod up;
@@ -48,6 +49,10 @@ enum Command {
     /// Managed networks (bridges with DHCP, DNS and NAT).
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Desktop pools: desktops kept ready for users, handed out and taken
+    /// back.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     /// Long work (copies, snapshots) and how far it is.
     #[command(subcommand)]
     Operation(operation::OperationCommand),
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
         Command::Vm(command) => vm::run(command),
         Command::Template(command) => vm::template(command),
         Command::Network(command) => network::run(command),
+        Command::Pool(command) => pool::run(command),
         Command::Operation(command) => operation::command(command),
         Command::Events(args) => vm::events(args),
         Command::Token(args) => access::token(args),

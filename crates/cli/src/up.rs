@@ -22,7 +22,7 @@ use crate::client::Client;
 const DEMO: &str = "demo";
 const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 
-fn listen() -> String {
+pub(crate) fn listen() -> String {
     std::env::var("QUETZAL_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.to_owned())
 }
 

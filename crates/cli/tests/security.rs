@@ -261,6 +261,13 @@ fn every_route_answers_each_role_as_its_access_says() {
     let (code, body) = daemon.request("GET", &format!("/api/v1/operations/{op}/wait"), None);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(r#""state":"succeeded""#), "{body}");
+    // A pool of it (no spares: nothing is made) for the pool reads.
+    let (code, body) = daemon.request(
+        "POST",
+        "/api/v1/pools",
+        Some(r#"{"name":"walkp","template":"walkt","spare":0,"max":1}"#),
+    );
+    assert_eq!(code, 201, "{body}");
     // Running: its stats, console and screen are there to read.
     let (code, body) = daemon.request("POST", "/api/v1/vms/walk/start", None);
     assert_eq!(code, 200, "{body}");
@@ -311,6 +318,15 @@ fn every_route_answers_each_role_as_its_access_says() {
                     "/networks/absent"
                 },
             )
+            .replace(
+                "/pools/{name}",
+                if read {
+                    "/pools/walkp"
+                } else {
+                    "/pools/absent"
+                },
+            )
+            .replace("{vm}", "absent")
             .replace("/tokens/{name}", "/tokens/absent")
             .replace("{snapshot}", "absent")
             .replace("{action}", "absent-action")

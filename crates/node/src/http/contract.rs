@@ -30,6 +30,18 @@ pub(super) struct SnapshotPath {
     pub snapshot: String,
 }
 
+/// A pool's desktop in a path.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(super) struct DesktopPath {
+    /// The pool's name.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+    pub name: String,
+    /// The desktop's VM.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+    pub vm: String,
+}
+
 /// An operation in a path.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]

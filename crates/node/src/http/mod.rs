@@ -10,6 +10,7 @@ pub mod guard;
 use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
 mod operations;
+mod pools;
 mod unread;
 pub mod viewers;
 mod vnc;
@@ -227,6 +228,13 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         get_template,
         delete_template,
         delete_image,
+        pools::list_pools,
+        pools::create_pool,
+        pools::get_pool,
+        pools::update_pool,
+        pools::delete_pool,
+        pools::assign_desktop,
+        pools::release_desktop,
         list_snapshots,
         create_snapshot,
         revert_snapshot,
@@ -256,6 +264,13 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         Template,
         quetzal_api::WarmTemplate,
         CreateTemplate,
+        quetzal_api::Pool,
+        quetzal_api::CreatePool,
+        quetzal_api::UpdatePool,
+        quetzal_api::AssignDesktop,
+        quetzal_api::Assigned,
+        quetzal_api::PoolDesktop,
+        quetzal_api::DesktopState,
         quetzal_api::Snapshot,
         SnapshotList,
         CreateSnapshot,
@@ -471,6 +486,48 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/templates/{name}",
             Needs(Operator),
             delete(delete_template),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/pools",
+            Needs(Viewer),
+            get(pools::list_pools),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/pools",
+            Needs(Operator),
+            post(pools::create_pool),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/pools/{name}",
+            Needs(Viewer),
+            get(pools::get_pool),
+        ),
+        route(
+            Method::PATCH,
+            "/api/v1/pools/{name}",
+            Needs(Operator),
+            axum::routing::patch(pools::update_pool),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/pools/{name}",
+            Needs(Operator),
+            delete(pools::delete_pool),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/pools/{name}/assign",
+            Needs(Operator),
+            post(pools::assign_desktop),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/pools/{name}/desktops/{vm}/release",
+            Needs(Operator),
+            post(pools::release_desktop),
         ),
         route(
             Method::DELETE,

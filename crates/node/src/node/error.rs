@@ -433,7 +433,7 @@ pub enum PoolError {
     NotAssigned { vm: String, state: DesktopState },
     #[error("pool {name} has desktops its users hold: {}; release them first", desktops.join(", "))]
     InUse { name: String, desktops: Vec<String> },
-    #[error("pool {name} is making desktop {vm} now; try again when it is made")]
+    #[error("pool {name} is still making desktop {vm}; try again when it is made")]
     Busy { name: String, vm: String },
     #[error("making desktop {vm} started a copy (operation {operation}) instead of a clone")]
     Unexpected { vm: String, operation: String },

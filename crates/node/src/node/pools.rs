@@ -39,6 +39,8 @@ const POOL_POLL: Duration = Duration::from_secs(5);
 /// desktop could not be made.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const LONGEST_RETRY: Duration = Duration::from_secs(80);
+/// How long deleting a pool waits for the desktops being made.
+const MAKE_WAIT: Duration = Duration::from_secs(120);
 
 /// The node's pool work that lives in memory: one lock per pool, the
 /// desktops being made now, the last failure of each pool.
@@ -48,6 +50,8 @@ pub(super) struct PoolWork {
     in_flight: Mutex<HashSet<String>>,
     failures: Mutex<HashMap<String, Failure>>,
     wake: tokio::sync::Notify,
+    /// Told whenever a desktop's making ends.
+    made: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +84,7 @@ impl PoolWork {
             in_flight.insert(vm.to_owned());
         } else {
             in_flight.remove(vm);
+            self.made.notify_waiters();
         }
     }
 
@@ -230,32 +235,47 @@ impl Node {
     }
 
     /// Deletes a pool and its spares; refused while users hold desktops
-    /// of it.
+    /// of it. Desktops being made are waited for (the pool makes no new
+    /// spares meanwhile), then destroyed with the rest.
     pub async fn delete_pool(self: &Arc<Self>, name: &str) -> Result<(), NodeError> {
         let lock = self.pool_work.lock(name);
-        let _held = lock.lock().await;
-        self.pool_record(name)?;
+        let deadline = Instant::now() + MAKE_WAIT;
+        let _held = loop {
+            let held = lock.lock().await;
+            let record = self.pool_record(name)?;
+            let desktops = self.store().desktops(name)?;
+            let users: Vec<String> = desktops
+                .iter()
+                .filter(|d| matches!(d.state, DesktopState::Assigned | DesktopState::Held))
+                .map(|d| d.vm.clone())
+                .collect();
+            if !users.is_empty() {
+                return Err(PoolError::InUse {
+                    name: name.to_owned(),
+                    desktops: users,
+                }
+                .into());
+            }
+            let Some(making) = desktops.iter().find(|d| self.pool_work.making(&d.vm)) else {
+                break held;
+            };
+            if Instant::now() >= deadline {
+                return Err(PoolError::Busy {
+                    name: name.to_owned(),
+                    vm: making.vm.clone(),
+                }
+                .into());
+            }
+            if record.spare > 0 {
+                self.store()
+                    .update_pool(&PoolRecord { spare: 0, ..record })?;
+            }
+            let made = self.pool_work.made.notified();
+            drop(held);
+            let _ = tokio::time::timeout_at(deadline.into(), made).await;
+        };
         let desktops = self.store().desktops(name)?;
-        let held: Vec<String> = desktops
-            .iter()
-            .filter(|d| matches!(d.state, DesktopState::Assigned | DesktopState::Held))
-            .map(|d| d.vm.clone())
-            .collect();
-        if !held.is_empty() {
-            return Err(PoolError::InUse {
-                name: name.to_owned(),
-                desktops: held,
-            }
-            .into());
-        }
-        if let Some(making) = desktops.iter().find(|d| self.pool_work.making(&d.vm)) {
-            return Err(PoolError::Busy {
-                name: name.to_owned(),
-                vm: making.vm.clone(),
-            }
-            .into());
-        }
-        for desktop in &desktops {
+        for desktop in desktops {
             self.destroy_desktop_vm(&desktop.vm).await?;
         }
         self.store().delete_pool(name)?;
