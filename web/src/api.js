@@ -53,6 +53,7 @@ export async function waitFor(operation) {
 
 export const get = (path) => api('GET', path);
 export const post = (path, body) => api('POST', path, body ?? {});
+export const patch = (path, body) => api('PATCH', path, body);
 export const del = (path) => api('DELETE', path);
 
 export const enc = encodeURIComponent;
@@ -65,10 +66,11 @@ export function wsUrl(path) {
 
 /**
  * The daemon's event stream. `handler` gets each VM event, `onOperation`
- * each operation as it starts, progresses and ends; the browser
- * reconnects by itself. Returns a function that closes it.
+ * each operation as it starts, progresses and ends, `onPool` the name of
+ * each desktop pool that changed; the browser reconnects by itself.
+ * Returns a function that closes it.
  */
-export function subscribe(handler, onOperation) {
+export function subscribe(handler, onOperation, onPool) {
   const source = new EventSource('/api/v1/events/stream', { withCredentials: true });
   const parsed = (message, then) => {
     try {
@@ -79,5 +81,6 @@ export function subscribe(handler, onOperation) {
   };
   source.onmessage = (message) => parsed(message, handler);
   source.addEventListener('operation', (message) => parsed(message, (data) => onOperation(data.operation)));
+  source.addEventListener('pool', (message) => parsed(message, (data) => onPool(data.pool)));
   return () => source.close();
 }

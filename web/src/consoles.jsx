@@ -96,3 +96,43 @@ export function GraphicalConsole({ vm }) {
     </div>
   );
 }
+
+/**
+ * A desktop on the whole browser window and nothing else: the screen is
+ * scaled to the window, and asks the guest to take the window's size
+ * (noVNC's `resizeSession`: QEMU passes it on to display devices that
+ * can change mode).
+ */
+export function DesktopScreen({ vm }) {
+  const box = useRef(null);
+  const [status, setStatus] = useState('connecting');
+  useEffect(() => {
+    document.title = `${vm} · Quetzal`;
+    const client = new RFB(box.current, wsUrl(`/vms/${enc(vm)}/vnc`), { wsProtocols: ['binary'] });
+    client.scaleViewport = true;
+    client.resizeSession = true;
+    client.focusOnClick = true;
+    client.addEventListener('connect', () => {
+      setStatus('connected');
+      client.focus();
+    });
+    client.addEventListener('disconnect', () => setStatus('closed'));
+    return () => {
+      try {
+        client.disconnect();
+      } catch {
+        // Already gone.
+      }
+    };
+  }, [vm]);
+  return (
+    <div class="desktop-page">
+      <div class="desktop-screen" ref={box} data-testid="desktop" />
+      {status !== 'connected' ? (
+        <div class="desktop-status" role="status">
+          {status === 'connecting' ? `Connecting to ${vm}…` : `${vm} is not running, or it stopped.`}
+        </div>
+      ) : null}
+    </div>
+  );
+}

@@ -11,6 +11,8 @@ import { CreateVm } from './pages/CreateVm.jsx';
 import { VmDetail } from './pages/VmDetail.jsx';
 import { Templates } from './pages/Templates.jsx';
 import { Networks } from './pages/Networks.jsx';
+import { Pools } from './pages/Pools.jsx';
+import { DesktopScreen } from './consoles.jsx';
 import { Events } from './pages/Events.jsx';
 import { Audit } from './pages/Audit.jsx';
 import { Login } from './pages/Login.jsx';
@@ -21,6 +23,7 @@ const NAV = [
   ['#/', 'Overview'],
   ['#/vms', 'Virtual machines'],
   ['#/templates', 'Templates'],
+  ['#/pools', 'Desktop pools'],
   ['#/networks', 'Networks'],
   ['#/events', 'Events'],
   ['#/audit', 'Audit'],
@@ -49,6 +52,7 @@ function Page({ route }) {
   if (first === 'vms' && second) return <VmDetail name={second} query={route.query} />;
   if (first === 'vms') return <Vms query={route.query} />;
   if (first === 'templates') return <Templates />;
+  if (first === 'pools') return <Pools />;
   if (first === 'networks') return <Networks />;
   if (first === 'events') return <Events />;
   if (first === 'audit') return <Audit />;
@@ -91,6 +95,9 @@ function App() {
   if (error) return <ErrorNote message={`Cannot reach quetzald: ${error}`} />;
   if (session === 'checking') return <Loading />;
   if (session === 'out') return <Login onLogin={enter} />;
+
+  // A pool user's desktop: the whole window, no dashboard around it.
+  if (route.parts[0] === 'desktop' && route.parts[1]) return <DesktopScreen vm={route.parts[1]} />;
 
   const current = `#/${route.parts[0] ?? ''}`;
   return (

@@ -11,6 +11,13 @@ export const stats = signal(new Map()); // name -> { cpu, rss, at } for running 
 export const operations = signal(new Map()); // id -> Operation, running or just ended
 
 const listeners = new Set();
+const poolListeners = new Set();
+
+/** Also tell `handler` the name of each desktop pool that changed. */
+export function onPool(handler) {
+  poolListeners.add(handler);
+  return () => poolListeners.delete(handler);
+}
 
 /** Also tell `handler` about each event (pages showing one VM). */
 export function onEvent(handler) {
@@ -33,7 +40,9 @@ export async function start() {
   vms.value = new Map(list.map((vm) => [vm.name, vm]));
   host.value = hostInfo;
   recentEvents.value = page.events.reverse();
-  closeStream = subscribe(handle, handleOperation);
+  closeStream = subscribe(handle, handleOperation, (pool) => {
+    for (const listener of poolListeners) listener(pool);
+  });
   pollStats();
   statsTimer = setInterval(pollStats, 3000);
 }

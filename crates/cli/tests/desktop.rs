@@ -8,9 +8,10 @@
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 use std::path::Path;
-use std::process::Command;
 
-use quetzal_testkit::{Cli, DEBIAN_TIMEOUT, Daemon, DataDir, desktop, tests_root, wait_until_for};
+use quetzal_testkit::{
+    Cli, DEBIAN_TIMEOUT, Daemon, DataDir, browser_script, desktop, wait_until_for,
+};
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
 const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
@@ -63,27 +64,7 @@ fn the_desktop_shows_in_the_screen_tab_and_its_watchdog_resets_a_hung_kernel() {
         "grep -qx Y /sys/module/zswap/parameters/enabled && grep -q /swapfile /proc/swaps"
     ));
 
-    let url = format!("https://{}", daemon.tcp_addr().unwrap());
-    let cert = daemon.data.path().join("tls/node.crt");
-    let token = cli.ok(&["token"]);
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
-    let run = Command::new("node")
-        .arg("tests/desktop.mjs")
-        .current_dir(&web)
-        .env("QUETZAL_URL", &url)
-        .env("QUETZAL_TOKEN", token.trim())
-        .env("QUETZAL_CERT", &cert)
-        .env("NODE_EXTRA_CA_CERTS", &cert)
-        .env("QUETZAL_VM", "desk")
-        .env("SCREENSHOTS", tests_root().join("screenshots"))
-        .output()
-        .expect("node runs (scripts/setup installs it)");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success() && stdout.contains("desktop: all passed"),
-        "the browser test failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = browser_script(&daemon, "desktop.mjs", &[("QUETZAL_VM", "desk")]);
     println!("{stdout}");
 
     // The kernel hangs: it panics with the pvpanic device told nothing

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use quetzal_testkit::{Cli, Daemon, tiny, wait_until_for};
+use quetzal_testkit::{Cli, Daemon, DataDir, browser_script, tiny, wait_until_for};
 use serde_json::Value;
 
 const QUETZAL: &str = env!("CARGO_BIN_EXE_quetzal");
@@ -183,4 +183,40 @@ fn a_pool_hands_out_ready_desktops_resets_them_and_takes_a_new_template() {
     cli.ok(&["template", "rm", "v1"]);
     cli.ok(&["template", "rm", "v2"]);
     drop(daemon);
+}
+
+#[test]
+fn the_pools_page_follows_a_pool_live_and_opens_a_desktop_full_window() {
+    tiny();
+    let daemon = Daemon::start_in(Path::new(QUETZALD), DataDir::new(), Some("127.0.0.1:0"));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    warm_template(&cli, "web");
+    cli.ok(&[
+        "pool",
+        "create",
+        "lab",
+        "--template",
+        "web",
+        "--spare",
+        "2",
+        "--max",
+        "4",
+    ]);
+
+    let stdout = browser_script(&daemon, "pools.mjs", &[("QUETZAL_POOL", "lab")]);
+    println!("{stdout}");
+
+    // What the page did, the API saw: web-user's desktop came and went.
+    let vm = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("pools: released "))
+        .unwrap();
+    cli.fails(&["vm", "show", vm], &format!("no VM named {vm}"));
+    let users: Vec<Value> = pool(&cli)["desktops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["user"].clone())
+        .collect();
+    assert!(users.iter().all(Value::is_null), "{users:?}");
 }

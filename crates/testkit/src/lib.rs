@@ -422,6 +422,47 @@ pub fn assert_no_process_mentions(needle: &str) {
     );
 }
 
+/// Runs the browser script `web/tests/SCRIPT` (node, Debian's Chromium)
+/// against `daemon`'s HTTPS listener, logged in with the first admin
+/// token, with `env` added; panics with its output and the daemon's last
+/// log lines unless it exits 0 and prints `NAME: all passed` (`NAME`: the
+/// script's name without `.mjs`). Returns its stdout.
+pub fn browser_script(daemon: &Daemon, script: &str, env: &[(&str, &str)]) -> String {
+    let url = format!(
+        "https://{}",
+        daemon.tcp_addr().expect("started with --listen")
+    );
+    let cert = daemon.data.path().join("tls/node.crt");
+    let token = std::fs::read_to_string(daemon.data.path().join("token")).expect("the admin token");
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
+    let run = Command::new("node")
+        .arg(format!("tests/{script}"))
+        .current_dir(&web)
+        .env("QUETZAL_URL", &url)
+        .env("QUETZAL_TOKEN", token.trim())
+        // The browser pins the node certificate's key; node's own fetch
+        // trusts the certificate as a CA, as `curl --cacert` would.
+        .env("QUETZAL_CERT", &cert)
+        .env("NODE_EXTRA_CA_CERTS", &cert)
+        .env("SCREENSHOTS", tests_root().join("screenshots"))
+        .envs(env.iter().copied())
+        .output()
+        .expect("node runs (scripts/setup installs it)");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let log = daemon.stderr.text();
+    let start = (log.len().saturating_sub(4096)..log.len())
+        .find(|at| log.is_char_boundary(*at))
+        .unwrap_or(0);
+    let passed = format!("{}: all passed", script.trim_end_matches(".mjs"));
+    assert!(
+        run.status.success() && stdout.contains(&passed),
+        "the browser test {script} failed:\n{stdout}\n{stderr}\nquetzald's log ends:\n{}",
+        &log[start..]
+    );
+    stdout
+}
+
 /// A real quetzald on a temporary data directory. Dropping it kills the
 /// daemon and every QEMU it left running (VMs outlive their daemon by
 /// design).
