@@ -168,6 +168,12 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(max_items = 16)]
     pub services: Vec<WatchedService>,
+    /// Keep its RAM in a file on the host's tmpfs, so that while it runs
+    /// it can become a warm template (`template create --warm`). Without
+    /// it the RAM is anonymous memory KSM can merge and the balloon's
+    /// free-page reporting can give back to the host.
+    #[serde(default)]
+    pub ram_file: bool,
 }
 
 /// A service the guest agent keeps running: a systemd `unit`, or a
@@ -243,6 +249,10 @@ pub struct Vm {
     /// The services its guest agent keeps running.
     #[serde(default)]
     pub services: Vec<WatchedService>,
+    /// Its RAM is a file on the host's tmpfs (it can become a warm
+    /// template while it runs).
+    #[serde(default)]
+    pub ram_file: bool,
     /// Memory in use as the guest itself counts it, while it runs and
     /// says so (its agent's telemetry, else the balloon's statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -121,7 +121,7 @@ fn measure(
 ) -> anyhow::Result<()> {
     let memory = MEMORY_MIB.to_string();
     let body = serde_json::json!({
-        "name": "source", "image": "debian", "memory_mib": MEMORY_MIB,
+        "name": "source", "image": "debian", "memory_mib": MEMORY_MIB, "ram_file": true,
     })
     .to_string();
     call(daemon, "POST", "/api/v1/vms", Some(&body))?;

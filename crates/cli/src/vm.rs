@@ -147,6 +147,12 @@ pub struct CreateArgs {
     /// repeated.
     #[arg(long = "watch-command", value_name = "NAME=COMMAND")]
     watch_commands: Vec<String>,
+    /// Keep its RAM in a file on the host's tmpfs, so that while it runs
+    /// it can become a warm template (`template create --warm`); without
+    /// it the RAM is anonymous memory that KSM merges and the balloon
+    /// gives back.
+    #[arg(long)]
+    ram_file: bool,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -250,6 +256,7 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             }
             let body = json!({
                 "services": services,
+                "ram_file": args.ram_file,
                 "name": args.name,
                 "image": args.image,
                 "ssh_keys": ssh_keys,

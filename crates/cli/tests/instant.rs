@@ -84,6 +84,7 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
         &memory_mib.to_string(),
         "--network",
         "default",
+        "--ram-file",
     ]);
 
     // Warm needs a running VM: a stopped one gets one clear line.

@@ -56,7 +56,7 @@ fn exec(cli: &Cli, vm: &str, command: &str) -> String {
 /// A running tiny VM made into warm template `name`.
 fn warm_template(cli: &Cli, name: &str) {
     let source = format!("{name}-source");
-    cli.ok(&["vm", "create", &source, "--image", "tiny"]);
+    cli.ok(&["vm", "create", &source, "--image", "tiny", "--ram-file"]);
     cli.ok(&["vm", "start", &source]);
     cli.ok(&["template", "create", name, "--from", &source, "--warm"]);
 }
@@ -67,6 +67,14 @@ fn a_pool_hands_out_ready_desktops_resets_them_and_takes_a_new_template() {
     let daemon = Daemon::start(Path::new(QUETZALD));
     let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
     warm_template(&cli, "v1");
+    // A VM whose RAM is anonymous (the default) cannot become warm.
+    cli.ok(&["vm", "create", "plain", "--image", "tiny", "--start"]);
+    cli.fails(
+        &["template", "create", "no", "--from", "plain", "--warm"],
+        "created with --ram-file",
+    );
+    cli.ok(&["vm", "stop", "plain", "--force"]);
+    cli.ok(&["vm", "rm", "plain"]);
 
     cli.fails(
         &[

@@ -179,9 +179,19 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
         ]);
     }
 
-    // A balloon, for now only for the memory statistics its driver in
-    // the guest reports (how much memory a guest without an agent uses).
-    push(&["-device", "virtio-balloon-pci,id=balloon0"]);
+    // A balloon: the memory statistics its driver in the guest reports
+    // (how much memory a guest without an agent uses), and for anonymous
+    // RAM free-page reporting, which gives pages the guest frees back to
+    // the host. Not for RAM in a file: QEMU 7.2 discards a reported page
+    // of a file by punching a hole in it — even a template's, mapped
+    // private (8.1 fixed that) — and a warm template's clones restore
+    // its device state, which must match their own devices.
+    let reporting = if matches!(spec.ram, Ram::Anonymous) {
+        ",free-page-reporting=on"
+    } else {
+        ""
+    };
+    push(&["-device", &format!("virtio-balloon-pci,id=balloon0{reporting}")]);
     // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
     // then turns into a shutdown with reason guest-panic.
     push(&["-device", "pvpanic"]);
@@ -479,7 +489,7 @@ mod tests {
     fn a_shared_ram_file_is_written_through_and_a_template_one_mapped_private() {
         let kernel = kernel();
         let mut spec = spec(kernel.path(), Accel::Tcg);
-        assert!(!text(&argv(&spec, &paths())).contains("memory-backend"));
+        let anonymous = text(&argv(&spec, &paths()));
 
         spec.ram = Ram::Shared {
             file: PathBuf::from("/dev/shm/q/web-1.ram"),
@@ -498,6 +508,13 @@ mod tests {
             "{shared}"
         );
         assert!(template.contains("mem-path=/t/ram,share=off"), "{template}");
+        // Only anonymous RAM is the host's memory again when the guest
+        // frees it: QEMU 7.2 would punch holes in a file, a template's too.
+        assert!(!anonymous.contains("memory-backend"), "{anonymous}");
+        let reporting = "virtio-balloon-pci,id=balloon0,free-page-reporting=on";
+        assert!(anonymous.contains(reporting), "{anonymous}");
+        assert!(!shared.contains("free-page-reporting"), "{shared}");
+        assert!(!template.contains("free-page-reporting"), "{template}");
     }
 
     #[test]

@@ -196,6 +196,7 @@ impl Node {
             cloud_init,
             services: request.services.clone(),
             restore_from: warm.as_ref().map(|template| template.name.clone()),
+            ram_file: request.ram_file,
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),

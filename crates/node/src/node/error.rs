@@ -334,8 +334,8 @@ pub enum TemplateError {
     #[error("cannot make a warm template of a VM that is {}; start it first", state.as_str())]
     NotRunning { state: VmState },
     #[error(
-        "VM {vm} runs without a RAM file of its own (an instant clone, or started by an older \
-         quetzald); restart it, then make the warm template"
+        "VM {vm} runs without a RAM file of its own; a warm template is made of a VM created \
+         with --ram-file (ram_file), started by this quetzald, and not an instant clone's first run"
     )]
     NoRamFile { vm: String },
     #[error("VM {vm} is a linked clone of template {template}; make a full clone of it first")]

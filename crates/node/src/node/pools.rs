@@ -618,6 +618,7 @@ impl Node {
             ssh_keys: Vec::new(),
             user_data: None,
             services: Vec::new(),
+            ram_file: false,
         };
         tracing::info!(pool = %desktop.pool, vm = %desktop.vm, "making a desktop");
         match self.create(request).await? {

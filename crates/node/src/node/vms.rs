@@ -248,16 +248,19 @@ impl Node {
         }
         // An instant clone's first start maps its template's RAM and
         // restores its device state; every other start boots, with RAM in
-        // a file of its own (so the VM can become a warm template).
+        // a file of its own when it asked (so it can become a warm
+        // template), else anonymous (KSM merges it, the balloon's
+        // free-page reporting gives it back).
         let restore = vm
             .restore_from
             .as_ref()
             .map(|template| (self.template_ram(template), self.template_state(template)));
         let ram = match &restore {
             Some((file, _)) => Ram::Template { file: file.clone() },
-            None => Ram::Shared {
+            None if vm.ram_file => Ram::Shared {
                 file: self.ram_dir().join(format!("{}.ram", vm.name)),
             },
+            None => Ram::Anonymous,
         };
         let generation_id = new_generation_id().map_err(Fault::Random)?;
         let spec = VmSpec {

@@ -173,6 +173,7 @@ const MIGRATIONS: &[&str] = &[
         assigned_at INTEGER
     );
     CREATE INDEX desktops_by_pool ON desktops (pool);",
+    "ALTER TABLE vms ADD COLUMN ram_file INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

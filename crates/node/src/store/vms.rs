@@ -54,6 +54,9 @@ pub struct VmRecord {
     /// The warm template whose memory and device state its first start
     /// restores (an instant clone); cleared once it has run.
     pub restore_from: Option<String>,
+    /// Its RAM is a file of its own on tmpfs (it can become a warm
+    /// template); else anonymous memory.
+    pub ram_file: bool,
 }
 
 impl VmRecord {
@@ -82,6 +85,7 @@ impl VmRecord {
             agent: None,
             cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
             services: self.services.clone(),
+            ram_file: self.ram_file,
             guest_memory: None,
             generation_id: None,
         }
@@ -162,9 +166,9 @@ impl VmStore for SqliteStore {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic, engine, cloud_init, services, restore_from)
+                network, mac, nic, engine, cloud_init, services, restore_from, ram_file)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17, ?18)",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17, ?18, ?19)",
             params![
                 vm.name,
                 vm.image,
@@ -186,6 +190,7 @@ impl VmStore for SqliteStore {
                     .map(|c| serde_json::to_string(c).expect("a cloud config serializes")),
                 serde_json::to_string(&vm.services).expect("services serialize"),
                 vm.restore_from,
+                vm.ram_file,
             ],
         );
         match inserted {
@@ -344,7 +349,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic, engine, cloud_init, services, restore_from FROM vms";
+    network, mac, revision, nic, engine, cloud_init, services, restore_from, ram_file FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -397,6 +402,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         cloud_init,
         services,
         restore_from: row.get(22)?,
+        ram_file: row.get(23)?,
     }))
 }
 
@@ -462,6 +468,7 @@ mod tests {
                 command: None,
             }],
             restore_from: None,
+            ram_file: false,
         }
     }
 
