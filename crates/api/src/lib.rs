@@ -253,6 +253,10 @@ pub struct Vm {
     /// template while it runs).
     #[serde(default)]
     pub ram_file: bool,
+    /// How its process holds host memory, while it runs (in `GET
+    /// /api/v1/vms/{name}` only, not in lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_memory: Option<VmMemory>,
     /// Memory in use as the guest itself counts it, while it runs and
     /// says so (its agent's telemetry, else the balloon's statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -797,6 +801,24 @@ pub struct Host {
     /// listener serves; none without `--listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
+    /// Kernel samepage merging, where the host's kernel has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ksm: Option<Ksm>,
+}
+
+/// The host's kernel samepage merging, as the node paces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Ksm {
+    /// `off`, `on` or `auto` (quetzald's `--ksm`).
+    pub mode: String,
+    pub running: bool,
+    /// Pages KSM keeps one copy of.
+    pub pages_shared: u64,
+    /// The mappings of those pages that share that copy: how many pages
+    /// it saves.
+    pub pages_sharing: u64,
+    /// What that saves, in bytes.
+    pub saved_bytes: u64,
 }
 
 /// `POST /api/v1/vms/{name}/snapshots`.
@@ -911,6 +933,29 @@ pub struct VmStats {
     /// says.
     #[serde(default)]
     pub guest_memory_used_bytes: Option<u64>,
+    /// How the host memory of its process is shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<VmMemory>,
+}
+
+/// How a running VM's process holds host memory (from its
+/// `/proc/PID/smaps` and `ksm_merging_pages`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmMemory {
+    /// Proportional set size: each resident page divided by the number
+    /// of processes mapping it.
+    pub pss_bytes: u64,
+    /// Resident pages only this VM holds.
+    pub private_bytes: u64,
+    /// Resident pages it shares (with its warm template's other clones,
+    /// through KSM, libraries).
+    pub shared_bytes: u64,
+    /// An instant clone's: the part of its RAM still the template's file,
+    /// shared with the template's other clones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_shared_bytes: Option<u64>,
+    /// Pages KSM merged with identical ones.
+    pub ksm_merged_bytes: u64,
 }
 
 /// `POST /api/v1/session`: the dashboard's login.

@@ -458,6 +458,23 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
                     memory.source
                 );
             }
+            if let Some(memory) = &vm.host_memory {
+                #[allow(clippy::cast_precision_loss)]
+                let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+                let mut shared = format!("{:.0} MiB shared", mib(memory.shared_bytes));
+                if let Some(template) = memory.template_shared_bytes {
+                    shared.push_str(&format!(" ({:.0} MiB its template's)", mib(template)));
+                }
+                println!(
+                    "Host mem  PSS {:.0} MiB: {:.0} MiB private, {shared}, {:.0} MiB merged by KSM",
+                    mib(memory.pss_bytes),
+                    mib(memory.private_bytes),
+                    mib(memory.ksm_merged_bytes)
+                );
+            }
+            if vm.ram_file {
+                println!("RAM file  yes (it can become a warm template while it runs)");
+            }
             if let Some(agent) = &vm.agent {
                 println!("Agent     {}", describe_agent(agent));
                 if let Some([one, five, fifteen]) = agent.load {

@@ -198,6 +198,14 @@ fn ten_instant_clones_of_a_warm_template_run_at_once_each_a_machine_of_its_own()
             (32..memory_mib / 2).contains(&private_mib),
             "{name}: {private_mib} MiB of its {memory_mib} MiB RAM private"
         );
+        // `vm show` says so too: what of its RAM is still the template's.
+        let memory = &show(&cli, name)["host_memory"];
+        let shared = memory["template_shared_bytes"].as_u64().unwrap_or(0) >> 20;
+        assert!(shared > 0, "{name}: {memory}");
+        assert!(
+            memory["pss_bytes"].as_u64().unwrap() >> 20 < memory_mib,
+            "{name}: {memory}"
+        );
     }
 
     // The template stays while clones use it; a clone is an ordinary VM.

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use crate::memory::{MemoryEngine, MemoryError, MemorySnapshots, MemoryVm};
 use crate::qemu::{self, QemuEngine, QemuError, QemuVm};
 use crate::{
-    DiskError, Engine, EngineKind, EngineVm, Failure, Layout, Lifetime, SnapshotAction,
+    DiskError, Engine, EngineKind, EngineVm, Failure, Layout, Lifetime, MemoryUse, SnapshotAction,
     SnapshotJobs, Usage, VmEvent, VmSpec, VmState,
 };
 
@@ -209,6 +209,10 @@ impl EngineVm for AnyVm {
 
     fn usage(&self) -> Option<Usage> {
         each!(self, vm => vm.usage())
+    }
+
+    fn memory_use(&self) -> Option<MemoryUse> {
+        each!(self, vm => vm.memory_use())
     }
 
     async fn disk_bytes(&self) -> Result<(u64, u64), AnyError> {

@@ -125,7 +125,7 @@ pub struct Layout {
 }
 
 /// CPU time and memory of a VM's engine process.
-pub use qemu::Usage;
+pub use qemu::{MemoryUse, Usage};
 
 /// Everything the node does to VMs and their disks. A typed [`VmSpec`]
 /// goes in; VMs with typed [`VmEvent`]s come out. The node never names
@@ -227,6 +227,8 @@ pub trait EngineVm: Send + Sync + 'static {
     fn next_event(&mut self) -> impl Future<Output = VmEvent> + Send;
     /// CPU time and memory of its process.
     fn usage(&self) -> Option<Usage>;
+    /// How its process's memory is shared (with a template, by KSM).
+    fn memory_use(&self) -> Option<MemoryUse>;
     /// Bytes read and written by its disks.
     fn disk_bytes(&self) -> impl Future<Output = Result<(u64, u64), Self::Error>> + Send;
     /// The guest's total and used memory as its balloon driver reports

@@ -339,6 +339,10 @@ impl EngineVm for MemoryVm {
         None
     }
 
+    fn memory_use(&self) -> Option<crate::MemoryUse> {
+        None
+    }
+
     async fn disk_bytes(&self) -> Result<(u64, u64), MemoryError> {
         Ok((0, 0))
     }

@@ -20,7 +20,7 @@ use crate::{
 
 /// Bumped whenever what this file produces changes, so cached images are
 /// rebuilt.
-pub const RECIPE: u32 = 7;
+pub const RECIPE: u32 = 8;
 
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -36,6 +36,9 @@ pub const MODULES: &[&str] = &[
     "evdev",
     // Reports a guest kernel panic to QEMU.
     "pvpanic_mmio",
+    // The balloon: memory statistics, and free pages given back to the
+    // host (free-page reporting, for anonymous RAM).
+    "virtio_balloon",
 ];
 
 /// The kernel command line: kernel messages on the screen and the first

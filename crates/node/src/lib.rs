@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cloud_init;
 pub mod consolelog;
 pub mod http;
+pub mod ksm;
 pub mod lifecycle;
 pub mod listener;
 pub mod net;
@@ -46,6 +47,8 @@ pub struct Config {
     /// The certificate and key to serve HTTPS with; the node's own
     /// (made at first start) when none.
     pub tls: Option<tls::Given>,
+    /// What the node does with the host's KSM.
+    pub ksm: ksm::KsmMode,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Running VMs are left running:
@@ -68,6 +71,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let engines = quetzal_engine::Engines::of_this_host();
     let host = engines.host_info(None)?;
     let node = node::Node::open(data, engines).await?;
+    match ksm::Ksm::of_this_host(config.ksm) {
+        Some(ksm) => node.manage_ksm(ksm),
+        None => tracing::info!("this kernel has no KSM"),
+    }
     node.access()
         .ensure_first_admin(data, store::now_millis())
         .context("cannot create the first API token")?;

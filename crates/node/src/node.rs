@@ -120,6 +120,8 @@ pub struct Node {
     access: access::Access,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     pool_work: pools::PoolWork,
+    /// The host's KSM, when this node paces it.
+    ksm: std::sync::OnceLock<crate::ksm::Ksm>,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
     accel: Accel,
@@ -152,6 +154,7 @@ impl Node {
             core,
             slots: Mutex::default(),
             pool_work: pools::PoolWork::default(),
+            ksm: std::sync::OnceLock::new(),
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
@@ -205,6 +208,33 @@ impl Node {
                 tokio::time::sleep(LEASE_POLL).await;
             }
         });
+    }
+
+    /// Paces the host's KSM from now on (once; a second call is ignored).
+    pub fn manage_ksm(self: &Arc<Self>, ksm: crate::ksm::Ksm) {
+        if self.ksm.set(ksm).is_err() {
+            return;
+        }
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(node) = node.upgrade() else {
+                    return;
+                };
+                if let (Some(ksm), Some(memory)) =
+                    (node.ksm.get(), crate::ksm::Memory::of_this_host())
+                {
+                    ksm.tick(memory);
+                }
+                drop(node);
+                tokio::time::sleep(crate::ksm::TICK).await;
+            }
+        });
+    }
+
+    /// The host's KSM as this node paces it; `None` without KSM.
+    pub fn ksm(&self) -> Option<&crate::ksm::Ksm> {
+        self.ksm.get()
     }
 
     fn slot(&self, name: &str) -> Arc<Slot> {
@@ -412,7 +442,18 @@ impl Node {
             net_received_bytes: s.net_received_bytes,
             net_sent_bytes: s.net_sent_bytes,
             guest_memory_used_bytes: guest::guest_memory(&live).map(|m| m.used_bytes),
+            memory: s.memory.map(vm_memory),
         })
+    }
+
+    /// A VM as `GET /api/v1/vms/{name}` shows it: with how it holds host
+    /// memory while it runs.
+    pub async fn show(&self, name: &str) -> Result<Vm, NodeError> {
+        let mut vm = self.get(name)?;
+        if let Some(live) = self.slot(name).live() {
+            vm.host_memory = live.stats().await.and_then(|s| s.memory).map(vm_memory);
+        }
+        Ok(vm)
     }
 
     /// Where a VM's VNC server listens.
@@ -508,6 +549,17 @@ fn fill_random(bytes: &mut [u8]) -> Result<(), NodeError> {
 }
 
 /// 1 s, 2 s, 4 s ... up to 32 s between automatic restarts.
+/// What the API shows of how a VM's process holds host memory.
+fn vm_memory(m: quetzal_engine::MemoryUse) -> quetzal_api::VmMemory {
+    quetzal_api::VmMemory {
+        pss_bytes: m.pss_bytes,
+        private_bytes: m.private_bytes,
+        shared_bytes: m.shared_bytes,
+        template_shared_bytes: m.template_shared_bytes,
+        ksm_merged_bytes: m.ksm_merged_bytes,
+    }
+}
+
 fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1 << restarts.min(5))
 }

@@ -60,6 +60,9 @@ pub enum Exit {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
     pub cpu_millis: u64,
+    /// How its process's memory is shared (none where the engine cannot
+    /// tell).
+    pub memory: Option<quetzal_engine::MemoryUse>,
     pub resident_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_written_bytes: u64,
@@ -404,6 +407,7 @@ impl<V: EngineVm> Task<V> {
                     let usage = self.vm.usage();
                     let (read, written) = self.vm.disk_bytes().await.unwrap_or_default();
                     let _ = reply.send(Stats {
+                        memory: self.vm.memory_use(),
                         cpu_millis: usage.map_or(0, |u| u.cpu_millis),
                         resident_bytes: usage.map_or(0, |u| u.resident_bytes),
                         disk_read_bytes: read,

@@ -483,16 +483,27 @@ impl Daemon {
 
     /// Starts `quetzald` on `data`, also on TCP `listen` when given.
     pub fn start_in(binary: &Path, data: DataDir, listen: Option<&str>) -> Self {
-        Self::start_with(binary, data, listen, "")
+        Self::start_with(binary, data, listen, "", &[])
+    }
+
+    /// Starts `quetzald` on a new data directory with `args` added.
+    pub fn start_args(binary: &Path, args: &[&str]) -> Self {
+        Self::start_with(binary, DataDir::new(), None, "", args)
     }
 
     /// Starts a `quetzald` with fault injection armed: `failpoints` as
     /// its `FAILPOINTS` (`name=return;other=return`).
     pub fn start_armed(binary: &Path, data: DataDir, failpoints: &str) -> Self {
-        Self::start_with(binary, data, None, failpoints)
+        Self::start_with(binary, data, None, failpoints, &[])
     }
 
-    fn start_with(binary: &Path, data: DataDir, listen: Option<&str>, failpoints: &str) -> Self {
+    fn start_with(
+        binary: &Path,
+        data: DataDir,
+        listen: Option<&str>,
+        failpoints: &str,
+        args: &[&str],
+    ) -> Self {
         let mut command = Command::new(binary);
         if !failpoints.is_empty() {
             command.env("FAILPOINTS", failpoints);
@@ -510,6 +521,7 @@ impl Daemon {
         if let Some(listen) = listen {
             command.args(["--listen", listen]);
         }
+        command.args(args);
         let mut child = command.spawn().expect("quetzald starts");
         let stderr = Transcript::read_from(child.stderr.take().expect("piped"));
         // Owned from here on, so a panic below still kills it.

@@ -1,5 +1,5 @@
 import { host, recentEvents, vms } from '../store.js';
-import { mib } from '../format.js';
+import { bytes, mib } from '../format.js';
 import { EventTable } from './Events.jsx';
 import { Loading } from '../ui.jsx';
 
@@ -31,6 +31,12 @@ export function Overview() {
             </dd>
             <dt>QEMU</dt>
             <dd>{h.qemu_version ?? 'not found'}</dd>
+            <dt>KSM</dt>
+            <dd data-testid="ksm">
+              {h.ksm
+                ? `${h.ksm.mode} · ${h.ksm.running ? 'running' : 'stopped'} · ${bytes(h.ksm.saved_bytes)} saved`
+                : 'not in this kernel'}
+            </dd>
           </dl>
         </div>
         <div class="card">

@@ -113,6 +113,13 @@ export function VmDetail({ name, query }) {
 
 const rate = (v) => `${bytes(v)}/s`;
 
+/** How the VM's process holds host memory (its latest stats reading). */
+function hostMemoryText(m) {
+  if (!m) return '–';
+  const template = m.template_shared_bytes != null ? ` (${bytes(m.template_shared_bytes)} its template's)` : '';
+  return `PSS ${bytes(m.pss_bytes)}: ${bytes(m.private_bytes)} private, ${bytes(m.shared_bytes)} shared${template}, ${bytes(m.ksm_merged_bytes)} merged by KSM`;
+}
+
 function NotRunning() {
   return <Empty title="The VM is not running">Start it to use its consoles.</Empty>;
 }
@@ -174,6 +181,8 @@ function Summary({ vm }) {
               ? `${bytes(vm.guest_memory.used_bytes)} used of ${bytes(vm.guest_memory.total_bytes)} (${mib(vm.memory_mib)} allocated; from its ${vm.guest_memory.source})`
               : '–'}
           </dd>
+          <dt>Host memory</dt>
+          <dd data-testid="host-memory">{hostMemoryText(readings.at(-1)?.memory)}</dd>
           <dt>Guest disks</dt>
           <dd data-testid="guest-disks">
             {(vm.agent?.filesystems ?? []).map((fs) => `${fs.mountpoint} ${bytes(fs.used_bytes)} of ${bytes(fs.total_bytes)}`).join(' · ') || '–'}

@@ -29,6 +29,11 @@ struct Args {
     /// otherwise leaves them up for the VMs still running.
     #[arg(long, conflicts_with = "listen")]
     remove_networks: bool,
+    /// Kernel samepage merging of the host: `off`, `on`, or `auto` (on
+    /// while less than 40% of memory is available), paced as ksmtuned
+    /// paces it.
+    #[arg(long, default_value = "auto", value_parser = ["off", "on", "auto"])]
+    ksm: String,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
             .tls_cert
             .zip(args.tls_key)
             .map(|(cert, key)| quetzal_node::tls::Given { cert, key }),
+        ksm: quetzal_node::ksm::KsmMode::parse(&args.ksm).unwrap_or_default(),
     };
     let remove_networks = args.remove_networks;
     let runtime = match tokio::runtime::Builder::new_multi_thread()

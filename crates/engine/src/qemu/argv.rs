@@ -191,7 +191,10 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
     } else {
         ""
     };
-    push(&["-device", &format!("virtio-balloon-pci,id=balloon0{reporting}")]);
+    push(&[
+        "-device",
+        &format!("virtio-balloon-pci,id=balloon0{reporting}"),
+    ]);
     // Lets the guest report a kernel panic (GUEST_PANICKED), which QEMU
     // then turns into a shutdown with reason guest-panic.
     push(&["-device", "pvpanic"]);

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 pub use argv::argv;
-pub use process::{Lifetime, Usage};
+pub use process::{Lifetime, MemoryUse, Usage};
 
 use crate::disk::{self, DiskError, SnapshotAction};
 use crate::qmp::{self, QmpClient, QmpError, RunState, ShutdownReason};
@@ -584,6 +584,11 @@ impl QemuVm {
         process::usage(self.pid?)
     }
 
+    /// How the QEMU process's memory is shared, from /proc.
+    pub fn memory_use(&self) -> Option<MemoryUse> {
+        MemoryUse::of_pid(self.pid?)
+    }
+
     /// What runs this VM's snapshot jobs, apart from its owner: a job
     /// can take long, and the owner keeps serving events and the console
     /// meanwhile.
@@ -681,6 +686,10 @@ impl EngineVm for QemuVm {
 
     fn usage(&self) -> Option<Usage> {
         QemuVm::usage(self)
+    }
+
+    fn memory_use(&self) -> Option<MemoryUse> {
+        QemuVm::memory_use(self)
     }
 
     async fn disk_bytes(&self) -> Result<(u64, u64), QemuError> {

@@ -238,6 +238,87 @@ fn ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
+/// How a process's memory is shared, from `/proc/PID/smaps` (its
+/// mappings summed as `smaps_rollup` sums them) and
+/// `/proc/PID/ksm_merging_pages`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Proportional set size: each resident page divided by the number
+    /// of processes that map it.
+    pub pss_bytes: u64,
+    /// Resident pages only this process maps.
+    pub private_bytes: u64,
+    /// Resident pages other processes map too (a template's, KSM's).
+    pub shared_bytes: u64,
+    /// Of the guest's RAM (its largest mapping) when that is a file
+    /// mapped private — a warm template's RAM: the resident pages still
+    /// the file's, shared with the template's other clones.
+    pub template_shared_bytes: Option<u64>,
+    /// Pages KSM merged with identical ones (of this or other processes).
+    pub ksm_merged_bytes: u64,
+}
+
+impl MemoryUse {
+    pub fn of_pid(pid: u32) -> Option<MemoryUse> {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        let merged: u64 = std::fs::read_to_string(format!("/proc/{pid}/ksm_merging_pages"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        let mut use_ = parse_smaps(&smaps);
+        use_.ksm_merged_bytes = merged * page_size();
+        Some(use_)
+    }
+}
+
+/// Sums `smaps`'s fields over its mappings, and reads the largest
+/// mapping's sharing when it is a private mapping of a file.
+fn parse_smaps(smaps: &str) -> MemoryUse {
+    /// One mapping: its header's permissions and path, and its fields.
+    #[derive(Default)]
+    struct Mapping {
+        private_file: bool,
+        size: u64,
+        shared: u64,
+    }
+    let mut total = MemoryUse::default();
+    let mut largest = Mapping::default();
+    let mut current = Mapping::default();
+    let finish = |mapping: Mapping, largest: &mut Mapping| {
+        if mapping.size > largest.size {
+            *largest = mapping;
+        }
+    };
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, dev, inode, path.
+            finish(std::mem::take(&mut current), &mut largest);
+            let perms = words.next().unwrap_or_default();
+            let inode = words.nth(2).unwrap_or("0");
+            let path = words.next().unwrap_or_default();
+            current.private_file = perms.ends_with('p') && inode != "0" && path.starts_with('/');
+            continue;
+        }
+        let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let bytes = kib * 1024;
+        match first {
+            "Size:" => current.size = bytes,
+            "Pss:" => total.pss_bytes += bytes,
+            "Private_Clean:" | "Private_Dirty:" => total.private_bytes += bytes,
+            "Shared_Clean:" | "Shared_Dirty:" => {
+                total.shared_bytes += bytes;
+                current.shared += bytes;
+            }
+            _ => {}
+        }
+    }
+    finish(current, &mut largest);
+    total.template_shared_bytes = largest.private_file.then_some(largest.shared);
+    total
+}
+
 /// Whether `pid` is alive and not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -277,6 +358,41 @@ mod tests {
 
         assert_eq!(usage.cpu_millis, 3000);
         assert_eq!(usage.resident_bytes, 2560 * 4096);
+    }
+
+    #[test]
+    fn sums_smaps_and_reads_a_template_mappings_share() {
+        let smaps = "\
+55d0a0000000-55d0a0100000 r-xp 00000000 fd:01 1234 /usr/bin/qemu-system-x86_64
+Size:               1024 kB
+Rss:                 512 kB
+Pss:                 256 kB
+Shared_Clean:        512 kB
+Shared_Dirty:          0 kB
+Private_Clean:         0 kB
+Private_Dirty:         0 kB
+7f0000000000-7f0020000000 rw-p 00000000 fd:01 99 /var/lib/quetzal/templates/desk/ram
+Size:             524288 kB
+Rss:              300000 kB
+Pss:              100000 kB
+Shared_Clean:     250000 kB
+Shared_Dirty:          0 kB
+Private_Clean:         0 kB
+Private_Dirty:     50000 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
+Size:                132 kB
+Pss:                  12 kB
+Private_Dirty:        12 kB
+";
+        let template = parse_smaps(smaps);
+        let anonymous =
+            parse_smaps(&smaps.replace("fd:01 99 /var/lib/quetzal/templates/desk/ram", "00:00 0"));
+
+        assert_eq!(template.pss_bytes, (256 + 100_000 + 12) * 1024);
+        assert_eq!(template.private_bytes, (50_000 + 12) * 1024);
+        assert_eq!(template.shared_bytes, (512 + 250_000) * 1024);
+        assert_eq!(template.template_shared_bytes, Some(250_000 * 1024));
+        assert_eq!(anonymous.template_shared_bytes, None);
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
             }
         }
     }
+    memory_sharing(&mut out, &vms, &stats, app.node.ksm());
     let own = quetzal_engine::Usage::of_this_process();
     family(
         &mut out,
@@ -197,6 +198,135 @@ pub async fn metrics(State(app): State<AppState>) -> Result<impl IntoResponse, A
         millis_to_secs(own.map_or(0, |u| u.cpu_millis))
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+/// Each VM's share of host memory, the host's KSM, and what sharing
+/// saves.
+fn memory_sharing(
+    out: &mut String,
+    vms: &[quetzal_api::Vm],
+    stats: &[(String, crate::supervisor::Stats)],
+    ksm: Option<&crate::ksm::Ksm>,
+) {
+    type Pick = fn(&quetzal_engine::MemoryUse) -> Option<u64>;
+    let families: [(&str, &str, Pick); 5] = [
+        (
+            "quetzal_vm_memory_pss_bytes",
+            "Proportional set size of the VM's engine process (shared pages divided among their users).",
+            |m| Some(m.pss_bytes),
+        ),
+        (
+            "quetzal_vm_memory_private_bytes",
+            "Resident memory only the VM's engine process holds.",
+            |m| Some(m.private_bytes),
+        ),
+        (
+            "quetzal_vm_memory_shared_bytes",
+            "Resident memory the VM's engine process shares (a template's, KSM's).",
+            |m| Some(m.shared_bytes),
+        ),
+        (
+            "quetzal_vm_memory_template_shared_bytes",
+            "Of an instant clone's RAM, what is still its warm template's, shared.",
+            |m| m.template_shared_bytes,
+        ),
+        (
+            "quetzal_vm_memory_ksm_merged_bytes",
+            "Of the VM's memory, what KSM merged with identical pages.",
+            |m| Some(m.ksm_merged_bytes),
+        ),
+    ];
+    for (metric, help, pick) in families {
+        family(out, metric, "gauge", help);
+        for (name, s) in stats {
+            if let Some(value) = s.memory.as_ref().and_then(pick) {
+                let _ = writeln!(out, "{metric}{{vm=\"{name}\"}} {value}");
+            }
+        }
+    }
+    // One copy of a template's pages is resident however many clones
+    // map it: each clone's share beyond the largest is saved.
+    let mut by_template: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for (name, s) in stats {
+        let template = vms
+            .iter()
+            .find(|vm| &vm.name == name)
+            .and_then(|vm| vm.linked_to.as_deref());
+        if let (Some(template), Some(shared)) =
+            (template, s.memory.and_then(|m| m.template_shared_bytes))
+        {
+            by_template.entry(template).or_default().push(shared);
+        }
+    }
+    let templates_saved: u64 = by_template
+        .values()
+        .map(|shares| shares.iter().sum::<u64>() - shares.iter().max().unwrap_or(&0))
+        .sum();
+    family(
+        out,
+        "quetzal_memory_saved_bytes",
+        "gauge",
+        "Host memory sharing saves: instant clones mapping their template's RAM, and KSM.",
+    );
+    let _ = writeln!(
+        out,
+        "quetzal_memory_saved_bytes{{by=\"templates\"}} {templates_saved}"
+    );
+    let Some(ksm) = ksm else {
+        return;
+    };
+    let counters = ksm.counters();
+    let _ = writeln!(
+        out,
+        "quetzal_memory_saved_bytes{{by=\"ksm\"}} {}",
+        counters.pages_sharing * crate::ksm::PAGE_BYTES
+    );
+    for (metric, help, value) in [
+        (
+            "quetzal_ksm_running",
+            "1 while the host's KSM runs.",
+            u64::from(counters.running),
+        ),
+        (
+            "quetzal_ksm_pages_shared",
+            "Pages KSM keeps one copy of.",
+            counters.pages_shared,
+        ),
+        (
+            "quetzal_ksm_pages_sharing",
+            "Mappings sharing those copies (pages saved).",
+            counters.pages_sharing,
+        ),
+        (
+            "quetzal_ksm_pages_to_scan",
+            "Pages KSM scans per round (the pacing).",
+            counters.pages_to_scan,
+        ),
+        (
+            "quetzal_ksm_full_scans_total",
+            "Times KSM scanned all mergeable memory.",
+            counters.full_scans,
+        ),
+    ] {
+        let kind = if metric.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(out, metric, kind, help);
+        let _ = writeln!(out, "{metric} {value}");
+    }
+    family(
+        out,
+        "quetzal_ksm_mode",
+        "gauge",
+        "1 for the node's KSM mode.",
+    );
+    let _ = writeln!(
+        out,
+        "quetzal_ksm_mode{{mode=\"{}\"}} 1",
+        ksm.mode().as_str()
+    );
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -284,6 +284,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         ErrorDetail,
         Host,
         quetzal_api::VmStats,
+        quetzal_api::VmMemory,
+        quetzal_api::Ksm,
         quetzal_api::Login,
         quetzal_api::RestartPolicy,
         quetzal_api::Operation,
@@ -747,7 +749,7 @@ async fn get_vm(
     State(app): State<AppState>,
     Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<Vm>, ApiError> {
-    Ok(Json(app.node.get(&name)?))
+    Ok(Json(app.node.show(&name).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -967,6 +969,16 @@ async fn host(State(app): State<AppState>) -> Result<Json<Host>, ApiError> {
         accel_reason: info.accel_reason.clone(),
         vms_by_state: by_state,
         tls_fingerprint: app.tls_fingerprint.clone(),
+        ksm: app.node.ksm().map(|ksm| {
+            let counters = ksm.counters();
+            quetzal_api::Ksm {
+                mode: ksm.mode().as_str().to_owned(),
+                running: counters.running,
+                pages_shared: counters.pages_shared,
+                pages_sharing: counters.pages_sharing,
+                saved_bytes: counters.pages_sharing * crate::ksm::PAGE_BYTES,
+            }
+        }),
     }))
 }
 

@@ -86,6 +86,7 @@ impl VmRecord {
             cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
             services: self.services.clone(),
             ram_file: self.ram_file,
+            host_memory: None,
             guest_memory: None,
             generation_id: None,
         }
