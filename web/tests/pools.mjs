@@ -9,6 +9,9 @@ import { launch } from './browser.mjs';
 const url = process.env.QUETZAL_URL;
 const token = process.env.QUETZAL_TOKEN;
 const pool = process.env.QUETZAL_POOL;
+// A desktop assigned before: typed into last, while the test watches its
+// CPU weight.
+const typist = process.env.QUETZAL_TYPE_VM;
 const shots = process.env.SCREENSHOTS;
 assert.ok(url && token && pool && shots, 'QUETZAL_URL, QUETZAL_TOKEN, QUETZAL_POOL and SCREENSHOTS are set');
 mkdirSync(shots, { recursive: true });
@@ -61,6 +64,40 @@ try {
   await row.getByRole('button', { name: 'Release' }).click();
   await row.waitFor({ state: 'detached' });
   console.log(`pools: released ${vm}`);
+
+  // Typing on a desktop's page changes its screen (and makes it the
+  // active desktop: the test then checks its CPU weight).
+  const typing = await context.newPage();
+  await typing.goto(`${url}/#/desktop/${typist}`);
+  await typing.getByTestId('desktop').locator('canvas').waitFor();
+  await typing.getByRole('status').waitFor({ state: 'detached' });
+  const pixels = () =>
+    typing.evaluate(() => {
+      const c = document.querySelector('[data-testid="desktop"] canvas');
+      return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
+    });
+  // The shell on the screen is up once its prompt is drawn: wait until
+  // two looks a second apart agree (a quiet screen), then type.
+  let before = await pixels();
+  for (let settled = false; !settled; ) {
+    await typing.waitForTimeout(1000);
+    const now = await pixels();
+    settled = now.every((v, i) => v === before[i]);
+    before = now;
+  }
+  await typing.getByTestId('desktop').click();
+  await typing.keyboard.type('echo typed-here');
+  await typing.keyboard.press('Enter');
+  const deadline = Date.now() + 30_000;
+  let changed = 0;
+  while (changed < 200 && Date.now() < deadline) {
+    await typing.waitForTimeout(250);
+    const now = await pixels();
+    changed = now.reduce((n, v, i) => n + (v !== before[i] ? 1 : 0), 0);
+  }
+  await typing.screenshot({ path: `${shots}/pool-desktop-typed.png` });
+  assert.ok(changed >= 200, `typing changed only ${changed} pixel values on ${typist}'s screen`);
+  console.log(`pools: typing on ${typist}'s page changed ${changed} pixel values`);
   console.log('pools: all passed');
 } finally {
   await browser.close();

@@ -174,6 +174,12 @@ pub struct CreateVm {
     /// free-page reporting can give back to the host.
     #[serde(default)]
     pub ram_file: bool,
+    /// Host CPUs for its vCPU threads, as a list like `0-3,6`: vCPU n
+    /// runs on the n-th of them (round the list), and the rest of its
+    /// process on all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$", max_length = 256)]
+    pub cpu_pin: Option<String>,
 }
 
 /// A service the guest agent keeps running: a systemd `unit`, or a
@@ -253,6 +259,13 @@ pub struct Vm {
     /// template while it runs).
     #[serde(default)]
     pub ram_file: bool,
+    /// The host CPUs its vCPU threads are pinned to (`0-3,6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pin: Option<String>,
+    /// Its share of contended host CPU time while it runs (cgroup v2's
+    /// `cpu.weight` units: 100 normal, 400 while its user is at it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
     /// How its process holds host memory, while it runs (in `GET
     /// /api/v1/vms/{name}` only, not in lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -676,13 +689,16 @@ pub enum EventKind {
     Service,
     /// A desktop pool made it, handed it to a user, or took it back.
     Pool,
+    /// Its CPU weight changed: input on its console gave it more, or
+    /// none for a while took that back.
+    Boost,
     /// A kind this client does not know (from a newer daemon).
     #[serde(other)]
     Other,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 28] = [
+    pub const ALL: [EventKind; 29] = [
         EventKind::Creating,
         EventKind::Created,
         EventKind::CreateFailed,
@@ -710,6 +726,7 @@ impl EventKind {
         EventKind::Hung,
         EventKind::Service,
         EventKind::Pool,
+        EventKind::Boost,
         EventKind::Other,
     ];
 
@@ -741,6 +758,7 @@ impl EventKind {
             EventKind::Agent => "agent",
             EventKind::Service => "service",
             EventKind::Pool => "pool",
+            EventKind::Boost => "boost",
             EventKind::Hung => "hung",
             EventKind::Other => "other",
         }

@@ -187,6 +187,7 @@ fn qmp_ready(
                 generation_id: quetzal_engine::spec::new_generation_id()
                     .expect("the kernel's random pool"),
                 restore: None,
+                cpu_pin: None,
             };
             let run_dir: PathBuf = scratch.join(format!("qmp-{run}"));
             let mut vm = QemuEngine::new()

@@ -214,6 +214,7 @@ fn prepare(args: &RunArgs) -> anyhow::Result<Prepared> {
         ram: Default::default(),
         generation_id: quetzal_engine::spec::new_generation_id()?,
         restore: None,
+        cpu_pin: None,
     };
     Ok(Prepared {
         spec,

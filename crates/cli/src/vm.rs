@@ -153,6 +153,10 @@ pub struct CreateArgs {
     /// gives back.
     #[arg(long)]
     ram_file: bool,
+    /// Host CPUs for its vCPU threads, as a list like 0-3,6: vCPU n runs
+    /// on the n-th of them (round the list).
+    #[arg(long, value_name = "LIST")]
+    cpu_pin: Option<String>,
     /// Start it right away.
     #[arg(long)]
     start: bool,
@@ -257,6 +261,7 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             let body = json!({
                 "services": services,
                 "ram_file": args.ram_file,
+                "cpu_pin": args.cpu_pin,
                 "name": args.name,
                 "image": args.image,
                 "ssh_keys": ssh_keys,
@@ -474,6 +479,17 @@ fn print_vm(vm: &Vm, output: Output) -> anyhow::Result<()> {
             }
             if vm.ram_file {
                 println!("RAM file  yes (it can become a warm template while it runs)");
+            }
+            if let Some(pin) = &vm.cpu_pin {
+                println!("CPU pin   vCPUs on host CPUs {pin}");
+            }
+            if let Some(weight) = vm.cpu_weight {
+                let state = if weight > 100 {
+                    " (boosted: its user is at it)"
+                } else {
+                    ""
+                };
+                println!("CPU weight {weight}{state}");
             }
             if let Some(agent) = &vm.agent {
                 println!("Agent     {}", describe_agent(agent));

@@ -18,6 +18,10 @@ const QUETZALD: &str = env!("CARGO_BIN_EXE_quetzald");
 /// TCG on a busy 2-core host can be slow.
 const REFILL: Duration = Duration::from_secs(180);
 
+fn show(cli: &Cli, vm: &str) -> Value {
+    serde_json::from_str(&cli.ok(&["vm", "show", vm, "--output", "json"])).unwrap()
+}
+
 fn pool(cli: &Cli) -> Value {
     serde_json::from_str(&cli.ok(&["pool", "show", "lab", "--output", "json"])).unwrap()
 }
@@ -47,7 +51,12 @@ fn assign(cli: &Cli, user: &str) -> String {
     vm
 }
 
+/// Runs `command` in a desktop's guest, once its agent is connected (a
+/// desktop made for its user in the assign may have just restored).
 fn exec(cli: &Cli, vm: &str, command: &str) -> String {
+    wait_until_for("its agent", REFILL, || {
+        show(cli, vm)["agent"]["connected"] == true
+    });
     cli.ok(&["vm", "exec", vm, "--", "sh", "-c", command])
         .trim()
         .to_owned()
@@ -211,8 +220,37 @@ fn the_pools_page_follows_a_pool_live_and_opens_a_desktop_full_window() {
         "4",
     ]);
 
-    let stdout = browser_script(&daemon, "pools.mjs", &[("QUETZAL_POOL", "lab")]);
+    // The desktop the browser types into last, while nobody else does.
+    let typist = assign(&cli, "typist");
+    let weight = |cli: &Cli| show(cli, &typist)["cpu_weight"].as_u64();
+    assert_eq!(weight(&cli), Some(100));
+
+    let stdout = browser_script(
+        &daemon,
+        "pools.mjs",
+        &[("QUETZAL_POOL", "lab"), ("QUETZAL_TYPE_VM", &typist)],
+    );
     println!("{stdout}");
+
+    // The desktop its user is at gets four times the CPU weight, in its
+    // cgroup, and back when its user has been idle for 30 s: one event
+    // each way.
+    assert_eq!(weight(&cli), Some(400));
+    let cgroup = quetzal_engine::qemu::sandbox::cgroup::cpu_file(
+        &daemon.data.path().join("vms").join(&typist),
+    );
+    let shares = std::fs::read_to_string(&cgroup).unwrap();
+    assert!(["4096", "400"].contains(&shares.trim()), "{shares}");
+    wait_until_for("the boost to end", Duration::from_secs(90), || {
+        weight(&cli) == Some(100)
+    });
+    let events = cli.ok(&["events", "--vm", &typist]);
+    let boosts: Vec<&str> = events.lines().filter(|l| l.contains("boost")).collect();
+    assert_eq!(boosts.len(), 2, "{events}");
+    assert!(
+        boosts[0].contains("CPU weight 400") && boosts[1].contains("CPU weight 100"),
+        "{boosts:?}"
+    );
 
     // What the page did, the API saw: web-user's desktop came and went.
     let vm = stdout
@@ -226,5 +264,5 @@ fn the_pools_page_follows_a_pool_live_and_opens_a_desktop_full_window() {
         .iter()
         .map(|d| d["user"].clone())
         .collect();
-    assert!(users.iter().all(Value::is_null), "{users:?}");
+    assert!(!users.contains(&Value::from("web-user")), "{users:?}");
 }

@@ -151,3 +151,98 @@ fn every_qemu_runs_as_its_own_user_under_seccomp_in_a_cgroup_with_a_memory_limit
     cli.ok(&["vm", "stop", "sealed-a", "--force"]);
     assert!(!cgroup_a.exists(), "the stopped VM's cgroup is gone");
 }
+
+/// The cgroup v1 directory (or v2's, with `controller` ignored) of a
+/// process for `controller`.
+fn cgroup_of(pid: u64, controller: &str) -> PathBuf {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let path = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        return Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    }
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            fields.next(),
+            fields.next().unwrap(),
+            fields.next().unwrap(),
+        );
+        if controllers.split(',').any(|c| c == controller) {
+            return Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'));
+        }
+    }
+    panic!("no {controller} cgroup in {cgroups}");
+}
+
+/// The host CPUs a thread may run on, as `/proc` lists them.
+fn allowed_cpus(pid: u64, tid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_pinned_vms_vcpu_runs_on_its_cpu_in_a_cgroup_with_cpu_and_cpuset() {
+    let daemon = Daemon::start(Path::new(QUETZALD));
+    let cli = Cli::new(Path::new(QUETZAL), daemon.data.path());
+    let last = std::thread::available_parallelism().unwrap().get() - 1;
+    let last_cpu = last.to_string();
+
+    cli.fails(
+        &["vm", "create", "far", "--cpu-pin", &(last + 1).to_string()],
+        "invalid CPU list",
+    );
+    cli.fails(
+        &["vm", "create", "odd", "--cpu-pin", "1-0"],
+        "invalid CPU list",
+    );
+    cli.fails(
+        &["vm", "create", "word", "--cpu-pin", "all"],
+        "invalid CPU list",
+    );
+    cli.ok(&["vm", "create", "pinned", "--cpu-pin", &last_cpu, "--start"]);
+    let pid = pid_of(&cli, "pinned");
+
+    // QEMU names its vCPU threads `CPU N/TCG` (or `/KVM`).
+    let vcpus: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let tid = task.unwrap().file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            comm.starts_with("CPU ").then_some(tid)
+        })
+        .collect();
+    assert_eq!(vcpus.len(), 1, "one vCPU thread");
+    assert_eq!(allowed_cpus(pid, &vcpus[0]), last_cpu);
+    let cpuset = cgroup_of(pid, "cpuset");
+    assert!(
+        cpuset.to_string_lossy().contains("/quetzal/pinned-"),
+        "{}",
+        cpuset.display()
+    );
+    let cpus = std::fs::read_to_string(cpuset.join("cpuset.cpus")).unwrap();
+    assert_eq!(cpus.trim(), last_cpu);
+    let cpu = cgroup_of(pid, "cpu");
+    let weight = ["cpu.shares", "cpu.weight"]
+        .iter()
+        .find_map(|file| std::fs::read_to_string(cpu.join(file)).ok())
+        .unwrap();
+    assert!(["1024", "100"].contains(&weight.trim()), "{weight}");
+    let shown: Value =
+        serde_json::from_str(&cli.ok(&["vm", "show", "pinned", "--output", "json"])).unwrap();
+    assert_eq!(shown["cpu_pin"], last_cpu.as_str());
+    assert_eq!(shown["cpu_weight"], 100);
+
+    cli.ok(&["vm", "stop", "pinned", "--force"]);
+    assert!(
+        !cpuset.exists() && !cpu.exists(),
+        "the stopped VM's cgroups are gone"
+    );
+    cli.ok(&["vm", "rm", "pinned"]);
+}

@@ -123,6 +123,14 @@ impl Engine for AnyEngine {
         each!(self, engine => engine.template_disk_name())
     }
 
+    fn set_cpu_weight(&self, run_dir: &Path, weight: crate::spec::CpuWeight) -> bool {
+        each!(self, engine => engine.set_cpu_weight(run_dir, weight))
+    }
+
+    fn cpu_weight(&self, run_dir: &Path) -> Option<crate::spec::CpuWeight> {
+        each!(self, engine => engine.cpu_weight(run_dir))
+    }
+
     fn create_disk(&self, base: &Path, disk: &Path, size_mib: u64) -> Result<(), DiskError> {
         each!(self, engine => engine.create_disk(base, disk, size_mib))
     }

@@ -198,6 +198,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The names of the snapshots a disk holds (also while its VM runs).
     fn disk_snapshots(&self, disk: &Path) -> Result<Vec<String>, DiskError>;
+
+    /// Gives the running VM of `run_dir` a share of contended CPU time;
+    /// false where the engine has no hold on it (no cgroup of its own).
+    fn set_cpu_weight(&self, run_dir: &Path, weight: spec::CpuWeight) -> bool;
+
+    /// The VM's CPU weight now, where the engine has a hold on it.
+    fn cpu_weight(&self, run_dir: &Path) -> Option<spec::CpuWeight>;
 }
 
 /// One VM an [`Engine`] runs.

@@ -41,6 +41,8 @@ struct Machine {
 struct Shared {
     machines: HashMap<PathBuf, Machine>,
     next_pid: u32,
+    /// The CPU weight each run directory's VM was given.
+    weights: HashMap<PathBuf, crate::spec::CpuWeight>,
 }
 
 /// The engine. Clones share their VMs (a "restarted daemon" gets a clone).
@@ -185,6 +187,29 @@ impl Engine for MemoryEngine {
 
     fn template_disk_name(&self) -> &'static str {
         "disk.img"
+    }
+
+    fn set_cpu_weight(&self, run_dir: &Path, weight: crate::spec::CpuWeight) -> bool {
+        let mut shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
+        shared.weights.insert(run_dir.to_owned(), weight);
+        true
+    }
+
+    fn cpu_weight(&self, run_dir: &Path) -> Option<crate::spec::CpuWeight> {
+        let shared = self
+            .shared
+            .lock()
+            .expect("never poisoned: no panics while held");
+        Some(
+            shared
+                .weights
+                .get(run_dir)
+                .copied()
+                .unwrap_or(crate::spec::CpuWeight::NORMAL),
+        )
     }
 
     fn create_disk(&self, _base: &Path, disk: &Path, _size_mib: u64) -> Result<(), DiskError> {

@@ -38,6 +38,82 @@ pub enum SpecError {
     Mac(String),
     #[error("UEFI firmware is not installed: no {path} (install the ovmf package)")]
     NoFirmware { path: PathBuf },
+    #[error(
+        "invalid CPU list '{text}': give host CPUs as a list like 0-3,6 (this host has CPUs 0-{last})"
+    )]
+    CpuList { text: String, last: u32 },
+}
+
+/// Host CPUs, from a list such as `0-3,6` (the kernel's cpuset format):
+/// distinct, in order, each one the host has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuSet(Vec<u32>);
+
+impl CpuSet {
+    /// The longest list accepted (a bound on what a client makes us
+    /// parse and store).
+    const MAX_TEXT: usize = 256;
+
+    pub fn parse(text: &str, host_cpus: u32) -> Result<Self, SpecError> {
+        let invalid = || SpecError::CpuList {
+            text: text.chars().take(64).collect(),
+            last: host_cpus.saturating_sub(1),
+        };
+        if text.is_empty() || text.len() > Self::MAX_TEXT {
+            return Err(invalid());
+        }
+        let mut cpus = Vec::new();
+        for part in text.split(',') {
+            let (first, last) = match part.split_once('-') {
+                Some((first, last)) => (first, last),
+                None => (part, part),
+            };
+            let number = |s: &str| {
+                (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| s.parse::<u32>().ok())
+                    .flatten()
+            };
+            let (Some(first), Some(last)) = (number(first), number(last)) else {
+                return Err(invalid());
+            };
+            if first > last || last >= host_cpus {
+                return Err(invalid());
+            }
+            cpus.extend(first..=last);
+        }
+        cpus.sort_unstable();
+        cpus.dedup();
+        Ok(CpuSet(cpus))
+    }
+
+    pub fn cpus(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CpuSet {
+    /// The normalized list: ranges of consecutive CPUs, `0-3,6`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        let mut cpus = self.0.iter().copied().peekable();
+        while let Some(start) = cpus.next() {
+            let mut end = start;
+            while cpus.peek() == Some(&(end + 1)) {
+                end += 1;
+                cpus.next();
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A VM name: safe as a file name and in QEMU's `-name`.
@@ -374,6 +450,10 @@ pub struct VmSpec {
     /// Device state saved by [`crate::EngineVm::save_state`] to restore
     /// before the vCPUs first run (an instant clone), in place of a boot.
     pub restore: Option<PathBuf>,
+    /// Host CPUs its vCPU threads run on (vCPU n on the n-th of them,
+    /// round the list), and its process's cgroup is confined to; none:
+    /// wherever the host schedules them.
+    pub cpu_pin: Option<CpuSet>,
 }
 
 /// What holds a VM's RAM.
@@ -447,6 +527,31 @@ pub struct Confinement {
     /// of a warm template (QEMU 7.2 opens the template's RAM file for
     /// writing even to map it copy on write).
     pub extra_group: Option<u32>,
+}
+
+/// A VM's share of the host's CPU time when CPUs are contended, in
+/// cgroup v2's `cpu.weight` units (1-10000; cgroup v1's `cpu.shares` is
+/// 1024 for [`CpuWeight::NORMAL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CpuWeight(u32);
+
+impl CpuWeight {
+    pub const NORMAL: CpuWeight = CpuWeight(100);
+    /// A desktop its user is at: four times an idle one's share.
+    pub const BOOSTED: CpuWeight = CpuWeight(400);
+
+    pub fn new(weight: u32) -> Option<Self> {
+        (1..=10_000).contains(&weight).then_some(CpuWeight(weight))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// cgroup v1's `cpu.shares` for it.
+    pub fn shares(self) -> u64 {
+        u64::from(self.0) * 1024 / 100
+    }
 }
 
 impl Confinement {

@@ -78,6 +78,7 @@ async fn boot(data: &DataDir) -> Booted {
         ram: Default::default(),
         generation_id: quetzal_engine::spec::new_generation_id().expect("the kernel's random pool"),
         restore: None,
+        cpu_pin: None,
     };
     let mut vm = QemuEngine::new()
         .create(&spec, &data.path().join("run"), Lifetime::TiedToCaller)

@@ -21,6 +21,7 @@ use crate::store::{Change, SqliteStore, Store, VmRecord, now_millis};
 use crate::supervisor::{Live, Stats};
 
 pub mod access;
+mod activity;
 mod core;
 mod create;
 mod error;
@@ -82,6 +83,8 @@ struct Slot {
     live: Mutex<Option<Arc<Live>>>,
     /// Bounds on the events its guest can trigger at will, by kind.
     limits: Mutex<HashMap<EventKind, crate::ratelimit::Limiter>>,
+    /// When a user last typed or pointed on its console or screen.
+    last_input: Mutex<Option<std::time::Instant>>,
 }
 
 impl Slot {
@@ -124,6 +127,8 @@ pub struct Node {
     ksm: std::sync::OnceLock<crate::ksm::Ksm>,
     generation: std::sync::atomic::AtomicU64,
     host_memory_mib: u64,
+    /// The CPUs this node may run VMs on (what `--cpu-pin` may name).
+    host_cpus: u32,
     accel: Accel,
 }
 
@@ -157,6 +162,8 @@ impl Node {
             ksm: std::sync::OnceLock::new(),
             generation: std::sync::atomic::AtomicU64::new(1),
             host_memory_mib: quetzal_engine::host::host_memory_mib().unwrap_or(0),
+            host_cpus: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
             accel: accel::choose(&AccelProbe::of_this_host()).accel,
         });
         node.engines.check_installed()?;
@@ -165,6 +172,7 @@ impl Node {
         node.recover().await?;
         node.watch_leases();
         node.watch_pools();
+        node.watch_activity();
         Ok(node)
     }
 
@@ -452,6 +460,7 @@ impl Node {
         let mut vm = self.get(name)?;
         if let Some(live) = self.slot(name).live() {
             vm.host_memory = live.stats().await.and_then(|s| s.memory).map(vm_memory);
+            vm.cpu_weight = self.cpu_weight(name).map(|w| w.get());
         }
         Ok(vm)
     }

@@ -244,6 +244,7 @@ mod tests {
             ram: Ram::Anonymous,
             generation_id: "6f5d2a4e-9c1b-4e8a-b7d3-0a1b2c3d4e5f".to_owned(),
             restore: None,
+            cpu_pin: None,
         }
     }
 

@@ -47,6 +47,13 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot pin vCPU {vcpu} to CPU {cpu}: {source}")]
+    Pin {
+        vcpu: u32,
+        cpu: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("socket path {0} is too long for a Unix socket; use a shorter data directory")]
     SocketPathTooLong(PathBuf),
     #[error("QEMU failed to start ({status}): {log}")]
@@ -202,6 +209,20 @@ impl Engine for QemuEngine {
         "disk.qcow2"
     }
 
+    fn set_cpu_weight(&self, run_dir: &Path, weight: crate::spec::CpuWeight) -> bool {
+        match sandbox::cgroup::set_cpu_weight(run_dir, weight) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::debug!(dir = %run_dir.display(), %err, "no CPU weight to set");
+                false
+            }
+        }
+    }
+
+    fn cpu_weight(&self, run_dir: &Path) -> Option<crate::spec::CpuWeight> {
+        sandbox::cgroup::cpu_weight(run_dir)
+    }
+
     fn create_disk(&self, base: &Path, disk: &Path, size_mib: u64) -> Result<(), DiskError> {
         disk::create_overlay_sized(base, DiskFormat::Qcow2, disk, Some(size_mib))
     }
@@ -284,6 +305,9 @@ impl Engine for QemuEngine {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        if let Some(cpus) = &spec.cpu_pin {
+            pin_vcpus(&qmp, cpus).await?;
+        }
         if spec.restore.is_some() {
             // Its device state, from the fd it was handed; RAM that is in
             // the template's file is not in the stream.
@@ -315,6 +339,28 @@ impl Engine for QemuEngine {
                 .collect(),
         })
     }
+}
+
+/// Pins vCPU n's thread to the n-th CPU of `cpus` (round the list).
+async fn pin_vcpus(qmp: &qmp::QmpClient, cpus: &crate::spec::CpuSet) -> Result<(), QemuError> {
+    let list = cpus.cpus();
+    for (index, thread) in qmp.vcpu_threads().await? {
+        let cpu = list[index as usize % list.len()];
+        let mut set = nix::sched::CpuSet::new();
+        let pinned = set
+            .set(cpu as usize)
+            .and_then(|()| {
+                let tid = nix::unistd::Pid::from_raw(i32::try_from(thread).unwrap_or(0));
+                nix::sched::sched_setaffinity(tid, &set)
+            })
+            .map_err(|errno| QemuError::Pin {
+                vcpu: index,
+                cpu,
+                source: errno.into(),
+            });
+        pinned?;
+    }
+    Ok(())
 }
 
 /// A QEMU just spawned and not yet handed to its [`QemuVm`]: dropped

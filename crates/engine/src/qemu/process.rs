@@ -66,7 +66,11 @@ pub fn spawn(
     let parent = Pid::this();
     // Raw numbers for the child; the fds stay open (owned by `handover`)
     // until the child has exec'd.
-    let cgroup_procs = handover.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
+    // At most one per cgroup v1 hierarchy (memory, cpu, cpuset).
+    let mut cgroup_procs = [-1 as RawFd; 3];
+    for (slot, fd) in cgroup_procs.iter_mut().zip(&handover.cgroup_procs) {
+        *slot = fd.as_raw_fd();
+    }
     let mut fds = [0 as RawFd; MAX_FDS];
     if handover.fds.len() > MAX_FDS {
         return Err(spawn_failed(std::io::Error::other(format!(
@@ -91,7 +95,7 @@ pub fn spawn(
             setsid()?;
             write_own_pid(&pidfile)?;
             // Into its cgroup before it allocates anything.
-            if let Some(procs) = cgroup_procs {
+            for procs in cgroup_procs.into_iter().filter(|fd| *fd >= 0) {
                 // SAFETY: the fd stays open in the parent's `handover`
                 // until after exec; this borrow ends here.
                 let procs = BorrowedFd::borrow_raw(procs);

@@ -29,9 +29,9 @@ pub struct Handover {
     /// The fds it gets from [`FIRST_TAP_FD`] on: its TAP devices, in the
     /// order of its TAP NICs, then the device state it restores.
     pub fds: Vec<OwnedFd>,
-    /// Its cgroup's `cgroup.procs`, open for writing: the child joins by
-    /// writing `0`.
-    pub cgroup_procs: Option<OwnedFd>,
+    /// Its cgroup's `cgroup.procs` files (one per hierarchy on cgroup
+    /// v1), open for writing: the child joins by writing `0` to each.
+    pub cgroup_procs: Vec<OwnedFd>,
     /// Who the child becomes.
     pub user: Option<Ids>,
     /// A group it is also in.
@@ -70,8 +70,8 @@ pub fn prepare(spec: &VmSpec, paths: &RunPaths) -> Result<Handover, QemuError> {
         fds.push(park(file.into()).map_err(failed(state))?);
     }
     let cgroup_procs = match confinement.memory_limit_mib {
-        Some(limit) => Some(cgroup::create(&paths.dir, limit)?),
-        None => None,
+        Some(limit) => cgroup::create(&paths.dir, limit, spec.cpu_pin.as_ref())?,
+        None => Vec::new(),
     };
     Ok(Handover {
         fds,
@@ -199,10 +199,15 @@ fn park(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Each VM's cgroup: `quetzal/<dir>-<hash of the run directory>` under
-/// the memory controller (cgroup v1) or the unified hierarchy (v2).
 pub mod cgroup {
+    //! A VM's own cgroup: its memory limit, its CPU weight and the CPUs
+    //! it may run on. cgroup v2: one directory `/sys/fs/cgroup/quetzal/VM`
+    //! with the `memory`, `cpu` and `cpuset` controllers; cgroup v1: one
+    //! such directory in each of the `memory`, `cpu` and `cpuset`
+    //! hierarchies, each joined through its own `cgroup.procs`.
+
     use super::*;
+    use crate::spec::{CpuSet, CpuWeight};
 
     const ROOT: &str = "/sys/fs/cgroup";
 
@@ -210,17 +215,22 @@ pub mod cgroup {
         Path::new(ROOT).join("cgroup.controllers").exists()
     }
 
-    fn parent() -> PathBuf {
+    /// The `quetzal` directories VMs' cgroups are made in: the memory
+    /// one first.
+    fn parents() -> Vec<PathBuf> {
         if unified() {
-            Path::new(ROOT).join("quetzal")
+            vec![Path::new(ROOT).join("quetzal")]
         } else {
-            Path::new(ROOT).join("memory/quetzal")
+            ["memory", "cpu", "cpuset"]
+                .iter()
+                .map(|controller| Path::new(ROOT).join(controller).join("quetzal"))
+                .collect()
         }
     }
 
-    /// The cgroup of the VM whose run directory is `run_dir` (unique per
-    /// directory, so two nodes on one host never share one).
-    pub fn path(run_dir: &Path) -> PathBuf {
+    /// The cgroup's name: the VM's directory name and a hash of its path
+    /// (unique per directory, so two nodes on one host never share one).
+    fn name(run_dir: &Path) -> String {
         let hash: String = Sha256::digest(run_dir.as_os_str().as_encoded_bytes())
             .iter()
             .take(6)
@@ -230,7 +240,22 @@ pub mod cgroup {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        parent().join(format!("{name}-{hash}"))
+        format!("{name}-{hash}")
+    }
+
+    /// The VM's cgroup directories, the memory one first.
+    fn dirs(run_dir: &Path) -> Vec<PathBuf> {
+        let name = name(run_dir);
+        parents()
+            .into_iter()
+            .map(|parent| parent.join(&name))
+            .collect()
+    }
+
+    /// The cgroup of the VM whose run directory is `run_dir` (its memory
+    /// controller's, on v1).
+    pub fn path(run_dir: &Path) -> PathBuf {
+        dirs(run_dir).swap_remove(0)
     }
 
     /// The file that holds a cgroup's memory limit.
@@ -242,41 +267,133 @@ pub mod cgroup {
         })
     }
 
-    /// Makes the cgroup (or takes the one a previous run left) with a
-    /// memory limit of `limit_mib`; its `cgroup.procs`, open for writing.
-    pub fn create(run_dir: &Path, limit_mib: u64) -> Result<OwnedFd, QemuError> {
-        let dir = path(run_dir);
+    /// The file that holds the VM's CPU weight (`cpu.weight`, or v1's
+    /// `cpu.shares`).
+    pub fn cpu_file(run_dir: &Path) -> PathBuf {
+        let name = name(run_dir);
         if unified() {
-            // Children of the root and of quetzal/ get the memory controller.
-            std::fs::create_dir_all(parent()).map_err(failed(&dir))?;
-            for control in [Path::new(ROOT).to_owned(), parent()] {
-                let file = control.join("cgroup.subtree_control");
-                std::fs::write(&file, "+memory").map_err(failed(&file))?;
+            Path::new(ROOT)
+                .join("quetzal")
+                .join(name)
+                .join("cpu.weight")
+        } else {
+            Path::new(ROOT)
+                .join("cpu/quetzal")
+                .join(name)
+                .join("cpu.shares")
+        }
+    }
+
+    /// The file that holds the CPUs the VM's process may run on.
+    pub fn cpus_file(run_dir: &Path) -> PathBuf {
+        let name = name(run_dir);
+        let dir = if unified() {
+            Path::new(ROOT).join("quetzal").join(name)
+        } else {
+            Path::new(ROOT).join("cpuset/quetzal").join(name)
+        };
+        dir.join("cpuset.cpus")
+    }
+
+    fn write(file: &Path, value: &str) -> Result<(), QemuError> {
+        std::fs::write(file, value).map_err(failed(file))
+    }
+
+    /// A v1 cpuset cgroup takes tasks only once it has CPUs and memory
+    /// nodes: `dir` gets its parent's where it has none.
+    fn inherit_cpuset(dir: &Path) -> Result<(), QemuError> {
+        let parent = dir.parent().unwrap_or(dir);
+        for knob in ["cpuset.cpus", "cpuset.mems"] {
+            let own = std::fs::read_to_string(dir.join(knob)).unwrap_or_default();
+            if own.trim().is_empty() {
+                let theirs = std::fs::read_to_string(parent.join(knob))
+                    .map_err(failed(&parent.join(knob)))?;
+                write(&dir.join(knob), theirs.trim())?;
             }
         }
-        std::fs::create_dir_all(&dir).map_err(failed(&dir))?;
-        let limit = limit_file(&dir);
-        std::fs::write(&limit, (limit_mib << 20).to_string()).map_err(failed(&limit))?;
-        let procs = dir.join("cgroup.procs");
-        let raw = open(&procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|errno| failed(&procs)(errno.into()))?;
-        // SAFETY: `raw` was just returned by open(2) and nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        Ok(())
+    }
+
+    /// Makes the cgroup (or takes the one a previous run left) with a
+    /// memory limit of `limit_mib`, the normal CPU weight, and `cpus` (or
+    /// all the host's); the `cgroup.procs` of each of its directories,
+    /// open for writing.
+    pub fn create(
+        run_dir: &Path,
+        limit_mib: u64,
+        cpus: Option<&CpuSet>,
+    ) -> Result<Vec<OwnedFd>, QemuError> {
+        let dirs = dirs(run_dir);
+        if unified() {
+            // Children of the root and of quetzal/ get the controllers.
+            let parent = Path::new(ROOT).join("quetzal");
+            std::fs::create_dir_all(&parent).map_err(failed(&parent))?;
+            for control in [Path::new(ROOT).to_owned(), parent] {
+                write(
+                    &control.join("cgroup.subtree_control"),
+                    "+memory +cpu +cpuset",
+                )?;
+            }
+        }
+        let mut procs = Vec::new();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).map_err(failed(dir))?;
+            if dir.join("cpuset.cpus").exists() {
+                if !unified() {
+                    inherit_cpuset(dir.parent().unwrap_or(dir))?;
+                    inherit_cpuset(dir)?;
+                }
+                if let Some(cpus) = cpus {
+                    write(&dir.join("cpuset.cpus"), &cpus.to_string())?;
+                }
+            }
+            if dir.join("memory.max").exists() || dir.join("memory.limit_in_bytes").exists() {
+                write(&limit_file(dir), &(limit_mib << 20).to_string())?;
+            }
+            let file = dir.join("cgroup.procs");
+            let raw = open(&file, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|errno| failed(&file)(errno.into()))?;
+            // SAFETY: `raw` was just returned by open(2) and nothing else owns it.
+            procs.push(unsafe { OwnedFd::from_raw_fd(raw) });
+        }
+        set_cpu_weight(run_dir, CpuWeight::NORMAL).map_err(failed(&cpu_file(run_dir)))?;
+        Ok(procs)
+    }
+
+    /// Gives the VM's cgroup `weight`.
+    pub fn set_cpu_weight(run_dir: &Path, weight: CpuWeight) -> std::io::Result<()> {
+        let value = if unified() {
+            weight.get().to_string()
+        } else {
+            weight.shares().to_string()
+        };
+        std::fs::write(cpu_file(run_dir), value)
+    }
+
+    /// The VM's cgroup's CPU weight now; `None` without one.
+    pub fn cpu_weight(run_dir: &Path) -> Option<CpuWeight> {
+        let text = std::fs::read_to_string(cpu_file(run_dir)).ok()?;
+        let value: u64 = text.trim().parse().ok()?;
+        let weight = if unified() { value } else { value * 100 / 1024 };
+        CpuWeight::new(u32::try_from(weight).ok()?)
     }
 
     /// Removes the VM's cgroup once its process is gone; false while a
     /// process is still in it (one that just ended can take a moment to
     /// leave).
     pub fn remove(run_dir: &Path) -> bool {
-        let dir = path(run_dir);
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => true,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
-            Err(err) => {
-                tracing::debug!(cgroup = %dir.display(), %err, "cgroup kept");
-                false
+        let mut gone = true;
+        for dir in dirs(run_dir) {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::debug!(cgroup = %dir.display(), %err, "cgroup kept");
+                    gone = false;
+                }
             }
         }
+        gone
     }
 
     /// [`remove`] for every VM directory under `vms` (their processes were

@@ -163,6 +163,12 @@ impl QmpClient {
         Ok(balloon_memory(&value))
     }
 
+    /// The host thread of each vCPU, by vCPU index.
+    pub async fn vcpu_threads(&self) -> Result<Vec<(u32, u32)>, QmpError> {
+        let value = self.execute(Command::QueryCpusFast).await?;
+        Ok(vcpu_threads(&value))
+    }
+
     /// Runs a job-starting command and waits until the job concludes;
     /// its error, if any, becomes [`QmpError::Refused`].
     pub async fn run_job(&self, command: Command, job_id: &str) -> Result<(), QmpError> {
@@ -301,6 +307,20 @@ async fn read_loop(
 /// Total and used bytes from a `guest-stats` answer; QEMU reports a
 /// statistic the guest never sent as -1, and a stats block never updated
 /// with `last-update` 0.
+/// `query-cpus-fast`'s answer as (vCPU index, thread id) pairs.
+fn vcpu_threads(value: &Value) -> Vec<(u32, u32)> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|cpu| {
+            let index = u32::try_from(cpu.get("cpu-index")?.as_u64()?).ok()?;
+            let thread = u32::try_from(cpu.get("thread-id")?.as_u64()?).ok()?;
+            Some((index, thread))
+        })
+        .collect()
+}
+
 fn balloon_memory(value: &Value) -> Option<(u64, u64)> {
     if value["last-update"].as_u64().unwrap_or(0) == 0 {
         return None;
@@ -313,6 +333,19 @@ fn balloon_memory(value: &Value) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_threads_come_from_query_cpus_fast() {
+        // QEMU 7.2's answer for two vCPUs under TCG.
+        let answer = serde_json::json!([
+            {"thread-id": 4242, "props": {"core-id": 0, "thread-id": 0, "socket-id": 0},
+             "qom-path": "/machine/unattached/device[0]", "cpu-index": 0, "target": "x86_64"},
+            {"thread-id": 4243, "props": {"core-id": 0, "thread-id": 0, "socket-id": 1},
+             "qom-path": "/machine/unattached/device[1]", "cpu-index": 1, "target": "x86_64"}
+        ]);
+
+        assert_eq!(vcpu_threads(&answer), vec![(0, 4242), (1, 4243)]);
+    }
 
     #[test]
     fn balloon_figures_count_only_once_the_guest_reported_them() {

@@ -57,6 +57,8 @@ pub enum Command {
     },
     /// The state of the current (or last) migration.
     QueryMigrate,
+    /// Each vCPU with the host thread that runs it.
+    QueryCpusFast,
 }
 
 /// The arguments of the snapshot jobs (QEMU 6.0+).
@@ -104,6 +106,7 @@ impl Command {
             Command::Migrate { .. } => "migrate",
             Command::MigrateIncoming { .. } => "migrate-incoming",
             Command::QueryMigrate => "query-migrate",
+            Command::QueryCpusFast => "query-cpus-fast",
         }
     }
 

@@ -31,7 +31,7 @@ pub async fn console(
         .max_message_size(super::CONSOLE_MAX_MESSAGE)
         .max_frame_size(super::CONSOLE_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            session(socket, log, live).await;
+            session(socket, log, live, || app.node.console_input(&name)).await;
             drop(seat);
         }))
 }
@@ -40,6 +40,7 @@ async fn session(
     mut socket: WebSocket,
     log: std::path::PathBuf,
     live: Option<std::sync::Arc<crate::supervisor::Live>>,
+    on_input: impl Fn(),
 ) {
     // Subscribe before reading the history: a byte may show twice, none is lost.
     let mut output = live.as_ref().map(|live| live.console_out.subscribe());
@@ -69,9 +70,11 @@ async fn session(
             },
             message = socket.recv() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
+                    on_input();
                     let _ = live.console_in.send(bytes.to_vec()).await;
                 }
                 Some(Ok(Message::Text(text))) => {
+                    on_input();
                     let _ = live.console_in.send(text.as_bytes().to_vec()).await;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}

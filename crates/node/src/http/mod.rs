@@ -11,6 +11,7 @@ use self::contract::{Contract, NamePath, SnapshotPath};
 mod metrics;
 mod operations;
 mod pools;
+mod rfb;
 mod unread;
 pub mod viewers;
 mod vnc;

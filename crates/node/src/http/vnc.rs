@@ -35,13 +35,16 @@ pub async fn vnc(
         .max_message_size(super::VNC_MAX_MESSAGE)
         .max_frame_size(super::VNC_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            relay(socket, server).await;
+            relay(socket, server, || app.node.console_input(&name)).await;
             drop(seat);
         }))
 }
 
-async fn relay(mut socket: WebSocket, server: UnixStream) {
+/// Relays RFB both ways; `on_input` is called for each piece of the
+/// client's stream that holds a user's input.
+async fn relay(mut socket: WebSocket, server: UnixStream, on_input: impl Fn()) {
     let (mut from_vnc, mut to_vnc) = server.into_split();
+    let mut scanner = super::rfb::ClientScanner::default();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
@@ -58,6 +61,9 @@ async fn relay(mut socket: WebSocket, server: UnixStream) {
             },
             message = socket.recv() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
+                    if scanner.feed(&bytes) {
+                        on_input();
+                    }
                     if to_vnc.write_all(&bytes).await.is_err() {
                         return;
                     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use quetzal_image::Image;
 
 use quetzal_api::{CreateVm, EventKind, Operation, OperationKind, Vm, VmState};
-use quetzal_engine::spec::{Cpus, Mac, MemoryMib, VmName};
+use quetzal_engine::spec::{CpuSet, Cpus, Mac, MemoryMib, VmName};
 use tokio::sync::OwnedMutexGuard;
 
 use super::error::{Fault, VmError};
@@ -170,6 +170,12 @@ impl Node {
             .into());
         }
         let cloud_init = cloud_config(&source.image, &request)?;
+        let cpu_pin = request
+            .cpu_pin
+            .as_deref()
+            .map(|text| CpuSet::parse(text, self.host_cpus).map(|set| set.to_string()))
+            .transpose()
+            .map_err(invalid)?;
         let vm = VmRecord {
             name: name.to_string(),
             state: VmState::Stopped,
@@ -197,6 +203,7 @@ impl Node {
             services: request.services.clone(),
             restore_from: warm.as_ref().map(|template| template.name.clone()),
             ram_file: request.ram_file,
+            cpu_pin,
         };
         let cause = match &request.template {
             Some(template) if request.full_clone => format!("full clone of template {template}"),

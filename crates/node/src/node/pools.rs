@@ -619,6 +619,7 @@ impl Node {
             user_data: None,
             services: Vec::new(),
             ram_file: false,
+            cpu_pin: None,
         };
         tracing::info!(pool = %desktop.pool, vm = %desktop.vm, "making a desktop");
         match self.create(request).await? {

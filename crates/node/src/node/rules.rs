@@ -558,3 +558,33 @@ fn bad_pool_requests_get_one_clear_error() {
         );
     });
 }
+
+#[test]
+fn input_on_a_console_boosts_the_vm_once_and_only_while_it_runs() {
+    use quetzal_engine::spec::CpuWeight;
+    let data = data_dir();
+    let engine = MemoryEngine::default();
+    runtime().block_on(async {
+        let node = node(data.path(), &engine).await;
+        node.create(request("desk")).await.unwrap();
+        node.console_input("desk");
+        assert_eq!(node.cpu_weight("desk"), None, "a stopped VM has no weight");
+        node.start("desk").await.unwrap();
+        let mut events = node.subscribe();
+
+        node.console_input("desk");
+        node.console_input("desk");
+        let boost = next_event(&mut events, "desk", &[EventKind::Boost]).await;
+
+        assert_eq!(node.cpu_weight("desk"), Some(CpuWeight::BOOSTED));
+        assert!(
+            boost.cause.starts_with("CPU weight 400 (4×"),
+            "{}",
+            boost.cause
+        );
+        assert!(
+            events.try_recv().is_err(),
+            "a second input says nothing new"
+        );
+    });
+}

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use quetzal_api::{EventKind, RestartPolicy, Vm, VmState};
 use quetzal_engine::spec::{
-    Confinement, Cpus, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, Ram, VmName, VmSpec,
-    new_generation_id,
+    Confinement, CpuSet, Cpus, Disk, DiskFormat, Machine, MemoryMib, Nic, NicBackend, Ram, VmName,
+    VmSpec, new_generation_id,
 };
 use quetzal_engine::{AnyVm, Engine, EngineVm, Lifetime, SnapshotJobs};
 use quetzal_image::Image;
@@ -294,6 +294,12 @@ impl Node {
             ram,
             generation_id: generation_id.clone(),
             restore: restore.map(|(_, state)| state),
+            cpu_pin: vm
+                .cpu_pin
+                .as_deref()
+                .map(|list| CpuSet::parse(list, self.host_cpus))
+                .transpose()
+                .map_err(Fault::Spec)?,
         };
         quetzal_engine::failpoint::crash("start-before-spawn");
         let mut engine_vm = engine

@@ -174,6 +174,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX desktops_by_pool ON desktops (pool);",
     "ALTER TABLE vms ADD COLUMN ram_file INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE vms ADD COLUMN cpu_pin TEXT;",
 ];
 
 /// Everything the node keeps, one trait per concern. SQLite

@@ -57,6 +57,8 @@ pub struct VmRecord {
     /// Its RAM is a file of its own on tmpfs (it can become a warm
     /// template); else anonymous memory.
     pub ram_file: bool,
+    /// The host CPUs its vCPUs are pinned to, normalized (`0-3,6`).
+    pub cpu_pin: Option<String>,
 }
 
 impl VmRecord {
@@ -86,6 +88,8 @@ impl VmRecord {
             cloud_init: self.cloud_init.as_ref().map(|c| c.to_api(&self.name)),
             services: self.services.clone(),
             ram_file: self.ram_file,
+            cpu_pin: self.cpu_pin.clone(),
+            cpu_weight: None,
             host_memory: None,
             guest_memory: None,
             generation_id: None,
@@ -167,9 +171,10 @@ impl VmStore for SqliteStore {
         let inserted = tx.execute(
             "INSERT INTO vms (name, image, image_dir, cpus, memory_mib, disk_mib, labels,
                 restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-                network, mac, nic, engine, cloud_init, services, restore_from, ram_file)
+                network, mac, nic, engine, cloud_init, services, restore_from, ram_file,
+                cpu_pin)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, NULL, 0, ?11, ?12, ?13, ?14,
-                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17, ?18, ?19)",
+                (SELECT COALESCE(MAX(nic), 0) + 1 FROM vms), ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 vm.name,
                 vm.image,
@@ -192,6 +197,7 @@ impl VmStore for SqliteStore {
                 serde_json::to_string(&vm.services).expect("services serialize"),
                 vm.restore_from,
                 vm.ram_file,
+                vm.cpu_pin,
             ],
         );
         match inserted {
@@ -350,7 +356,7 @@ fn read_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 
 const SELECT_VM: &str = "SELECT name, image, image_dir, cpus, memory_mib, disk_mib, labels,
     restart_policy, state, pid, created_at, started_at, restarts, linked_to, machine_id,
-    network, mac, revision, nic, engine, cloud_init, services, restore_from, ram_file FROM vms";
+    network, mac, revision, nic, engine, cloud_init, services, restore_from, ram_file, cpu_pin FROM vms";
 
 fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     let labels: String = row.get(6)?;
@@ -404,6 +410,7 @@ fn read_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreEr
         services,
         restore_from: row.get(22)?,
         ram_file: row.get(23)?,
+        cpu_pin: row.get(24)?,
     }))
 }
 
@@ -470,6 +477,7 @@ mod tests {
             }],
             restore_from: None,
             ram_file: false,
+            cpu_pin: None,
         }
     }
 
