@@ -234,6 +234,15 @@ fn a_pinned_vms_vcpu_runs_on_its_cpu_in_a_cgroup_with_cpu_and_cpuset() {
         .find_map(|file| std::fs::read_to_string(cpu.join(file)).ok())
         .unwrap();
     assert!(["1024", "100"].contains(&weight.trim()), "{weight}");
+    // The VMs' group weighs at least this VM against the host's other
+    // processes (it is the sum of every running VM's weight).
+    let group = ["cpu.shares", "cpu.weight"]
+        .iter()
+        .find_map(|file| std::fs::read_to_string(cpu.parent().unwrap().join(file)).ok())
+        .unwrap();
+    let group: u64 = group.trim().parse().unwrap();
+    let own: u64 = weight.trim().parse().unwrap();
+    assert!(group >= own, "the VMs' group weighs {group}, one VM {own}");
     let shown: Value =
         serde_json::from_str(&cli.ok(&["vm", "show", "pinned", "--output", "json"])).unwrap();
     assert_eq!(shown["cpu_pin"], last_cpu.as_str());

@@ -367,7 +367,43 @@ pub mod cgroup {
         } else {
             weight.shares().to_string()
         };
-        std::fs::write(cpu_file(run_dir), value)
+        std::fs::write(cpu_file(run_dir), value)?;
+        balance_parent();
+        Ok(())
+    }
+
+    /// The `quetzal` group's own weight is the sum of its VMs': the
+    /// scheduler weighs a group against the host's other processes as one
+    /// entity, so at the default weight every VM together would get what
+    /// one busy process gets. Summed, each VM competes with the host like
+    /// a process of its weight. Serialized in the process, so two VMs
+    /// changing at once never leave a stale sum.
+    fn balance_parent() {
+        static BALANCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _held = BALANCE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (parent, knob, bounds) = if unified() {
+            (Path::new(ROOT).join("quetzal"), "cpu.weight", (1, 10_000))
+        } else {
+            (
+                Path::new(ROOT).join("cpu/quetzal"),
+                "cpu.shares",
+                (2, 262_144),
+            )
+        };
+        let Ok(children) = std::fs::read_dir(&parent) else {
+            return;
+        };
+        let sum: u64 = children
+            .flatten()
+            .filter_map(|child| std::fs::read_to_string(child.path().join(knob)).ok())
+            .filter_map(|text| text.trim().parse::<u64>().ok())
+            .sum();
+        let value = sum.clamp(bounds.0, bounds.1);
+        if let Err(err) = std::fs::write(parent.join(knob), value.to_string()) {
+            tracing::warn!(cgroup = %parent.display(), %err, "cannot set the VMs' group weight");
+        }
     }
 
     /// The VM's cgroup's CPU weight now; `None` without one.
@@ -392,6 +428,9 @@ pub mod cgroup {
                     gone = false;
                 }
             }
+        }
+        if gone {
+            balance_parent();
         }
         gone
     }
