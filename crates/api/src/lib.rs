@@ -366,6 +366,15 @@ pub struct Exec {
     pub timeout_secs: Option<u64>,
 }
 
+/// `GET`/`PUT /api/v1/vms/{name}/clipboard`: the text on the guest
+/// desktop's clipboard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Clipboard {
+    /// At most 1 MiB of UTF-8.
+    pub text: String,
+}
+
 /// How a command run in the guest ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExecResult {

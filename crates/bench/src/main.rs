@@ -14,6 +14,9 @@
 //!   SSH, and exec through quetzal-agent against stock qemu-guest-agent.
 //! - `quetzal-bench instant`: instant clones of a warm template against a
 //!   cold start and libvirt's define + start; clones per second; memory.
+//! - `quetzal-bench console`: the graphical console's frames per second
+//!   and input-to-screen latency in Chromium, against noVNC through
+//!   websockify (web/bench/console.mjs).
 //!
 //! Build the image first (`quetzal image build`); the data directory is
 //! `$QUETZAL_DATA_DIR` or the default, as for `quetzal`.
@@ -21,6 +24,7 @@
 mod agent;
 mod boot;
 mod clones;
+mod console;
 mod dashboard;
 mod debian;
 mod instant;
@@ -41,9 +45,8 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" | "debian" | "instant" => {
-                which = Some(arg)
-            }
+            "boot" | "node" | "clones" | "dashboard" | "tls" | "agent" | "debian" | "instant"
+            | "console" => which = Some(arg),
             other => bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Some("agent") => agent::run(runs, &bin),
         Some("debian") => debian::run(runs, &bin),
         Some("instant") => instant::run(runs, &bin),
+        Some("console") => console::run(runs, &bin),
         _ => bail!(USAGE),
     }
 }

@@ -98,6 +98,13 @@ pub enum VmCommand {
     /// new machine-id and SSH host keys, the VM's name as its host name,
     /// a DHCP renew, the host's time (what a copied guest needs).
     Reidentify { name: String },
+    /// Print the text on a running desktop guest's clipboard, or with
+    /// `--set` put text there (`--set -` reads it from stdin).
+    Clipboard {
+        name: String,
+        #[arg(long, value_name = "TEXT")]
+        set: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +376,28 @@ async fn run_async(command: VmCommand) -> anyhow::Result<ExitCode> {
             let done: quetzal_api::Reidentified = client.call_as(Method::POST, &path, None).await?;
             for step in done.steps {
                 println!("{}: {}", step.step, step.outcome);
+            }
+        }
+        VmCommand::Clipboard { name, set } => {
+            let path = format!("/api/v1/vms/{}/clipboard", encode(&name));
+            match set {
+                None => {
+                    let clipboard: quetzal_api::Clipboard =
+                        client.call_as(Method::GET, &path, None).await?;
+                    print!("{}", clipboard.text);
+                }
+                Some(text) => {
+                    let text = if text == "-" {
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                            .context("reading the text from stdin")?;
+                        text
+                    } else {
+                        text
+                    };
+                    let body = serde_json::json!({ "text": text });
+                    client.call(Method::PUT, &path, Some(&body)).await?;
+                }
             }
         }
     }

@@ -123,6 +123,27 @@ fn the_agent_connects_and_runs_commands_with_their_output_and_exit_code() {
     assert_eq!(missing.status.code(), Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot run /no/such/program"), "{stderr}");
+
+    // tiny has no desktop: its clipboard is refused, in one line; text
+    // past 1 MiB is refused before the guest is asked.
+    let clipboard = Command::new(QUETZAL)
+        .args(["vm", "clipboard", "helper"])
+        .env("QUETZAL_DATA_DIR", daemon.data.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(clipboard.stderr).unwrap();
+    assert_eq!(clipboard.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("VM helper has no clipboard to share: its guest has no quetzal-clipboard"),
+        "{stderr}"
+    );
+    let (status, body) = daemon.request("GET", "/api/v1/vms/helper/clipboard", None);
+    assert_eq!(status, 409, "{body}");
+    let huge = serde_json::json!({ "text": "x".repeat((1 << 20) + 1) }).to_string();
+    let (status, body) = daemon.request("PUT", "/api/v1/vms/helper/clipboard", Some(&huge));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most 1048576"), "{body}");
 }
 
 #[test]

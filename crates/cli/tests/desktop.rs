@@ -1,7 +1,9 @@
 //! The desktop image end to end: a VM of it boots to Xfce, logged in on
 //! its screen, and the dashboard's Screen tab in a real browser
 //! (web/tests/desktop.mjs, Debian's Chromium) shows that desktop, not a
-//! text console; then its kernel hangs without saying so, and the
+//! text console; its full-window page (web/tests/desktop-page.mjs) gives
+//! the guest's screen the window's size and follows it, types with the
+//! guest's layout, and shares the clipboard both ways; then its kernel hangs without saying so, and the
 //! i6300esb watchdog systemd feeds resets it (issue 11's last item: the
 //! cloud kernel of `debian` has no driver for the device).
 
@@ -66,6 +68,58 @@ fn the_desktop_shows_in_the_screen_tab_and_its_watchdog_resets_a_hung_kernel() {
 
     let stdout = browser_script(&daemon, "desktop.mjs", &[("QUETZAL_VM", "desk")]);
     println!("{stdout}");
+
+    // The full-window page (web/tests/desktop-page.mjs) types, pastes and
+    // copies in a maximized terminal, which pastes a line without asking
+    // (its unsafe-paste dialog off).
+    assert!(succeeds(
+        &cli,
+        "desk",
+        "mkdir -p ~debian/.config/xfce4/terminal && \
+         printf '[Configuration]\\nMiscShowUnsafePasteDialog=FALSE\\n' \
+           > ~debian/.config/xfce4/terminal/terminalrc && \
+         chown -R debian: ~debian/.config/xfce4"
+    ));
+    cli.ok(&[
+        "vm",
+        "exec",
+        "desk",
+        "--",
+        "systemd-run",
+        "--uid=debian",
+        "--setenv=DISPLAY=:0",
+        "--setenv=XAUTHORITY=/home/debian/.Xauthority",
+        "xfce4-terminal",
+        "--disable-server",
+        "--maximize",
+    ]);
+    wait_until_for("the terminal's window", DEBIAN_TIMEOUT, || {
+        succeeds(
+            &cli,
+            "desk",
+            "runuser -u debian -- env DISPLAY=:0 XAUTHORITY=/home/debian/.Xauthority \
+             xdotool search --onlyvisible --class xfce4-terminal",
+        )
+    });
+    let stdout = browser_script(&daemon, "desktop-page.mjs", &[("QUETZAL_VM", "desk")]);
+    println!("{stdout}");
+    // What the browser typed and pasted, as the guest got it; what the
+    // guest copied, also through the CLI.
+    assert!(
+        succeeds(&cli, "desk", "test -f /tmp/Typed_in_browser"),
+        "no /tmp/Typed_in_browser: {}",
+        cli.ok(&["vm", "exec", "desk", "--", "ls", "/tmp"])
+    );
+    assert_eq!(
+        cli.ok(&["vm", "exec", "desk", "--", "cat", "/tmp/pasted"]),
+        "pasted-from-browser\n"
+    );
+    assert!(
+        cli.ok(&["vm", "clipboard", "desk"])
+            .contains("\ncopied-42\n")
+    );
+    cli.ok(&["vm", "clipboard", "desk", "--set", "set by the CLI ✓"]);
+    assert_eq!(cli.ok(&["vm", "clipboard", "desk"]), "set by the CLI ✓");
 
     // The kernel hangs: it panics with the pvpanic device told nothing
     // (its events turned off), so QEMU does not learn of it and the

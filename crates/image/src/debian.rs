@@ -65,14 +65,14 @@ pub const DEBIAN: Flavor = Flavor {
     desktop: false,
 };
 
-/// A desktop: Xorg (its modesetting driver on the kernel's bochs DRM
-/// driver for QEMU's standard VGA; libinput for the USB tablet's
-/// absolute pointer) and Xfce's core (window manager, panel, desktop,
+/// A desktop: Xorg (its modesetting driver on the kernel's virtio GPU
+/// driver for QEMU's virtio-vga; libinput for the USB tablet's absolute
+/// pointer; xclip for the clipboard the host shares) and Xfce's core (window manager, panel, desktop,
 /// settings, terminal), logged in by LightDM as the default user, on
 /// Debian's generic kernel. Compressed swap in RAM (zswap) is on.
 pub const DESKTOP: Flavor = Flavor {
     name: "desktop",
-    recipe: 2,
+    recipe: 3,
     kernel_package: "linux-image-amd64",
     packages: &[
         "xserver-xorg-core",
@@ -89,6 +89,7 @@ pub const DESKTOP: Flavor = Flavor {
         "dbus-user-session",
         "fonts-dejavu-core",
         "xdotool",
+        "xclip",
     ],
     versioned: &["xserver-xorg-core", "xfce4-session"],
     disk_mib: 4096,
@@ -376,6 +377,65 @@ Section \"ServerFlags\"
 EndSection
 ";
 
+/// The screen takes the size the browser asks for: QEMU hands a VNC
+/// client's SetDesktopSize to the virtio GPU as a display change, the
+/// kernel sends a DRM change uevent, and this sets the output to its new
+/// preferred mode. Started in the desktop session (XDG autostart).
+const SCREEN_FOLLOWS: &str = r#"#!/bin/sh
+# Sets the screen to the size the console asks for, at start and on
+# every DRM change event.
+follow() {
+    output=$(xrandr --query | awk '$2 == "connected" { print $1; exit }')
+    [ -n "$output" ] && xrandr --output "$output" --auto
+}
+follow
+stdbuf -oL udevadm monitor --udev --subsystem-match=drm | while read -r line; do
+    case $line in
+    *change*) follow ;;
+    esac
+done
+"#;
+
+const SCREEN_FOLLOWS_AUTOSTART: &str = "\
+[Desktop Entry]
+Type=Application
+Name=Screen size from the console
+Exec=/usr/local/bin/quetzal-screen-follows
+NoDisplay=true
+";
+
+/// The desktop session's clipboard for the host: quetzal-agent runs it
+/// (as root) for `GET`/`PUT /api/v1/vms/{name}/clipboard`. `get` prints
+/// the clipboard's text, `set` puts stdin there (xclip keeps serving it
+/// until something else is copied).
+const CLIPBOARD: &str = r#"#!/bin/sh
+set -eu
+session=$(loginctl show-seat seat0 --property=ActiveSession --value 2>/dev/null || true)
+if [ -z "$session" ]; then
+    echo "no desktop session on the screen" >&2
+    exit 2
+fi
+user=$(loginctl show-session "$session" --property=Name --value)
+display=$(loginctl show-session "$session" --property=Display --value)
+home=$(getent passwd "$user" | cut -d: -f6)
+as_user() {
+    runuser -u "$user" -- env DISPLAY="$display" XAUTHORITY="$home/.Xauthority" "$@"
+}
+case ${1:-} in
+get)
+    # An empty clipboard is no error.
+    as_user xclip -selection clipboard -out 2>/dev/null || true
+    ;;
+set)
+    as_user xclip -selection clipboard -in >/dev/null 2>&1
+    ;;
+*)
+    echo "usage: quetzal-clipboard get|set" >&2
+    exit 2
+    ;;
+esac
+"#;
+
 /// systemd feeds the i6300esb watchdog every QEMU VM has (the generic
 /// kernel drives it): a hung kernel stops feeding it, and QEMU resets the
 /// guest. 20 s a stage, and the device has two: about 40 s from the hang.
@@ -497,7 +557,8 @@ fn configure(flavor: &Flavor, root: &Path, agent: &[u8]) -> Result<(), ImageErro
     )
 }
 
-/// The graphical session on the screen, swap for zswap, and the
+/// The graphical session on the screen (following the console's size,
+/// its clipboard shared with the host), swap for zswap, and the
 /// watchdog's feeding.
 fn configure_desktop(root: &Path) -> Result<(), ImageError> {
     let panel = read(&root.join(PANEL_DEFAULT))?;
@@ -518,6 +579,21 @@ fn configure_desktop(root: &Path) -> Result<(), ImageError> {
             0o644,
         ),
         (PANEL_SKEL, &panel, 0o644),
+        (
+            "usr/local/bin/quetzal-screen-follows",
+            SCREEN_FOLLOWS.as_bytes(),
+            0o755,
+        ),
+        (
+            "etc/xdg/autostart/quetzal-screen-follows.desktop",
+            SCREEN_FOLLOWS_AUTOSTART.as_bytes(),
+            0o644,
+        ),
+        (
+            "usr/local/bin/quetzal-clipboard",
+            CLIPBOARD.as_bytes(),
+            0o755,
+        ),
         (
             "etc/cloud/cloud.cfg.d/91-quetzal-swap.cfg",
             CLOUD_CFG_SWAP.as_bytes(),

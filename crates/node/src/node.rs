@@ -39,6 +39,7 @@ pub use error::{
     ErrorKind, Fault, NetworkError, NodeError, OperationError, PoolError, SnapshotError,
     TemplateError, VmError,
 };
+pub use guest::MAX_CLIPBOARD_BYTES;
 pub use guest::MAX_FILE as MAX_GUEST_FILE;
 pub use networks::{DEFAULT_NETWORK, Networks, USER_NETWORK};
 pub use operations::{Operations, Progress};

@@ -80,12 +80,18 @@ pub fn argv(spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
 
     // A screen, and a USB tablet: an absolute pointer, so the guest's
     // cursor is where the VNC client's is (a PS/2 mouse only moves).
+    // virtio-vga is a VGA for firmware and text consoles and a virtio GPU
+    // for a guest with its driver, which learns of a VNC client's
+    // SetDesktopSize (QEMU's `ui_info`) as a display change: a guest that
+    // follows it takes the browser window's size (std VGA cannot). VNC
+    // may use lossy encodings (Tight's JPEG for changing regions) for
+    // clients that ask for a JPEG quality, as noVNC does.
     if spec.graphics {
         push(&[
             "-vga",
-            "std",
+            "virtio",
             "-vnc",
-            &format!("unix:{}", escape(&paths.vnc)),
+            &format!("unix:{},lossy=on", escape(&paths.vnc)),
             "-device",
             "qemu-xhci,id=usb",
             "-device",
@@ -455,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn graphics_add_a_vga_served_over_vnc_on_a_unix_socket_only_and_a_tablet() {
+    fn graphics_add_a_virtio_vga_served_lossy_over_vnc_on_a_unix_socket_only_and_a_tablet() {
         let kernel = kernel();
         let mut spec = spec(kernel.path(), Accel::Tcg);
         assert!(!text(&argv(&spec, &paths())).contains("-vnc"));
@@ -464,7 +470,7 @@ mod tests {
         let args = text(&argv(&spec, &paths()));
 
         assert!(
-            args.contains("-vga std -vnc unix:/run/q/web-1/vnc.sock"),
+            args.contains("-vga virtio -vnc unix:/run/q/web-1/vnc.sock,lossy=on"),
             "{args}"
         );
         assert!(

@@ -222,6 +222,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         clone_vm,
         exec_vm,
         reidentify_vm,
+        get_clipboard,
+        set_clipboard,
         files::read,
         files::write,
         list_templates,
@@ -264,6 +266,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Que
         CloneVm,
         Template,
         quetzal_api::WarmTemplate,
+        quetzal_api::Clipboard,
         CreateTemplate,
         quetzal_api::Pool,
         quetzal_api::CreatePool,
@@ -385,6 +388,20 @@ fn table() -> Vec<(Route, MethodRouter<AppState>)> {
             "/api/v1/vms/{name}/reidentify",
             Needs(Operator),
             post(reidentify_vm),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/vms/{name}/clipboard",
+            Needs(Operator),
+            get(get_clipboard),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/vms/{name}/clipboard",
+            Needs(Operator),
+            axum::routing::put(set_clipboard).layer(axum::extract::DefaultBodyLimit::max(
+                2 * crate::node::MAX_CLIPBOARD_BYTES,
+            )),
         ),
         route(
             Method::GET,
@@ -1008,6 +1025,32 @@ async fn reidentify_vm(
     Path(NamePath { name }): Path<NamePath>,
 ) -> Result<Json<quetzal_api::Reidentified>, ApiError> {
     Ok(Json(app.node.reidentify(&name).await?))
+}
+
+/// The text on a running desktop guest's clipboard (through its agent).
+#[utoipa::path(get, path = "/api/v1/vms/{name}/clipboard", params(contract::NamePath),
+    responses((status = 200, body = quetzal_api::Clipboard), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn get_clipboard(
+    State(app): State<AppState>,
+    Path(NamePath { name }): Path<NamePath>,
+) -> Result<Json<quetzal_api::Clipboard>, ApiError> {
+    let text = app.node.clipboard(&name).await?;
+    Ok(Json(quetzal_api::Clipboard { text }))
+}
+
+/// Put text on a running desktop guest's clipboard, for its user to paste.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/clipboard", params(contract::NamePath),
+    request_body = quetzal_api::Clipboard,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn set_clipboard(
+    State(app): State<AppState>,
+    Path(NamePath { name }): Path<NamePath>,
+    Body(request): Body<quetzal_api::Clipboard>,
+) -> Result<StatusCode, ApiError> {
+    app.node.set_clipboard(&name, &request.text).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Clone a stopped VM into a new, stopped VM.

@@ -214,6 +214,9 @@ pub enum VmError {
     NotRunning { name: String },
     #[error("VM {name} runs on the {engine} engine, which this node does not have")]
     NoEngine { name: String, engine: String },
+    /// The guest has no clipboard the node can reach.
+    #[error("VM {name} has no clipboard to share: {why}")]
+    NoClipboard { name: String, why: String },
     /// A create request the node cannot honour as asked.
     #[error("{reason}")]
     Invalid { reason: String },
@@ -254,7 +257,8 @@ impl VmError {
             | VmError::Changed { .. }
             | VmError::Refused(_)
             | VmError::NotRunning { .. }
-            | VmError::NoEngine { .. } => ErrorKind::Conflict,
+            | VmError::NoEngine { .. }
+            | VmError::NoClipboard { .. } => ErrorKind::Conflict,
             VmError::Invalid { .. } | VmError::NameTooLong { .. } => ErrorKind::Invalid,
             VmError::NoRoom { .. } => ErrorKind::InsufficientStorage,
             VmError::Boot { .. }

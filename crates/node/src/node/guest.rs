@@ -13,6 +13,11 @@ use crate::supervisor::Live;
 /// How long a command may run by default, and at most.
 pub const DEFAULT_EXEC_SECS: u64 = 30;
 pub const MAX_EXEC_SECS: u64 = 3600;
+/// The most text a clipboard carries either way (what an exec keeps of
+/// its output).
+pub const MAX_CLIPBOARD_BYTES: usize = 1 << 20;
+/// How long reading or setting a guest's clipboard may take.
+const CLIPBOARD_SECS: u64 = 10;
 /// How long one agent call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a re-identification may take (new SSH host keys and a DHCP
@@ -159,6 +164,70 @@ impl Node {
             }
         })
         .await
+    }
+
+    /// The text on VM `name`'s desktop clipboard, through its agent and
+    /// the guest's `quetzal-clipboard` (the desktop image has it).
+    pub async fn clipboard(&self, name: &str) -> Result<String, NodeError> {
+        let out = self.run_clipboard(name, "get", None).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Puts `text` on VM `name`'s desktop clipboard, for its user to paste.
+    pub async fn set_clipboard(&self, name: &str, text: &str) -> Result<(), NodeError> {
+        if text.len() > MAX_CLIPBOARD_BYTES {
+            return Err(VmError::Invalid {
+                reason: format!(
+                    "clipboard text is {} bytes; at most {MAX_CLIPBOARD_BYTES}",
+                    text.len()
+                ),
+            }
+            .into());
+        }
+        self.run_clipboard(name, "set", Some(text.as_bytes()))
+            .await
+            .map(drop)
+    }
+
+    async fn run_clipboard(
+        &self,
+        name: &str,
+        verb: &str,
+        stdin: Option<&[u8]>,
+    ) -> Result<Vec<u8>, NodeError> {
+        // 127 when the guest has no helper: a guest without a desktop.
+        let script = "command -v quetzal-clipboard >/dev/null || exit 127; \
+                      exec quetzal-clipboard \"$1\"";
+        let done = self
+            .exec(
+                name,
+                Exec {
+                    command: "/bin/sh".into(),
+                    args: vec!["-c".into(), script.into(), "sh".into(), verb.into()],
+                    stdin_b64: stdin.map(quetzal_qga::encode),
+                    timeout_secs: Some(CLIPBOARD_SECS),
+                },
+            )
+            .await?;
+        let decode = |b64: &str| quetzal_qga::decode(b64).unwrap_or_default();
+        match done.exit_code {
+            Some(0) => Ok(decode(&done.stdout_b64)),
+            Some(127) => Err(VmError::NoClipboard {
+                name: name.to_owned(),
+                why: "its guest has no quetzal-clipboard (the desktop image has one)".into(),
+            }
+            .into()),
+            _ => {
+                let stderr = decode(&done.stderr_b64);
+                let why = String::from_utf8_lossy(&stderr);
+                let why = why.lines().next().unwrap_or("quetzal-clipboard failed");
+                Err(VmError::NoClipboard {
+                    name: name.to_owned(),
+                    why: why.chars().take(200).collect(),
+                }
+                .into())
+            }
+        }
     }
 
     /// Makes VM `name`'s guest a new machine through quetzal-agent's port
