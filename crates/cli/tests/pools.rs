@@ -99,6 +99,27 @@ fn a_pool_hands_out_ready_desktops_resets_them_and_takes_a_new_template() {
         ],
         "spare (3) cannot be more than max (2)",
     );
+    // More desktops than 4× the host's memory can promise (1000 of the
+    // template's memory), refused with the figures, nothing made.
+    let template: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["template", "show", "v1", "--output", "json"])).unwrap();
+    let promise = 1000 * template["memory_mib"].as_u64().unwrap();
+    cli.fails(
+        &[
+            "pool",
+            "create",
+            "huge",
+            "--template",
+            "v1",
+            "--max",
+            "1000",
+        ],
+        &format!(
+            "pool huge is too large for this host: 1000 desktops of {} MiB promise {promise} MiB",
+            template["memory_mib"]
+        ),
+    );
+    assert!(!cli.ok(&["pool", "list"]).contains("huge"));
     cli.fails(
         &[
             "pool",

@@ -441,6 +441,9 @@ pub enum PoolError {
     Busy { name: String, vm: String },
     #[error("making desktop {vm} started a copy (operation {operation}) instead of a clone")]
     Unexpected { vm: String, operation: String },
+    /// More than the host's memory can hold.
+    #[error("pool {name} is too large for this host: {why}")]
+    TooLarge { name: String, why: String },
 }
 
 impl PoolError {
@@ -449,6 +452,7 @@ impl PoolError {
             PoolError::NotFound { .. } | PoolError::NoSuchDesktop { .. } => ErrorKind::NotFound,
             PoolError::Invalid { .. } => ErrorKind::Invalid,
             PoolError::Unexpected { .. } => ErrorKind::Internal,
+            PoolError::TooLarge { .. } => ErrorKind::InsufficientStorage,
             PoolError::Exists { .. }
             | PoolError::Full { .. }
             | PoolError::NotAssigned { .. }

@@ -190,7 +190,17 @@ impl Node {
             .into());
         }
         check_sizes(request.spare, request.max)?;
-        self.template_record(&request.template)?;
+        let template = self.template_record(&request.template)?;
+        if let Some(host) = crate::ksm::Memory::of_this_host() {
+            check_memory(
+                name.as_str(),
+                request.spare,
+                request.max,
+                template.memory_mib,
+                host,
+                0,
+            )?;
+        }
         let record = PoolRecord {
             name: name.to_string(),
             template: request.template,
@@ -215,17 +225,33 @@ impl Node {
     pub async fn update_pool(&self, name: &str, request: UpdatePool) -> Result<Pool, NodeError> {
         let lock = self.pool_work.lock(name);
         let _held = lock.lock().await;
-        let record = self.pool_record(name)?;
+        let old = self.pool_record(name)?;
         if let Some(template) = &request.template {
             self.template_record(template)?;
         }
         let record = PoolRecord {
-            template: request.template.unwrap_or(record.template),
-            spare: request.spare.unwrap_or(record.spare),
-            max: request.max.unwrap_or(record.max),
-            ..record
+            template: request.template.unwrap_or(old.template.clone()),
+            spare: request.spare.unwrap_or(old.spare),
+            max: request.max.unwrap_or(old.max),
+            ..old.clone()
         };
         check_sizes(record.spare, record.max)?;
+        if let Some(host) = crate::ksm::Memory::of_this_host() {
+            // The spares running now make room as they are replaced.
+            let memory_mib = self.template_record(&record.template)?.memory_mib;
+            let mut spares_mib = 0;
+            let store = self.store();
+            for desktop in store.desktops(name)? {
+                if desktop.state == DesktopState::Spare
+                    && let Some(vm) = store.get(&desktop.vm)?
+                    && vm.state == VmState::Running
+                {
+                    spares_mib += vm.memory_mib;
+                }
+            }
+            drop(store);
+            check_memory(name, record.spare, record.max, memory_mib, host, spares_mib)?;
+        }
         self.store().update_pool(&record)?;
         self.pool_changed(name);
         tracing::info!(pool = %name, template = %record.template, spare = record.spare,
@@ -674,6 +700,46 @@ fn check_sizes(spare: u32, max: u32) -> Result<(), PoolError> {
     Ok(())
 }
 
+/// How far a pool's desktops together may promise more memory than the
+/// host has: instant clones share their template's RAM until they write
+/// to it, and KSM merges what is alike.
+pub const MEMORY_OVERCOMMIT: u64 = 4;
+
+/// Whether a pool of `spare` and `max` desktops of `memory_mib` each fits
+/// `host`: its spares run at once, so they must fit what is available now
+/// (with `freed_mib` that spares being replaced give back); all `max` of
+/// them must fit [`MEMORY_OVERCOMMIT`] times the host's memory.
+fn check_memory(
+    name: &str,
+    spare: u32,
+    max: u32,
+    memory_mib: u64,
+    host: crate::ksm::Memory,
+    freed_mib: u64,
+) -> Result<(), PoolError> {
+    let too_large = |why: String| PoolError::TooLarge {
+        name: name.to_owned(),
+        why,
+    };
+    let all = u64::from(max) * memory_mib;
+    let ceiling = MEMORY_OVERCOMMIT * host.total_mib;
+    if all > ceiling {
+        return Err(too_large(format!(
+            "{max} desktops of {memory_mib} MiB promise {all} MiB; the host has {} MiB \
+             and desktops may promise at most {MEMORY_OVERCOMMIT}× that ({ceiling} MiB)",
+            host.total_mib
+        )));
+    }
+    let spares = u64::from(spare) * memory_mib;
+    let room = host.available_mib + freed_mib;
+    if spares > room {
+        return Err(too_large(format!(
+            "{spare} running spares of {memory_mib} MiB need {spares} MiB; {room} MiB is available"
+        )));
+    }
+    Ok(())
+}
+
 /// A user's name: what a token name may be, or an e-mail-like name.
 fn check_user(user: &str) -> Result<(), PoolError> {
     let fine = !user.is_empty()
@@ -693,5 +759,35 @@ fn check_user(user: &str) -> Result<(), PoolError> {
                      letter or digit"
                 .to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ksm::Memory;
+
+    const HOST: Memory = Memory {
+        total_mib: 16 * 1024,
+        available_mib: 10 * 1024,
+    };
+
+    #[test]
+    fn a_pool_may_promise_four_times_the_hosts_memory_and_its_spares_must_fit_now() {
+        assert!(check_memory("lab", 2, 128, 512, HOST, 0).is_ok());
+        let err = check_memory("lab", 2, 129, 512, HOST, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool lab is too large for this host: 129 desktops of 512 MiB promise 66048 MiB; \
+             the host has 16384 MiB and desktops may promise at most 4× that (65536 MiB)"
+        );
+        let err = check_memory("lab", 21, 21, 512, HOST, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool lab is too large for this host: 21 running spares of 512 MiB need 10752 MiB; \
+             10240 MiB is available"
+        );
+        // Spares being replaced give their memory back.
+        assert!(check_memory("lab", 21, 21, 512, HOST, 1024).is_ok());
     }
 }
