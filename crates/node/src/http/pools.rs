@@ -18,7 +18,8 @@ pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<Vec<P
 /// Create a pool: it makes its spares at once, in the background.
 #[utoipa::path(post, path = "/api/v1/pools", request_body = CreatePool,
     responses((status = 201, body = Pool), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 507, body = ErrorBody)))]
 pub(super) async fn create_pool(
     State(app): State<AppState>,
     Body(request): Body<CreatePool>,
@@ -39,7 +40,8 @@ pub(super) async fn get_pool(
 /// Change a pool's template, spares or size.
 #[utoipa::path(patch, path = "/api/v1/pools/{name}", params(NamePath), request_body = UpdatePool,
     responses((status = 200, body = Pool), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody),
+        (status = 507, body = ErrorBody)))]
 pub(super) async fn update_pool(
     State(app): State<AppState>,
     Path(NamePath { name }): Path<NamePath>,
