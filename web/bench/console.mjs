@@ -61,18 +61,27 @@ function instrument() {
   };
   const frame = () => new Promise((resolve) => requestAnimationFrame(resolve));
   window.__size = () => ({ width: canvas()?.width ?? 0, height: canvas()?.height ?? 0 });
-  // Resolves with ms from the next keydown to the first changed canvas.
+  // Resolves with ms from the next keydown to the first changed canvas;
+  // null when nothing changed within 10 s (or the canvas could not be
+  // read: it is briefly empty while the screen changes size).
   window.__armKey = () =>
     new Promise((resolve) => {
       const before = whole();
+      const gaveUp = setTimeout(() => resolve(null), 12_000);
       window.addEventListener(
         'keydown',
         async (e) => {
           const t0 = e.timeStamp;
-          for (;;) {
-            const now = await frame();
-            if (whole() !== before) return resolve(now - t0);
-            if (now - t0 > 10_000) return resolve(null);
+          try {
+            for (;;) {
+              const now = await frame();
+              if (whole() !== before) return resolve(now - t0);
+              if (now - t0 > 10_000) return resolve(null);
+            }
+          } catch {
+            return resolve(null);
+          } finally {
+            clearTimeout(gaveUp);
           }
         },
         { once: true, capture: true },
@@ -118,6 +127,7 @@ const clients = {
 };
 
 async function connect(which) {
+  console.error(`console: connecting ${which}`);
   const page = await context.newPage();
   await page.addInitScript(instrument);
   await clients[which](page);
@@ -140,6 +150,7 @@ for (let run = 0; run < runs; run += 1) {
       const armed = page.evaluate(() => window.__armKey());
       await page.keyboard.press('KeyX');
       const ms = await armed;
+      console.error(`console: ${which} run ${run + 1} key ${k + 1}: ${ms === null ? 'no change in 10 s' : `${ms.toFixed(0)} ms`}`);
       if (ms !== null) latency[which].push(ms);
     }
     await page.keyboard.press('Control+KeyU');
@@ -155,6 +166,7 @@ try {
     for (const which of ['quetzal', 'websockify']) {
       const page = await connect(which);
       fps[which].push(await page.evaluate((ms) => window.__fps(ms), WINDOW_MS));
+      console.error(`console: ${which} run ${run + 1}: ${fps[which].at(-1).toFixed(1)} fps`);
       await page.close();
     }
   }
