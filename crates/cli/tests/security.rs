@@ -392,10 +392,12 @@ fn every_route_answers_each_role_as_its_access_says() {
             || route.path.starts_with("/api/v1/audit")
             || (route.path.starts_with("/api/v1/networks") && route.method != "GET")
             || (route.path.starts_with("/api/v1/images") && route.method != "GET");
-        // Consoles, screens and guest files hand over the guest itself.
+        // Consoles, screens, guest files and clipboards hand over the
+        // guest itself.
         let console = route.path.ends_with("/console")
             || route.path.ends_with("/vnc")
-            || route.path.ends_with("/files");
+            || route.path.ends_with("/files")
+            || route.path.ends_with("/clipboard");
         let expected = if admin_only {
             Role::Admin
         } else if console || route.method != "GET" {
