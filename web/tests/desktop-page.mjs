@@ -49,6 +49,19 @@ async function until(page, what, check, arg, timeout = 60_000) {
   }
 }
 
+// Whether a command exits 0 in the guest, asked from the page (its
+// session) through the API's exec.
+const guest = ([command, ...args]) => ({ path: `/api/v1/vms/${encodeURIComponent(vm)}/exec`, command, args });
+const inGuest = ({ path, command, args }) =>
+  fetch(path, {
+    method: 'POST',
+    credentials: 'same-origin',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ command, args }),
+  })
+    .then((r) => r.json())
+    .then((done) => done.exit_code === 0);
+
 const browser = await launch();
 try {
   const context = await browser.newContext({ viewport: first });
@@ -101,43 +114,16 @@ try {
   await typeKeys(page, 'cat >/tmp/pasted');
   await page.keyboard.press('Enter');
   await page.keyboard.press('Control+Shift+KeyV');
-  await until(
-    page,
-    'the pasted line in /tmp/pasted',
-    (path) =>
-      fetch(path, {
-        method: 'POST',
-        credentials: 'same-origin',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ command: 'grep', args: ['-qx', 'pasted-from-browser', '/tmp/pasted'] }),
-      })
-        .then((r) => r.json())
-        .then((done) => done.exit_code === 0),
-    `/api/v1/vms/${encodeURIComponent(vm)}/exec`,
-  );
+  await until(page, 'the pasted line in /tmp/pasted', inGuest, guest(['grep', '-qx', 'pasted-from-browser', '/tmp/pasted']));
   await page.keyboard.press('Control+KeyD');
   console.log('desktop-page: pasted the browser clipboard into the terminal');
 
   // Text copied in the guest's terminal (Select All, then Copy) reaches
   // the browser's clipboard after the copy key. The command's output is
   // in the terminal first: the page waits for the file it tees to.
-  const exec = `/api/v1/vms/${encodeURIComponent(vm)}/exec`;
   await typeKeys(page, 'echo copied-$((6*7)) | tee /tmp/echoed');
   await page.keyboard.press('Enter');
-  await until(
-    page,
-    'the echoed line',
-    (path) =>
-      fetch(path, {
-        method: 'POST',
-        credentials: 'same-origin',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ command: 'grep', args: ['-qx', 'copied-42', '/tmp/echoed'] }),
-      })
-        .then((r) => r.json())
-        .then((done) => done.exit_code === 0),
-    exec,
-  );
+  await until(page, 'the echoed line', inGuest, guest(['grep', '-qx', 'copied-42', '/tmp/echoed']));
   const copies = Number(await page.locator('.desktop-page').getAttribute('data-copies'));
   await page.keyboard.press('Control+Shift+KeyA');
   await page.keyboard.press('Control+Shift+KeyC');
